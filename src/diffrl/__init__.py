@@ -1,0 +1,43 @@
+"""diffrl: fine-tune diffusion models against reward functions (DDPO, AlignProp, DRaFT, ReFL).
+
+The public API, imported lazily so that ``diffrl --help`` does not load torch and diffusers.
+Policies (:mod:`diffrl.pipelines`) sample trajectories with exact log-probabilities; samplers
+(:mod:`diffrl.samplers`) hold the step math.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from diffrl._version import __version__
+
+_EXPORTS = {
+    "DDPMPolicy": "diffrl.pipelines",
+    "DiffusionPolicy": "diffrl.pipelines",
+    "LoraSettings": "diffrl.pipelines",
+    "ModelLoadError": "diffrl.pipelines",
+    "StableDiffusionPolicy": "diffrl.pipelines",
+    "TextConditioning": "diffrl.pipelines",
+    "Trajectory": "diffrl.pipelines",
+    "DDPOPipelineOutput": "diffrl.pipelines.trl_compat",
+    "DDPOSchedulerOutput": "diffrl.pipelines.trl_compat",
+    "DDPOStableDiffusionPipeline": "diffrl.pipelines.trl_compat",
+    "DefaultDDPODDPMPipeline": "diffrl.pipelines.trl_compat",
+    "DefaultDDPOStableDiffusionPipeline": "diffrl.pipelines.trl_compat",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'diffrl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

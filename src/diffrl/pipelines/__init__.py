@@ -1,0 +1,21 @@
+"""Policies: diffusion models that sample trajectories with log-probabilities and recompute them with gradients."""
+
+from diffrl.pipelines.ddpm import DDPMPolicy
+from diffrl.pipelines.loading import ModelLoadError, load_pipeline
+from diffrl.pipelines.lora import LoraSettings
+from diffrl.pipelines.schedule import DenoisingSchedule
+from diffrl.pipelines.stable_diffusion import StableDiffusionPolicy
+from diffrl.pipelines.types import DiffusionPolicy, SampleResult, TextConditioning, Trajectory
+
+__all__ = [
+    "DDPMPolicy",
+    "DenoisingSchedule",
+    "DiffusionPolicy",
+    "LoraSettings",
+    "ModelLoadError",
+    "SampleResult",
+    "StableDiffusionPolicy",
+    "TextConditioning",
+    "Trajectory",
+    "load_pipeline",
+]

@@ -1,0 +1,91 @@
+"""The denoising loop shared by every policy: sample a trajectory, optionally with gradients."""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from diffrl.pipelines.schedule import DenoisingSchedule
+from diffrl.pipelines.types import SampleResult, TextConditioning, Trajectory
+
+
+class _Denoiser(Protocol):
+    schedule: DenoisingSchedule
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, conditioning: TextConditioning | None,
+                guidance_scale: float) -> torch.Tensor: ...
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def run_chain(
+    policy: _Denoiser,
+    x_T: torch.Tensor,
+    conditioning: TextConditioning | None,
+    prompts: list[str],
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    eta: float,
+    generator: torch.Generator | list[torch.Generator] | None,
+    grad_steps: Sequence[bool] | None = None,
+    gradient_checkpointing: bool = False,
+    stop_after_step: int | None = None,
+    progress: bool = False,
+) -> SampleResult:
+    """Run the reverse chain from ``x_T`` and record it.
+
+    Args:
+        grad_steps: one flag per step; the UNet call of a step whose flag is set runs with autograd on
+            (gradients reach the weights there), the others under ``no_grad``. ``None``: no gradients at all.
+            Reward backpropagation picks the flags (truncated backprop, DRaFT-K, ...).
+        gradient_checkpointing: recompute each gradient step's UNet activations in the backward pass
+            instead of storing them, so memory does not grow with the number of steps in the graph.
+        stop_after_step: run only this many steps and return the images decoded from that last step's
+            ``x_0`` prediction (ReFL); ``None`` runs the whole chain and decodes ``x_0``.
+    """
+    schedule = policy.schedule
+    device = x_T.device
+    timesteps = schedule.timesteps(num_inference_steps, device=device)
+    n_steps = len(timesteps) if stop_after_step is None else stop_after_step
+    if not 1 <= n_steps <= len(timesteps):
+        raise ValueError(f"stop_after_step={stop_after_step} must be between 1 and {len(timesteps)}.")
+    flags = [False] * n_steps if grad_steps is None else [bool(f) for f in grad_steps[:n_steps]]
+    if len(flags) < n_steps:
+        raise ValueError(f"grad_steps has {len(grad_steps or [])} flags for {n_steps} steps.")
+    compute_log_prob = schedule.sampler == "ddpm" or eta > 0
+    batch = x_T.shape[0]
+    x = x_T
+    latents, log_probs, ts, prev_ts = [x_T.detach()], [], [], []
+    step = None
+    for i in tqdm(range(n_steps), desc="sampling", disable=not progress, leave=False):
+        t = timesteps[i].expand(batch)
+        t_prev = schedule.prev_timesteps(t, num_inference_steps)
+        with torch.set_grad_enabled(flags[i]):
+            if flags[i] and gradient_checkpointing:
+                out = checkpoint(policy.predict, x, t, conditioning, guidance_scale, use_reentrant=False)
+            else:
+                out = policy.predict(x, t, conditioning, guidance_scale)
+            step = schedule.step(out, x, t, t_prev, eta=eta, generator=generator, compute_log_prob=compute_log_prob)
+        x = step.prev_sample
+        latents.append(x.detach())
+        log_probs.append(step.log_prob.detach() if step.log_prob is not None else torch.zeros(batch, device=device))
+        ts.append(t)
+        prev_ts.append(t_prev)
+    final = step.pred_original_sample if stop_after_step is not None else x
+    any_grad = any(flags)
+    with torch.set_grad_enabled(any_grad):
+        images = policy.decode(final)
+    trajectory = Trajectory(
+        images=images.detach(),
+        latents=torch.stack(latents, dim=1),
+        timesteps=torch.stack(ts, dim=1),
+        prev_timesteps=torch.stack(prev_ts, dim=1),
+        log_probs=torch.stack(log_probs, dim=1),
+        conditioning=conditioning,
+        prompts=prompts,
+    )
+    return SampleResult(trajectory, images if any_grad else None)

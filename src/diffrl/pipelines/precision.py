@@ -1,0 +1,37 @@
+"""Mixed precision: frozen weights in half precision, trainable weights and step math in float32."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Literal
+
+import torch
+
+MixedPrecision = Literal["no", "fp16", "bf16"]
+
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype frozen weights are stored in for ``mixed_precision`` ("no", "fp16" or "bf16")."""
+    if mixed_precision not in _DTYPES:
+        raise ValueError(f"mixed_precision={mixed_precision!r} is not supported; use 'no', 'fp16' or 'bf16'.")
+    return _DTYPES[mixed_precision]
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, mixed_precision: str) -> Iterator[None]:
+    """``torch.autocast`` to the half dtype, or nothing in full precision."""
+    if mixed_precision == "no":
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=weight_dtype(mixed_precision)):
+        yield
+
+
+def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move ``module`` to ``device``, casting only when its dtype differs (avoids needless casts and warnings)."""
+    module.to(device=device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    return module

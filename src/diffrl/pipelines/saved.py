@@ -1,0 +1,35 @@
+"""The small JSON file diffrl writes beside saved weights, so a result can be loaded to continue training."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from diffrl._version import __version__
+
+MODEL_FILE = "diffrl_model.json"
+
+
+def write_model_info(directory: str | os.PathLike, *, kind: str, base_model: str | None, revision: str,
+                     lora: dict | None) -> None:
+    """Record what was saved: the policy kind, its base model, and the LoRA settings (``None`` for full weights)."""
+    info = {"kind": kind, "base_model": base_model, "revision": revision, "lora": lora, "diffrl_version": __version__}
+    Path(directory, MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def read_model_info(name_or_path: str | os.PathLike, revision: str = "main") -> dict[str, Any] | None:
+    """The saved-model record of a local folder or Hub repo, or ``None`` when there is none."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        file = path / MODEL_FILE
+        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
+    if path.exists() or str(name_or_path).count("/") != 1:
+        return None
+    try:  # a Hub repo pushed by diffrl (continues training from a shared result: TRL issue 2505)
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(str(name_or_path), MODEL_FILE, revision=revision)).read_text())
+    except Exception:  # noqa: BLE001 - not a diffrl repo, or offline: treat as a plain base model
+        return None

@@ -1,0 +1,84 @@
+"""The sampling schedule a policy follows: timesteps from a diffusers scheduler, steps from :mod:`diffrl.samplers`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping
+
+import torch
+from diffusers import DDIMScheduler
+
+from diffrl.samplers import PredictionConfig, StepOutput, alphas_at, ddim_step, ddpm_step, previous_timesteps
+
+logger = logging.getLogger(__name__)
+
+SamplerName = Literal["ddim", "ddpm"]
+
+
+@dataclass
+class DenoisingSchedule:
+    """Holds the noise schedule (never the model) and turns a model output into a transition.
+
+    Built from the model's own scheduler config. Timesteps follow diffusers' ``DDIMScheduler.set_timesteps``
+    (its ``timestep_spacing``), with ``steps_offset`` raised to at least 1 so that the last transition goes
+    from ``t >= 1`` to ``t' = 0`` and is stochastic like every other (see
+    :func:`diffrl.samplers.previous_timesteps`). ``sampler="ddim"`` uses the DDIM step with ``eta``;
+    ``"ddpm"`` the ancestral step (``eta`` then does not apply).
+    """
+
+    scheduler: DDIMScheduler
+    prediction: PredictionConfig
+    sampler: SamplerName = "ddim"
+
+    @classmethod
+    def from_scheduler_config(cls, config: Mapping[str, Any], sampler: SamplerName = "ddim") -> "DenoisingSchedule":
+        if sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"sampler={sampler!r} is not supported; use 'ddim' or 'ddpm'.")
+        offset = int(config.get("steps_offset", 0) or 0)
+        if offset < 1:
+            logger.info("sampling with steps_offset=1 (model config has %d) so the final step keeps a density", offset)
+        scheduler = DDIMScheduler.from_config(dict(config), steps_offset=max(1, offset), set_alpha_to_one=False)
+        return cls(scheduler, PredictionConfig.from_scheduler_config(scheduler.config), sampler)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return float(self.scheduler.init_noise_sigma)
+
+    def timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """``[N]`` descending timesteps for ``num_inference_steps`` steps."""
+        if not 1 <= num_inference_steps <= self.num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} must be between 1 and the model's "
+                f"num_train_timesteps ({self.num_train_timesteps})."
+            )
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        return self.scheduler.timesteps.clone()
+
+    def prev_timesteps(self, timesteps: torch.Tensor, num_inference_steps: int) -> torch.Tensor:
+        return previous_timesteps(timesteps, self.num_train_timesteps, num_inference_steps)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        prev_timesteps: torch.Tensor,
+        *,
+        eta: float,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        prev_sample: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        compute_log_prob: bool = True,
+    ) -> StepOutput:
+        """One transition for per-sample ``timesteps``/``prev_timesteps`` of shape ``[B]``."""
+        a_t, a_prev = alphas_at(self.scheduler.alphas_cumprod, timesteps, prev_timesteps, sample.ndim)
+        if self.sampler == "ddpm":
+            return ddpm_step(model_output, sample, a_t, a_prev, config=self.prediction, generator=generator,
+                             prev_sample=prev_sample, noise=noise, compute_log_prob=compute_log_prob)
+        return ddim_step(model_output, sample, a_t, a_prev, eta=eta, config=self.prediction, generator=generator,
+                         prev_sample=prev_sample, noise=noise, compute_log_prob=compute_log_prob)

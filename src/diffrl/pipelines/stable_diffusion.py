@@ -1,0 +1,233 @@
+"""Stable Diffusion (UNet2DConditionModel + VAE + CLIP text encoder) as a policy."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from diffusers.utils.torch_utils import randn_tensor
+
+from diffrl.pipelines import precision
+from diffrl.pipelines.chain import run_chain
+from diffrl.pipelines.loading import load_pipeline
+from diffrl.pipelines.lora import LoraSettings, add_lora, load_lora_state_dict, lora_state_dict
+from diffrl.pipelines.saved import read_model_info, write_model_info
+from diffrl.pipelines.schedule import DenoisingSchedule
+from diffrl.pipelines.types import SampleResult, TextConditioning
+from diffrl.samplers import StepOutput
+
+
+class StableDiffusionPolicy:
+    """A text-to-image latent diffusion model sampled with DDIM (``eta > 0``) as a Gaussian policy.
+
+    Classifier-free guidance (Ho & Salimans 2022) when ``guidance_scale > 1``; trains LoRA adapters (PEFT)
+    or the whole UNet. With ``mixed_precision`` "fp16"/"bf16" the frozen weights are stored in half precision
+    and the forward passes autocast, while trainable weights, latents and log-probabilities stay float32.
+    """
+
+    is_conditional = True
+
+    def __init__(
+        self,
+        pipeline: StableDiffusionPipeline,
+        *,
+        use_lora: bool = True,
+        lora: LoraSettings | None = None,
+        mixed_precision: str = "no",
+        device: torch.device | str | None = None,
+        base_model: str | None = None,
+        revision: str = "main",
+    ) -> None:
+        self.pipeline = pipeline
+        pipeline.safety_checker = None
+        self.mixed_precision = mixed_precision
+        self.use_lora = use_lora
+        self.lora = (lora or LoraSettings()) if use_lora else None
+        self.base_model = base_model
+        self.revision = revision
+        self.schedule = DenoisingSchedule.from_scheduler_config(pipeline.scheduler.config)
+        self.num_train_timesteps = self.schedule.num_train_timesteps
+        half = precision.weight_dtype(mixed_precision)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        for module in (pipeline.vae, pipeline.text_encoder):
+            precision.place(module.requires_grad_(False).eval(), device, half)
+        unet = pipeline.unet.eval()
+        if use_lora:
+            precision.place(unet, device, half)
+            add_lora(unet, self.lora)  # adapter weights stay float32
+        else:
+            precision.place(unet.requires_grad_(True), device, torch.float32)
+        self._unet = unet
+        self.unet: torch.nn.Module = unet  # may be replaced by a distributed wrapper (accelerate.prepare)
+        self.vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        revision: str = "main",
+        use_lora: bool = True,
+        lora: LoraSettings | None = None,
+        lora_weights: str | os.PathLike | None = None,
+        mixed_precision: str = "no",
+        device: torch.device | str | None = None,
+        single_file_config: str | None = None,
+    ) -> "StableDiffusionPolicy":
+        """Load from a Hub id, a diffusers folder, a single-file checkpoint, or a result saved by diffrl.
+
+        A diffrl LoRA result (a folder or Hub repo with ``diffrl_model.json``) loads its base model and then
+        its adapter, ready to continue training; ``lora_weights`` loads any diffusers-format LoRA the same way.
+        """
+        info = read_model_info(name_or_path, revision)
+        if info is not None and info.get("lora") is not None:
+            if info.get("kind") != "stable_diffusion":
+                raise ValueError(f"'{name_or_path}' holds a diffrl '{info.get('kind')}' model, not Stable Diffusion.")
+            saved = info["lora"]
+            lora = lora or LoraSettings(rank=saved["rank"], alpha=saved["alpha"],
+                                        target_modules=tuple(saved["target_modules"]), init=saved.get("init", "gaussian"))
+            lora_weights, base, revision = name_or_path, info["base_model"], info.get("revision", "main")
+            use_lora = True
+        else:
+            base = os.fspath(name_or_path)
+        pipeline = load_pipeline(StableDiffusionPipeline, base, revision=revision,
+                                 single_file_config=single_file_config)
+        policy = cls(pipeline, use_lora=use_lora, lora=lora, mixed_precision=mixed_precision, device=device,
+                     base_model=base, revision=revision)
+        if lora_weights is not None:
+            if not use_lora:
+                raise ValueError("lora_weights was given with use_lora=False; set use_lora=True to train the adapter.")
+            policy.load_lora_weights(lora_weights)
+        return policy
+
+    def load_lora_weights(self, source: str | os.PathLike) -> None:
+        """Load diffusers-format LoRA weights (``pytorch_lora_weights.safetensors``) into the trainable adapter."""
+        state, _ = StableDiffusionPipeline.lora_state_dict(os.fspath(source))
+        unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+        if not unet_state:
+            raise ValueError(f"'{source}' holds no UNet LoRA weights (keys: {list(state)[:3]}).")
+        load_lora_state_dict(self._unet, convert_unet_state_dict_to_peft(unet_state), os.fspath(source))
+
+    # ----------------------------------------------------------------- pieces
+    @property
+    def device(self) -> torch.device:
+        return next(self._unet.parameters()).device
+
+    @property
+    def tokenizer(self):
+        return self.pipeline.tokenizer
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return precision.autocast(self.device, self.mixed_precision)
+
+    def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
+        return (p for p in self._unet.parameters() if p.requires_grad)
+
+    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str] | str | None = None,
+                       guidance: bool = True) -> TextConditioning:
+        """CLIP text states for ``prompts`` and, with guidance, for the negative prompts (empty if none)."""
+        if isinstance(negative_prompts, str):
+            negative_prompts = [negative_prompts] * len(prompts)
+        if negative_prompts is not None and len(negative_prompts) != len(prompts):
+            raise ValueError(f"got {len(negative_prompts)} negative prompts for {len(prompts)} prompts; give one "
+                             "per prompt or a single string for all.")
+        with torch.no_grad(), self.autocast():
+            pos, neg = self.pipeline.encode_prompt(list(prompts), self.device, 1, guidance,
+                                                   list(negative_prompts) if negative_prompts else None)
+        return TextConditioning(pos, neg if guidance else None)
+
+    def initial_noise(self, batch_size: int, generator=None, height: int | None = None, width: int | None = None):
+        config = self._unet.config
+        h = (height or config.sample_size * self.vae_scale_factor) // self.vae_scale_factor
+        w = (width or config.sample_size * self.vae_scale_factor) // self.vae_scale_factor
+        shape = (batch_size, config.in_channels, h, w)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32) * self.schedule.init_noise_sigma
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, conditioning: TextConditioning | None,
+                guidance_scale: float) -> torch.Tensor:
+        """UNet output at ``x_t`` (float32), with classifier-free guidance when negative states are present."""
+        if conditioning is None:
+            raise ValueError("Stable Diffusion needs text conditioning; pass prompts (an empty string is allowed).")
+        guided = conditioning.negative_prompt_embeds is not None and guidance_scale > 1.0
+        with self.autocast():
+            if guided:
+                states = torch.cat([conditioning.negative_prompt_embeds, conditioning.prompt_embeds])
+                out = self.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=states).sample
+                uncond, cond = out.float().chunk(2)
+                return uncond + guidance_scale * (cond - uncond)
+            return self.unet(x, t, encoder_hidden_states=conditioning.prompt_embeds).sample.float()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents to images in ``[0, 1]`` (float32, ``[B, 3, H, W]``)."""
+        vae = self.pipeline.vae
+        with self.autocast():
+            images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    # ----------------------------------------------------------------- policy interface
+    def sample(
+        self,
+        prompts: Sequence[str] | None = None,
+        *,
+        batch_size: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        eta: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        negative_prompts: Sequence[str] | str | None = None,
+        conditioning: TextConditioning | None = None,
+        latents: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        grad_steps: Sequence[bool] | None = None,
+        gradient_checkpointing: bool = False,
+        stop_after_step: int | None = None,
+        progress: bool = False,
+    ) -> SampleResult:
+        """Sample a batch: one image per prompt (``prompts`` or precomputed ``conditioning``).
+
+        ``generator`` drives every random draw: the initial noise and the noise of each step.
+        See :func:`diffrl.pipelines.chain.run_chain` for ``grad_steps``, ``gradient_checkpointing`` and
+        ``stop_after_step``.
+        """
+        if conditioning is None:
+            if prompts is None:
+                raise ValueError("Stable Diffusion sampling needs prompts (or precomputed conditioning).")
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            conditioning = self.encode_prompts(prompts, negative_prompts, guidance=guidance_scale > 1.0)
+        batch = conditioning.prompt_embeds.shape[0]
+        if batch_size is not None and batch_size != batch:
+            raise ValueError(f"batch_size={batch_size} but {batch} prompts were given; pass one prompt per image.")
+        prompts = list(prompts) if prompts is not None else [""] * batch
+        x_T = latents.to(self.device, torch.float32) if latents is not None else self.initial_noise(batch, generator, height, width)
+        return run_chain(self, x_T, conditioning, prompts, num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, eta=eta, generator=generator, grad_steps=grad_steps,
+                         gradient_checkpointing=gradient_checkpointing, stop_after_step=stop_after_step,
+                         progress=progress)
+
+    def step_log_prob(self, latents, timesteps, prev_timesteps, next_latents, conditioning, *, eta=1.0,
+                      guidance_scale=5.0) -> StepOutput:
+        """Recompute the transition ``latents -> next_latents`` under the current weights, with gradients."""
+        out = self.predict(latents, timesteps, conditioning, guidance_scale)
+        return self.schedule.step(out, latents, timesteps, prev_timesteps, eta=eta, prev_sample=next_latents)
+
+    # ----------------------------------------------------------------- saving
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """LoRA: ``pytorch_lora_weights.safetensors`` for ``StableDiffusionPipeline.load_lora_weights``;
+        full fine-tuning: a whole pipeline folder for ``StableDiffusionPipeline.from_pretrained``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.use_lora:
+            layers = convert_state_dict_to_diffusers(lora_state_dict(self._unet))
+            StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
+        else:
+            self.pipeline.unet = self._unet
+            self.pipeline.save_pretrained(directory, safe_serialization=True)
+        write_model_info(directory, kind="stable_diffusion", base_model=self.base_model, revision=self.revision,
+                         lora=self.lora.to_dict() if self.lora else None)
