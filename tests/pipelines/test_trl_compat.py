@@ -1,0 +1,60 @@
+import pytest
+import torch
+from PIL import Image
+
+from diffrl import DefaultDDPODDPMPipeline, DefaultDDPOStableDiffusionPipeline
+from diffrl.samplers import DeterministicStepError
+
+from .helpers import perturb_trainable
+
+
+def test_call_returns_images_latents_and_log_probs(tiny_sd_path):
+    pipe = DefaultDDPOStableDiffusionPipeline(tiny_sd_path)
+    out = pipe(["a cat", "a dog"], num_inference_steps=4, eta=1.0, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(0))
+    assert len(out.images) == 2 and isinstance(out.images[0], Image.Image)
+    assert len(out.latents) == 5 and out.latents[0].shape == (2, 4, 8, 8)
+    assert len(out.log_probs) == 4 and out.log_probs[0].shape == (2,)
+    pt = pipe(["a cat", "a dog"], num_inference_steps=4, eta=1.0, output_type="pt",
+              generator=torch.Generator().manual_seed(0))
+    assert pt.images.shape == (2, 3, 16, 16)
+    for name in ("unet", "vae", "tokenizer", "scheduler", "text_encoder"):
+        assert getattr(pipe, name) is not None
+
+
+def test_eta_zero_log_probs_are_a_clear_error(tiny_sd_path):
+    out = DefaultDDPOStableDiffusionPipeline(tiny_sd_path)(["a"], num_inference_steps=2)
+    assert len(out.images) == 1
+    with pytest.raises(DeterministicStepError, match="eta=0"):
+        _ = out.log_probs
+
+
+def test_scheduler_step_recomputes_the_sampled_log_prob(tiny_sd_path):
+    pipe = DefaultDDPOStableDiffusionPipeline(tiny_sd_path)
+    perturb_trainable(pipe.policy)
+    out = pipe(prompt_embeds=pipe.policy.encode_prompts(["a"], guidance=False).prompt_embeds, guidance_scale=1.0,
+               num_inference_steps=3, eta=1.0, output_type="pt", generator=torch.Generator().manual_seed(0))
+    embeds = pipe.policy.encode_prompts(["a"], guidance=False).prompt_embeds
+    pipe.scheduler.set_timesteps(3)
+    for i, t in enumerate(pipe.scheduler.timesteps):
+        with torch.no_grad():
+            eps = pipe.unet(out.latents[i], t, encoder_hidden_states=embeds).sample
+        step = pipe.scheduler_step(eps, t, out.latents[i], eta=1.0, prev_sample=out.latents[i + 1])
+        assert torch.allclose(step.log_probs, out.log_probs[i], atol=1e-5)
+
+
+def test_rgb_with_grad_reaches_trainable_weights(tiny_sd_path):
+    pipe = DefaultDDPOStableDiffusionPipeline(tiny_sd_path)
+    out = pipe.rgb_with_grad(["a"], num_inference_steps=3, truncated_backprop_rand=False,
+                             truncated_backprop_timestep=2, guidance_scale=5.0)
+    out.images.mean().backward()
+    grads = [p.grad for p in pipe.policy.trainable_parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_ddpm_pipeline_has_the_same_surface(tiny_ddpm_path, tmp_path):
+    pipe = DefaultDDPODDPMPipeline(tiny_ddpm_path, use_lora=True)
+    out = pipe(["", ""], num_inference_steps=3, eta=1.0, output_type="pt")
+    assert out.images.shape == (2, 3, 8, 8) and len(out.log_probs) == 3
+    pipe.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
