@@ -1,0 +1,134 @@
+"""DDPOConfig: TRL 0.23's fields and defaults, plus the choice of policy-gradient algorithm."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+from diffrl.config._base import option
+from diffrl.config._checks import Checks
+from diffrl.config.shared import SharedConfig
+
+__all__ = ["DDPOConfig"]
+
+Algorithm = Literal["ddpo_is", "ddpo_sf", "rwr", "rwr_sparse"]
+
+
+@dataclasses.dataclass
+class DDPOConfig(SharedConfig, trainer="ddpo"):
+    """Configuration of ``DDPOTrainer``; every TRL 0.23 ``DDPOConfig`` field with its default.
+
+    Batch rules (TRL's ``DDPOTrainer._config_check``, checked by :meth:`validate`):
+    ``sample_batch_size >= train_batch_size``; ``sample_batch_size % train_batch_size == 0``;
+    the samples of an epoch, ``sample_batch_size * num_processes * sample_num_batches_per_epoch``,
+    divide into whole optimizer steps of
+    ``train_batch_size * num_processes * train_gradient_accumulation_steps``. (TRL's docs
+    phrase the last rule as "sample_batch_size divisible by the accumulation steps and the
+    process count"; the trainer's code, which we follow, checks the epoch totals.)
+    """
+
+    # ---- TRL 0.23 DDPO fields ----
+    sample_batch_size: int = option(1, help="Batch size (per GPU) to use for sampling.")
+    sample_num_batches_per_epoch: int = option(2, help="Number of batches to sample per epoch.")
+    train_num_inner_epochs: int = option(1, help="Number of inner epochs per outer epoch.")
+    train_cfg: bool = option(True, help="Whether to use classifier-free guidance during training.")
+    train_adv_clip_max: float = option(5.0, help="Clip advantages to [-train_adv_clip_max, train_adv_clip_max].")
+    train_clip_range: float = option(1e-4, help="PPO clip range.")
+    train_timestep_fraction: float = option(1.0, help="Fraction of timesteps to train on.")
+    per_prompt_stat_tracking: bool = option(False, help="Whether to track statistics for each prompt separately.")
+    per_prompt_stat_tracking_buffer_size: int = option(16, help="Number of reward values to store in the buffer "
+                                                                "for each prompt.")
+    per_prompt_stat_tracking_min_count: int = option(16, help="Rewards a prompt needs before its own statistics "
+                                                              "replace the batch's.")
+    async_reward_computation: bool = option(False, help="Score one sample batch while the next is sampled.")
+    max_workers: int = option(2, help="Maximum number of workers to use for async reward computation.")
+
+    # ---- diffrl extras ----
+    algorithm: Algorithm = option(
+        "ddpo_is", trl=False,
+        help="'ddpo_is' (PPO-clipped importance sampling, TRL's), 'ddpo_sf' (REINFORCE, one update per batch), "
+             "'rwr' (reward-weighted regression) or 'rwr_sparse' (RWR on the best samples only).")
+    rwr_temperature: float = option(1.0, trl=False, help="RWR weights are softmax(reward / rwr_temperature).")
+    rwr_sparse_percentile: float = option(90.0, trl=False, help="RWR-sparse trains only on samples whose reward is "
+                                                                "above this percentile of the epoch (0-100).")
+
+    may_be_infinite = frozenset({"train_max_grad_norm", "train_adv_clip_max"})
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """Timesteps of each trajectory trained on: ``int(sample_num_steps * train_timestep_fraction)`` as TRL."""
+        return int(self.sample_num_steps * self.train_timestep_fraction)
+
+    def samples_per_epoch(self, num_processes: int = 1) -> int:
+        """Samples drawn per epoch over all processes."""
+        return self.sample_batch_size * num_processes * self.sample_num_batches_per_epoch
+
+    def _check(self, c: Checks, num_processes: int, check_environment: bool) -> None:
+        super()._check(c, num_processes, check_environment)
+        for name in ("sample_batch_size", "sample_num_batches_per_epoch", "train_num_inner_epochs",
+                     "per_prompt_stat_tracking_buffer_size", "per_prompt_stat_tracking_min_count", "max_workers"):
+            c.at_least(name, 1)
+        self._check_batches(c, num_processes)
+        c.positive("train_adv_clip_max")
+        c.positive("train_clip_range", "set train_clip_range > 0 (the paper uses 1e-4)")
+        c.between("train_timestep_fraction", 0.0, 1.0, low_open=True)
+        if c.ok("sample_num_steps", "train_timestep_fraction") and self.num_train_timesteps < 1 \
+                and self.sample_num_steps >= 1 and self.train_timestep_fraction > 0:
+            c.add("train_timestep_fraction",
+                  f"leaves int({self.sample_num_steps} * {self.train_timestep_fraction}) = 0 timesteps to train on",
+                  f"set train_timestep_fraction >= {1 / self.sample_num_steps:.4g}")
+        buffer, min_count = "per_prompt_stat_tracking_buffer_size", "per_prompt_stat_tracking_min_count"
+        if self.per_prompt_stat_tracking is True and c.ok(buffer, min_count) \
+                and self.per_prompt_stat_tracking_min_count > self.per_prompt_stat_tracking_buffer_size:
+            c.add(min_count, f"exceeds {buffer}={self.per_prompt_stat_tracking_buffer_size}, so no prompt ever "
+                             "gets its own statistics", f"set {min_count} <= {buffer}")
+        if c.ok("algorithm", "sample_eta") and self.algorithm in ("ddpo_is", "ddpo_sf") and self.sample_eta == 0:
+            c.add("sample_eta", f"{self.algorithm} needs the log-probability of each DDIM step, and with eta=0 the "
+                                "step is deterministic (sigma_t = 0: the Gaussian log-density divides by zero)",
+                  "set sample_eta > 0 (1.0 as in the paper), or use algorithm=rwr, which needs no log-probability")
+        if c.ok("algorithm", "train_num_inner_epochs") and self.algorithm == "ddpo_sf" \
+                and self.train_num_inner_epochs > 1:
+            c.add("train_num_inner_epochs", "ddpo_sf is on-policy REINFORCE (one update per batch); reusing samples "
+                                            "needs the importance weights of ddpo_is",
+                  "set train_num_inner_epochs=1, or use algorithm=ddpo_is")
+        rwr = self.algorithm in ("rwr", "rwr_sparse")
+        if rwr:
+            c.positive("rwr_temperature")
+        if self.algorithm == "rwr_sparse":
+            c.between("rwr_sparse_percentile", 0.0, 100.0, high_open=True)
+        c.unchanged_unless(rwr, "rwr_temperature", f"with algorithm={self.algorithm!r}")
+        c.unchanged_unless(self.algorithm == "rwr_sparse", "rwr_sparse_percentile",
+                           f"with algorithm={self.algorithm!r}")
+
+    def _check_batches(self, c: Checks, num_processes: int) -> None:
+        """TRL's three batch-size rules (``DDPOTrainer._config_check``), each with a concrete fix."""
+        names = ("sample_batch_size", "train_batch_size", "sample_num_batches_per_epoch",
+                 "train_gradient_accumulation_steps")
+        if not c.ok(*names) or any(getattr(self, n) < 1 for n in names):
+            return  # already reported
+        sample, train = self.sample_batch_size, self.train_batch_size
+        if sample < train:
+            c.add("sample_batch_size", f"must be >= train_batch_size={train}",
+                  f"set sample_batch_size={train} (or a multiple), or lower train_batch_size")
+        elif sample % train:
+            divisors = [d for d in range(1, sample + 1) if sample % d == 0 and d <= train]
+            c.add("sample_batch_size", f"must be divisible by train_batch_size={train}",
+                  f"set sample_batch_size={math.ceil(sample / train) * train}, or train_batch_size={divisors[-1]}")
+        per_epoch = self.samples_per_epoch(num_processes)
+        per_step = train * num_processes * self.train_gradient_accumulation_steps
+        if per_epoch % per_step:
+            # sample_batch_size * batches must be a multiple of train_batch_size * accumulation steps
+            need = per_step // math.gcd(per_step, sample * num_processes)
+            batches = math.ceil(self.sample_num_batches_per_epoch / need) * need
+            fix = f"set sample_num_batches_per_epoch={batches}"
+            accumulation = [a for a in range(1, self.train_gradient_accumulation_steps)
+                            if per_epoch % (train * num_processes * a) == 0]
+            if accumulation:
+                fix += f", or train_gradient_accumulation_steps={accumulation[-1]}"
+            c.add("sample_num_batches_per_epoch",
+                  f"gives {per_epoch} samples per epoch (sample_batch_size={sample} x {num_processes} processes x "
+                  f"{self.sample_num_batches_per_epoch} batches), not divisible by the {per_step} samples of one "
+                  f"optimizer step (train_batch_size={train} x {num_processes} processes x "
+                  f"train_gradient_accumulation_steps={self.train_gradient_accumulation_steps})",
+                  fix)
