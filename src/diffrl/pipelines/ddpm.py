@@ -57,15 +57,14 @@ class DDPMPolicy:
         self.revision = revision
         self.schedule = DenoisingSchedule.from_scheduler_config(pipeline.scheduler.config, sampler=sampler)
         self.num_train_timesteps = self.schedule.num_train_timesteps
-        device = torch.device(device) if device is not None else torch.device("cpu")
         unet = pipeline.unet.eval()
         if use_lora:
-            precision.place(unet, device, precision.weight_dtype(mixed_precision))
             add_lora(unet, self.lora)
         else:
-            precision.place(unet.requires_grad_(True), device, torch.float32)
+            unet.requires_grad_(True)
         self._unet = unet
         self.unet: torch.nn.Module = unet
+        self.to(device or "cpu", mixed_precision)
 
     @classmethod
     def from_pretrained(
@@ -109,6 +108,13 @@ class DDPMPolicy:
         state = {k.removeprefix(_PEFT_PREFIX): v for k, v in load_file(file).items()}
         load_lora_state_dict(self._unet, state, os.fspath(source))
 
+    def to(self, device: torch.device | str | None = None, mixed_precision: str | None = None) -> "DDPMPolicy":
+        """Move to ``device`` and/or switch precision (frozen weights half, trainable weights float32)."""
+        self.mixed_precision = mixed_precision or self.mixed_precision
+        device = torch.device(device) if device is not None else self.device
+        precision.place_policy_modules([], self._unet, self.use_lora, device, self.mixed_precision)
+        return self
+
     # ----------------------------------------------------------------- pieces
     @property
     def device(self) -> torch.device:
@@ -130,7 +136,7 @@ class DDPMPolicy:
     def predict(self, x: torch.Tensor, t: torch.Tensor, conditioning: TextConditioning | None = None,
                 guidance_scale: float = 1.0) -> torch.Tensor:
         with self.autocast():
-            return self.unet(x, t).sample.float()
+            return self.unet(x.to(self._unet.dtype), t).sample.float()
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         images = (x.float() / 2 + 0.5).clamp(0, 1)

@@ -35,3 +35,15 @@ def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
     if next(module.parameters()).dtype != dtype:
         module.to(dtype=dtype)
     return module
+
+
+def place_policy_modules(frozen: list[torch.nn.Module], unet: torch.nn.Module, use_lora: bool,
+                         device: torch.device, mixed_precision: str) -> None:
+    """Frozen modules (and a LoRA-adapted UNet's base weights) in the half dtype; trainable weights in float32."""
+    half = weight_dtype(mixed_precision)
+    for module in frozen:
+        place(module.requires_grad_(False).eval(), device, half)
+    place(unet, device, half if use_lora else torch.float32)
+    for param in unet.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()

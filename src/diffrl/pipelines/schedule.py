@@ -82,3 +82,14 @@ class DenoisingSchedule:
                              prev_sample=prev_sample, noise=noise, compute_log_prob=compute_log_prob)
         return ddim_step(model_output, sample, a_t, a_prev, eta=eta, config=self.prediction, generator=generator,
                          prev_sample=prev_sample, noise=noise, compute_log_prob=compute_log_prob)
+
+    def training_pair(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_t, target)`` for the denoising loss: ``x_t = sqrt(abar) x0 + sqrt(1 - abar) noise`` (Ho et al. 2020,
+        eq. 4) and the regression target of the model's prediction type (noise, velocity or ``x0``)."""
+        x_t = self.scheduler.add_noise(x0, noise, timesteps)
+        kind = self.prediction.prediction_type
+        if kind == "epsilon":
+            return x_t, noise
+        if kind == "v_prediction":
+            return x_t, self.scheduler.get_velocity(x0, noise, timesteps)
+        return x_t, x0

@@ -52,17 +52,13 @@ class StableDiffusionPolicy:
         self.revision = revision
         self.schedule = DenoisingSchedule.from_scheduler_config(pipeline.scheduler.config)
         self.num_train_timesteps = self.schedule.num_train_timesteps
-        half = precision.weight_dtype(mixed_precision)
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        for module in (pipeline.vae, pipeline.text_encoder):
-            precision.place(module.requires_grad_(False).eval(), device, half)
         unet = pipeline.unet.eval()
         if use_lora:
-            precision.place(unet, device, half)
-            add_lora(unet, self.lora)  # adapter weights stay float32
+            add_lora(unet, self.lora)
         else:
-            precision.place(unet.requires_grad_(True), device, torch.float32)
+            unet.requires_grad_(True)
         self._unet = unet
+        self.to(device or "cpu", mixed_precision)
         self.unet: torch.nn.Module = unet  # may be replaced by a distributed wrapper (accelerate.prepare)
         self.vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
 
@@ -114,6 +110,14 @@ class StableDiffusionPolicy:
             raise ValueError(f"'{source}' holds no UNet LoRA weights (keys: {list(state)[:3]}).")
         load_lora_state_dict(self._unet, convert_unet_state_dict_to_peft(unet_state), os.fspath(source))
 
+    def to(self, device: torch.device | str | None = None, mixed_precision: str | None = None) -> "StableDiffusionPolicy":
+        """Move to ``device`` and/or switch precision (frozen weights half, trainable weights float32)."""
+        self.mixed_precision = mixed_precision or self.mixed_precision
+        device = torch.device(device) if device is not None else self.device
+        precision.place_policy_modules([self.pipeline.vae, self.pipeline.text_encoder], self._unet, self.use_lora,
+                                       device, self.mixed_precision)
+        return self
+
     # ----------------------------------------------------------------- pieces
     @property
     def device(self) -> torch.device:
@@ -155,13 +159,15 @@ class StableDiffusionPolicy:
         if conditioning is None:
             raise ValueError("Stable Diffusion needs text conditioning; pass prompts (an empty string is allowed).")
         guided = conditioning.negative_prompt_embeds is not None and guidance_scale > 1.0
+        dtype = self._unet.dtype  # inputs follow the weights when not autocasting (e.g. a UNet moved to fp16)
         with self.autocast():
             if guided:
-                states = torch.cat([conditioning.negative_prompt_embeds, conditioning.prompt_embeds])
-                out = self.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=states).sample
+                states = torch.cat([conditioning.negative_prompt_embeds, conditioning.prompt_embeds]).to(dtype)
+                out = self.unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), encoder_hidden_states=states).sample
                 uncond, cond = out.float().chunk(2)
                 return uncond + guidance_scale * (cond - uncond)
-            return self.unet(x, t, encoder_hidden_states=conditioning.prompt_embeds).sample.float()
+            states = conditioning.prompt_embeds.to(dtype)
+            return self.unet(x.to(dtype), t, encoder_hidden_states=states).sample.float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images in ``[0, 1]`` (float32, ``[B, 3, H, W]``)."""

@@ -1,0 +1,154 @@
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from diffrl import DDPOConfig, DDPOTrainer, DefaultDDPODDPMPipeline, DefaultDDPOStableDiffusionPipeline
+from diffrl.config import ConfigError
+from diffrl.recipes.rewards import RewardError
+
+
+def brightness(images, prompts, metadata):
+    return images.mean(dim=(1, 2, 3)), {}
+
+
+def random_prompt():
+    return random.choice(["a cat", "a dog", "a fox"]), {"source": "test"}
+
+
+def _config(tmp_path, **kw):
+    base = dict(num_epochs=2, sample_num_steps=3, sample_batch_size=2, sample_num_batches_per_epoch=2,
+                train_batch_size=2, mixed_precision="no", logdir=str(tmp_path / "logs"), run_name="run",
+                train_learning_rate=3e-3, train_clip_range=0.2, seed=1)
+    base.update(kw)
+    return DDPOConfig(**base)
+
+
+def _trainable(trainer):
+    return {n: p.detach().clone() for n, p in trainer.policy._unet.named_parameters() if p.requires_grad}
+
+
+def _metrics(tmp_path, run="run"):
+    lines = (tmp_path / "logs" / run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.mark.parametrize("algorithm,extra", [
+    ("ddpo_is", {}),
+    ("ddpo_sf", {}),
+    ("rwr", {"rwr_temperature": 0.5}),
+    ("rwr_sparse", {"rwr_sparse_percentile": 50.0}),
+])
+def test_each_algorithm_trains_a_ddpm(tiny_ddpm_path, tmp_path, algorithm, extra):
+    pipe = DefaultDDPODDPMPipeline(tiny_ddpm_path)
+    trainer = DDPOTrainer(_config(tmp_path, algorithm=algorithm, **extra), brightness, lambda: ("", {}), pipe)
+    before = _trainable(trainer)
+    trainer.train()
+    after = _trainable(trainer)
+    assert any((after[n] - before[n]).abs().max() > 0 for n in before)
+    metrics = _metrics(tmp_path)
+    assert [m["epoch"] for m in metrics] == [0, 1]
+    assert {"reward/mean", "reward/std", "loss/policy", "perf/samples_per_s"} <= set(metrics[-1])
+    if algorithm.startswith("ddpo"):
+        assert {"stats/approx_kl", "stats/clipfrac", "stats/ratio"} <= set(metrics[-1])
+    if algorithm == "ddpo_sf":  # one update per epoch
+        assert trainer.global_step == 2
+
+
+def test_trl_example_runs_unchanged_but_for_the_import(tiny_sd_path, tmp_path):
+    # The structure of TRL's DDPO example: config, reward function, prompt function, pipeline, image hook.
+    from PIL import Image
+
+    seen = []
+
+    def image_outputs_hook(image_data, global_step, accelerate_logger):
+        result = {}
+        images, prompts, _, rewards, _ = image_data[-1]
+        for i, image in enumerate(images):
+            pil = Image.fromarray((image.cpu().numpy().transpose(1, 2, 0) * 255).astype(np.uint8))
+            result[f"{prompts[i]:.25} | {rewards[i]:.2f}"] = [pil.resize((32, 32))]
+        seen.append((global_step, accelerate_logger, len(result)))
+
+    config = DDPOConfig(num_epochs=1, sample_num_steps=2, sample_batch_size=2, sample_num_batches_per_epoch=1,
+                        train_batch_size=1, train_gradient_accumulation_steps=1, mixed_precision="no",
+                        logdir=str(tmp_path / "logs"), per_prompt_stat_tracking=True,
+                        per_prompt_stat_tracking_buffer_size=4, per_prompt_stat_tracking_min_count=2)
+    pipeline = DefaultDDPOStableDiffusionPipeline(tiny_sd_path, pretrained_model_revision="main", use_lora=True)
+    trainer = DDPOTrainer(config, brightness, random_prompt, pipeline, image_samples_hook=image_outputs_hook)
+    trainer.train()
+    assert seen == [(0, None, 2)]  # no tracker: the hook gets None instead of an IndexError
+    trainer.save_pretrained(str(tmp_path / "final"))
+    assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").is_file()
+    assert "## Final metrics" in (tmp_path / "final" / "README.md").read_text()
+    assert list((tmp_path / "logs").iterdir())[0].name.startswith(config.exp_name)
+
+
+def test_resume_matches_an_uninterrupted_run(tiny_sd_path, tmp_path):
+    def make(run_name, **kw):
+        random.seed(0)
+        torch.manual_seed(0)  # LoRA's random init happens when the pipeline is built
+        pipe = DefaultDDPOStableDiffusionPipeline(tiny_sd_path)
+        cfg = _config(tmp_path, num_epochs=3, run_name=run_name, per_prompt_stat_tracking=True,
+                      per_prompt_stat_tracking_buffer_size=8, per_prompt_stat_tracking_min_count=2,
+                      train_num_inner_epochs=2, **kw)
+        return DDPOTrainer(cfg, brightness, random_prompt, pipe)
+
+    straight = make("straight")
+    straight.train()
+    interrupted = make("split")
+    interrupted.train(epochs=2)  # stop after epoch 1 (a checkpoint is written every epoch)
+    random.seed(12345)  # whatever happens in between must not matter
+    torch.manual_seed(999)
+    resumed = make("split", resume_from=str(tmp_path / "logs" / "split"))
+    assert resumed.first_epoch == 2 and resumed.global_step == interrupted.global_step
+    resumed.train()
+    a, b = _trainable(straight), _trainable(resumed)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    last_a, last_b = _metrics(tmp_path, "straight")[-1], _metrics(tmp_path, "split")[-1]
+    for key in last_a:
+        if not key.startswith("perf/"):
+            assert last_a[key] == pytest.approx(last_b[key], rel=1e-5, abs=1e-7), key
+    assert resumed.global_step == straight.global_step
+
+
+def test_checkpoints_are_rotated(tiny_ddpm_path, tmp_path):
+    trainer = DDPOTrainer(_config(tmp_path, num_epochs=3, num_checkpoint_limit=2), brightness, lambda: ("", {}),
+                          DefaultDDPODDPMPipeline(tiny_ddpm_path))
+    trainer.train()
+    names = sorted(p.name for p in (tmp_path / "logs" / "run" / "checkpoints").iterdir())
+    assert names == ["checkpoint_1", "checkpoint_2"]
+
+
+def test_async_rewards_give_the_same_run(tiny_ddpm_path, tmp_path):
+    results = []
+    for run_async in (False, True):
+        cfg = _config(tmp_path, run_name=f"async{run_async}", async_reward_computation=run_async)
+        trainer = DDPOTrainer(cfg, brightness, lambda: ("", {}), DefaultDDPODDPMPipeline(tiny_ddpm_path))
+        trainer.train()
+        results.append(_trainable(trainer))
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name])
+
+
+def test_bad_config_fails_before_training(tiny_ddpm_path, tmp_path):
+    pipe = DefaultDDPODDPMPipeline(tiny_ddpm_path)
+    with pytest.raises(ConfigError) as err:
+        DDPOTrainer(_config(tmp_path, sample_batch_size=3, train_batch_size=2, train_timestep_fraction=1.5),
+                    brightness, lambda: ("", {}), pipe)
+    text = str(err.value)
+    assert "sample_batch_size" in text and "train_timestep_fraction" in text and "1.5" in text
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda im, p, m: (torch.full((im.shape[0],), float("nan")), {}), "non-finite"),
+    (lambda im, p, m: (torch.zeros(im.shape[0], 2), {}), "shape"),
+    (lambda im, p, m: torch.zeros(im.shape[0]), "must return \\(rewards, metadata\\)"),
+])
+def test_bad_rewards_name_the_function(tiny_ddpm_path, tmp_path, bad, match):
+    trainer = DDPOTrainer(_config(tmp_path), bad, lambda: ("", {}), DefaultDDPODDPMPipeline(tiny_ddpm_path))
+    with pytest.raises(RewardError, match=match) as err:
+        trainer.train()
+    assert "lambda" in str(err.value)
