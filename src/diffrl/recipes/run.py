@@ -36,8 +36,20 @@ def resolve_policy(sd_pipeline: Any):
     return policy
 
 
+def use_cpu_processes_without_gpus() -> None:
+    """Several processes on a machine without GPUs: tell accelerate to join them over gloo on the CPU.
+
+    ``accelerate launch --num_processes 2`` (or torchrun) on a CPU-only machine starts the processes, but
+    accelerate only forms a CPU process group when asked to; without this each process would train alone.
+    Must run before the first ``PartialState``/``Accelerator``.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
 def make_accelerator(config: SharedConfig) -> Accelerator:
     """An accelerator with TRL's settings, but the run folder wired in (TRL's saving crashed without it)."""
+    use_cpu_processes_without_gpus()
     project = ProjectConfiguration(project_dir=config.logdir, automatic_checkpoint_naming=False, **config.project_kwargs)
     accelerator = Accelerator(log_with=config.log_with, mixed_precision=config.mixed_precision,
                               project_config=project, **config.accelerator_kwargs)

@@ -1,0 +1,44 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+JOB = Path(__file__).with_name("two_process_job.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(trainer, model, logdir, *overrides, timeout=400):
+    # On a machine without GPUs, accelerate's multi-process launcher plus diffrl's gloo fallback (see
+    # diffrl.recipes.run.use_cpu_processes_without_gpus) gives two CPU processes.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(JOB), trainer, model, str(logdir), *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    ranks = [json.loads((Path(logdir) / f"weights_{r}.json").read_text()) for r in (0, 1)]
+    return ranks, out
+
+
+def test_two_process_ddpo_trains_in_sync_and_saves_without_hanging(tiny_ddpm_path, tmp_path):
+    ranks, _ = _launch("ddpo", tiny_ddpm_path, tmp_path / "logs", "num_epochs=2", "sample_num_steps=3",
+                       "sample_batch_size=2", "sample_num_batches_per_epoch=1", "train_batch_size=1",
+                       "train_learning_rate=0.01", "train_clip_range=0.2")
+    assert ranks[0]["num_processes"] == 2
+    assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], rel=0, abs=1e-9)  # gradients synchronised
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] > 0
+    run = tmp_path / "logs" / "mp"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint_0", "checkpoint_1"]
+    assert {"rng_0.pt", "rng_1.pt"} <= {p.name for p in (run / "checkpoints" / "checkpoint_1").iterdir()}
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # logged once, by the main process
+    assert (tmp_path / "logs" / "final" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,42 @@
+"""Run by ``accelerate launch --num_processes 2`` from test_multiprocess.py: a tiny training run on CPU (gloo).
+
+Each process writes a checksum of its trainable weights, so the test can see that they stayed in sync.
+Usage: two_process_job.py TRAINER MODEL_PATH LOGDIR [field=value ...]
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from diffrl import DefaultDDPODDPMPipeline
+from diffrl.config import load_config
+
+
+def brightness(images, prompts, metadata):
+    return images.mean(dim=(1, 2, 3)), {}
+
+
+def main() -> None:
+    trainer_name, model, logdir, *overrides = sys.argv[1:]
+    config = load_config(None, [f"trainer={trainer_name}", f"logdir={logdir}", "run_name=mp", "mixed_precision=no",
+                                *overrides])
+    torch.manual_seed(0)  # the same LoRA init on every process
+    pipe = DefaultDDPODDPMPipeline(model)
+    if trainer_name == "alignprop":
+        from diffrl.recipes.alignprop import AlignPropTrainer as Trainer
+    else:
+        from diffrl import DDPOTrainer as Trainer
+    trainer = Trainer(config, brightness, lambda: ("", {}), pipe)
+    trainer.train()
+    trainer.save_pretrained(str(Path(logdir) / "final"))
+    weights = [p.detach().double().sum().item() for p in trainer.policy.trainable_parameters()]
+    rank = trainer.accelerator.process_index
+    Path(logdir, f"weights_{rank}.json").write_text(json.dumps(
+        {"rank": rank, "num_processes": trainer.accelerator.num_processes, "weights": weights,
+         "global_step": trainer.global_step}))
+
+
+if __name__ == "__main__":
+    main()
