@@ -23,6 +23,7 @@ from diffrl.algorithms import (PerPromptStatTracker, batch_advantages, denoising
 from diffrl.config import DDPOConfig
 from diffrl.pipelines.types import TextConditioning
 from diffrl.recipes import run
+from diffrl.recipes.evaluation import PeriodicEvaluator
 from diffrl.recipes.rewards import score
 from diffrl.recipes.samples import EpochSamples
 
@@ -64,11 +65,13 @@ class DDPOTrainer:
         self.executor = ThreadPoolExecutor(config.max_workers) if config.async_reward_computation else None
         self.first_epoch, self.global_step, self.last_metrics = 0, 0, {}
         self.negative_prompts = config.negative_prompt_list
+        self.evaluator = PeriodicEvaluator(config, self.policy, reward_function, prompt_function, self.run_dir, acc)
         if resume is not None:
             state = run.load_checkpoint(acc, resume, self.policy, self.optimizer, self.lr_scheduler)
             self.first_epoch, self.global_step = int(state["epoch"]) + 1, int(state["global_step"])
             if self.stat_tracker is not None and state.get("stat_tracker"):
                 self.stat_tracker.load_state_dict(state["stat_tracker"])
+            self.evaluator.load_state_dict(state.get("evaluation"))
             acc.print(f"resumed from {resume}: continuing at epoch {self.first_epoch}, global step {self.global_step}")
 
     # ------------------------------------------------------------------ sizes
@@ -122,11 +125,13 @@ class DDPOTrainer:
             metrics[key] = float(acc.reduce(torch.tensor(np.mean(values), device=acc.device), "mean"))
         if self.stat_tracker is not None:
             metrics.update({f"stat_tracking/{k}": v for k, v in self.stat_tracker.stats().items()})
+        metrics.update(self.evaluator.maybe_run(epoch))
         self.last_metrics = metrics
         self.metrics.log(metrics, step=global_step)
         if (epoch + 1) % c.save_freq == 0 or epoch + 1 == c.num_epochs:
             state = {"global_step": global_step, "metrics": metrics,
-                     "stat_tracker": self.stat_tracker.state_dict() if self.stat_tracker else None}
+                     "stat_tracker": self.stat_tracker.state_dict() if self.stat_tracker else None,
+                     "evaluation": self.evaluator.state_dict()}
             run.save_checkpoint(acc, self.checkpoints_dir, epoch, c.num_checkpoint_limit, self.policy,
                                 self.optimizer, self.lr_scheduler, state)
         return global_step

@@ -1,0 +1,82 @@
+"""Pictures a run leaves behind: image grids and a reward curve, drawn with Pillow (no plotting dependency)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def image_grid(rows: Sequence[torch.Tensor], path: Path, *, cell: int = 48, labels: Sequence[str] = ()) -> Path:
+    """Save rows of images (each ``[n, 3, H, W]`` in ``[0, 1]``) as one PNG, upscaled to ``cell`` pixels, with
+    an optional label left of each row."""
+    label_w = 70 if labels else 0
+    n = max(r.shape[0] for r in rows)
+    canvas = Image.new("RGB", (label_w + n * (cell + 2), len(rows) * (cell + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, row in enumerate(rows):
+        if i < len(labels):
+            draw.text((4, i * (cell + 2) + cell // 2 - 5), labels[i], fill="black")
+        arrays = (row.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        for j, array in enumerate(arrays):
+            tile = Image.fromarray(array).resize((cell, cell), Image.NEAREST)
+            canvas.paste(tile, (label_w + j * (cell + 2), i * (cell + 2)))
+    canvas.save(path)
+    return path
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def line_plot(xs: Sequence[float], ys: Sequence[float], path: Path, *, title: str, xlabel: str = "epoch",
+              bands: Sequence[float] | None = None, size: tuple[int, int] = (480, 300)) -> Path:
+    """A minimal line chart (with an optional +-band, e.g. the reward std) saved as PNG."""
+    w, h = size
+    left, right, top, bottom = 60, 15, 28, 35
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.text((left, 8), title, fill="black")
+    if len(xs) == 0:
+        img.save(path)
+        return path
+    lo = min(y - (bands[i] if bands else 0) for i, y in enumerate(ys))
+    hi = max(y + (bands[i] if bands else 0) for i, y in enumerate(ys))
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0) * (w - left - right), top + (hi - y) / (hi - lo) * (h - top - bottom))
+
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    for frac in (0.0, 0.5, 1.0):
+        y = lo + frac * (hi - lo)
+        d.text((4, px(x0, y)[1] - 5), f"{y:.3g}", fill="black")
+    d.text((left, h - bottom + 5), f"{x0:g}", fill="black")
+    d.text((w - right - 30, h - bottom + 5), f"{x1:g}", fill="black")
+    d.text(((w - left) // 2, h - 15), xlabel, fill="black")
+    if bands:
+        upper = [px(x, y + b) for x, y, b in zip(xs, ys, bands)]
+        lower = [px(x, y - b) for x, y, b in zip(xs, ys, bands)]
+        d.polygon(upper + lower[::-1], fill=(200, 220, 255))
+    points = [px(x, y) for x, y in zip(xs, ys)]
+    if len(points) > 1:
+        d.line(points, fill=(20, 60, 200), width=2)
+    for p in points:
+        d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=(20, 60, 200))
+    img.save(path)
+    return path
+
+
+def reward_curve(metrics_file: Path, path: Path) -> Path:
+    """``reward/mean`` (+- ``reward/std``) per epoch from a run's ``metrics.jsonl``."""
+    rows = [m for m in read_metrics(metrics_file) if "reward/mean" in m]
+    return line_plot([m["epoch"] for m in rows], [m["reward/mean"] for m in rows], path,
+                     title="reward/mean per epoch (band: +-std)", bands=[m.get("reward/std", 0.0) for m in rows])
