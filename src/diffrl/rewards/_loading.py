@@ -1,0 +1,54 @@
+"""Loading transformers models once, lazily, onto the device and dtype the caller uses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffrl.rewards.base import RewardError
+
+
+def from_pretrained(cls: Any, name_or_path: str, *, reward: str, setting: str, dtype: torch.dtype | None = None) -> Any:
+    """``cls.from_pretrained(name_or_path)`` in ``dtype``, with an error that names the option on failure.
+
+    The dtype is passed at load time (not cast afterwards) so that a 7B model in
+    bfloat16 never exists in float32 in host memory.
+    """
+    import transformers
+    from packaging.version import Version
+
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        # transformers renamed ``torch_dtype`` to ``dtype`` in 4.56.
+        key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+        kwargs[key] = dtype
+    try:
+        return cls.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise RewardError(
+            f"reward '{reward}': could not load option {setting}={name_or_path!r} with {cls.__name__} ({error}). "
+            "Give a Hub id you can download, or a local directory written by save_pretrained"
+        ) from error
+
+
+def target(
+    images: torch.Tensor, device: torch.device | None, dtype: torch.dtype | None
+) -> tuple[torch.device, torch.dtype]:
+    """Where a reward model runs: the configured device/dtype, else the images' own."""
+    return (device or images.device, dtype or images.dtype)
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """Evaluation mode (dropout off) and no parameter gradients: a reward is never trained."""
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move ``module`` to ``device``/``dtype`` if it is not there already (``.to`` is cheap when it is)."""
+    parameter = next(module.parameters(), None)
+    if parameter is not None and (parameter.device != device or parameter.dtype != dtype):
+        module.to(device=device, dtype=dtype)
+    return module

@@ -1,0 +1,141 @@
+"""Prompt sources."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from diffrl import prompts
+from diffrl.prompts import PromptError, indefinite_article, load, plural, read_prompt_data
+
+
+def _draw(source, n=200):
+    return [source() for _ in range(n)]
+
+
+def test_registry_names_and_errors():
+    assert {"simple_animals", "imagenet_animals", "imagenet_all", "nouns_activities", "counting", "from_file",
+            "fixed", "empty"} <= set(prompts.available())
+    with pytest.raises(PromptError, match="unknown prompt source 'simple_animal'.*did you mean 'simple_animals'"):
+        load("simple_animal")
+    with pytest.raises(PromptError, match="no option 'sed'.*did you mean 'seed'"):
+        load("simple_animals", sed=1)
+    with pytest.raises(PromptError, match="needs option.*path"):
+        load("from_file")
+
+
+def test_data_lists_have_the_papers_sizes():
+    animals = read_prompt_data("simple_animals")
+    assert len(animals) == 45 == len(set(animals))
+    classes = read_prompt_data("imagenet_classes")
+    assert len(classes) == 1000
+    # Spot checks against ImageNet-1k's class indices (first WordNet synonym).
+    assert classes[0] == "tench" and classes[1] == "goldfish" and classes[151] == "Chihuahua"
+    assert classes[207] == "golden retriever" and classes[281] == "tabby" and classes[397] == "puffer"
+    assert classes[398] == "abacus" and classes[409] == "analog clock" and classes[999] == "toilet tissue"
+
+
+def test_sources_are_seeded_and_use_their_own_rng():
+    for name in ("simple_animals", "imagenet_animals", "imagenet_all", "nouns_activities", "counting"):
+        random.seed(123)
+        first = _draw(load(name, seed=7), 50)
+        random.seed(456)  # the global RNG does not matter
+        second = _draw(load(name, seed=7), 50)
+        assert first == second, name
+        assert first != _draw(load(name, seed=8), 50), name
+    state = random.getstate()
+    _draw(load("simple_animals"), 10)
+    assert random.getstate() == state
+
+
+def test_simple_and_imagenet_sources_stay_in_their_lists():
+    animals = set(read_prompt_data("simple_animals"))
+    drawn = _draw(load("simple_animals"), 500)
+    assert {p for p, _ in drawn} <= animals and len({p for p, _ in drawn}) > 30
+    assert all(metadata == {} for _, metadata in drawn)
+    first_398 = set(read_prompt_data("imagenet_classes")[:398])
+    assert {p for p, _ in _draw(load("imagenet_animals"), 500)} <= first_398
+    assert not {p for p, _ in _draw(load("imagenet_all"), 2000)} <= first_398
+
+
+def test_nouns_activities_format():
+    drawn = _draw(load("nouns_activities"), 300)
+    activities = {"washing dishes", "riding a bike", "playing chess"}
+    for prompt, metadata in drawn:
+        assert metadata["activity"] in activities
+        assert prompt == f"{indefinite_article(metadata['noun'])} {metadata['noun']} {metadata['activity']}"
+    assert any(p.startswith("an ant ") for p, _ in drawn) and any(p.startswith("a cat ") for p, _ in drawn)
+    assert {m["activity"] for _, m in drawn} == activities
+    custom = load("nouns_activities", nouns=["owl"], activities=["reading"])()
+    assert custom == ("an owl reading", {"noun": "owl", "activity": "reading"})
+
+
+def test_counting_prompts_and_metadata():
+    drawn = _draw(load("counting", low=2, high=4), 200)
+    words = {2: "two", 3: "three", 4: "four"}
+    for prompt, metadata in drawn:
+        assert 2 <= metadata["count"] <= 4
+        assert metadata["answer"] == words[metadata["count"]]
+        assert prompt == f"{metadata['answer']} {plural(metadata['noun'])}"
+        assert metadata["question"] == f"How many {plural(metadata['noun'])} are there in this image?"
+    assert load("counting", nouns=["dog"], low=3, high=3)() == (
+        "three dogs",
+        {"noun": "dog", "count": 3, "question": "How many dogs are there in this image?", "answer": "three"},
+    )
+    assert load("counting", nouns=["mouse"], low=1, high=1)()[0] == "one mouse"
+    with pytest.raises(PromptError, match="low=5 high=2"):
+        load("counting", low=5, high=2)
+
+
+def test_english_helpers():
+    assert [plural(w) for w in ["dog", "fox", "butterfly", "turkey", "mouse", "wolf", "sheep", "great white shark"]] == [
+        "dogs", "foxes", "butterflies", "turkeys", "mice", "wolves", "sheep", "great white sharks"]
+    assert [indefinite_article(w) for w in ["cat", "ant", "European fire salamander", "unicorn", "hour"]] == [
+        "a", "an", "a", "a", "an"]
+
+
+def test_from_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red cube\n\n  a blue sphere  \n", encoding="utf-8")
+    assert _draw(load("from_file", path=str(path), order="cycle"), 3) == [
+        ("a red cube", {}), ("a blue sphere", {}), ("a red cube", {})]
+    assert {p for p, _ in _draw(load("from_file", path=path), 50)} == {"a red cube", "a blue sphere"}
+    missing = tmp_path / "missing.txt"
+    with pytest.raises(PromptError, match=f"file '{missing}' does not exist"):
+        load("from_file", path=str(missing))
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(PromptError, match=f"file '{blank}' has no prompts"):
+        load("from_file", path=blank)
+
+
+def test_fixed_and_empty():
+    source = load("fixed", prompts=["x", "y"])
+    assert [p for p, _ in _draw(source, 5)] == ["x", "y", "x", "y", "x"]
+    sampled = [p for p, _ in _draw(load("fixed", prompts=["x", "y"], order="sample", seed=1), 50)]
+    assert set(sampled) == {"x", "y"} and sampled != ["x", "y"] * 25
+    with pytest.raises(PromptError, match="order='shuffle'"):
+        load("fixed", prompts=["x"], order="shuffle")
+    with pytest.raises(PromptError, match="empty"):
+        load("fixed", prompts=[])
+    with pytest.raises(PromptError, match="list of strings"):
+        load("fixed", prompts="x")
+    assert load("empty")() == ("", {})
+
+
+def test_metadata_is_fresh_per_call():
+    source = load("counting")
+    _, first = source()
+    first["count"] = -1
+    assert all(m["count"] >= 1 for _, m in _draw(source, 20))
+
+
+def test_register_a_custom_source():
+    prompts.register("test_source", lambda *, word="hi": (lambda: (word, {})))
+    try:
+        assert load("test_source", word="yo")() == ("yo", {})
+        with pytest.raises(PromptError, match="already registered"):
+            prompts.register("test_source", lambda: None)
+    finally:
+        prompts._REGISTRY.pop("test_source", None)
