@@ -23,6 +23,7 @@ _EXPORTS = {
     "DDPOConfig": "diffrl.config",
     "AlignPropConfig": "diffrl.config",
     "DDPOTrainer": "diffrl.recipes.ddpo",
+    "AlignPropTrainer": "diffrl.recipes.alignprop",
     "DDPOPipelineOutput": "diffrl.pipelines.trl_compat",
     "DDPOSchedulerOutput": "diffrl.pipelines.trl_compat",
     "DDPOStableDiffusionPipeline": "diffrl.pipelines.trl_compat",

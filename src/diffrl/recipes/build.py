@@ -24,8 +24,8 @@ def build_policy(config: SharedConfig):
 
 
 def build_reward(config: SharedConfig) -> Callable:
-    """The registered reward named by ``config.reward``; with none, the digit classifier's log-probability
-    of ``reward_options.digit`` (default 0) — the offline default model's reward."""
+    """The registered reward named by ``config.reward``; with none (and no ``model``), the ``digit`` reward:
+    the digit classifier's log-probability of ``reward_options.digit`` — the offline default model's reward."""
     from diffrl import rewards
 
     options: dict[str, Any] = dict(config.reward_options)
@@ -33,9 +33,7 @@ def build_reward(config: SharedConfig) -> Callable:
         if config.model is not None:
             raise ValueError("config.reward is not set; name a reward (e.g. reward: aesthetic). "
                              f"Available: {', '.join(rewards.available())}.")
-        from diffrl.digits import DigitReward
-
-        return DigitReward(target=int(options.pop("digit", 0)), **options)
+        return rewards.load("digit", **options)
     return rewards.load(config.reward, **options)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -17,7 +16,6 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from diffrl import checkpoint as ckpt
 from diffrl.algorithms import (PerPromptStatTracker, batch_advantages, denoising_loss, ppo_clip_loss,
                                reinforce_loss, rwr_sparse_weights, rwr_weights)
 from diffrl.config import DDPOConfig
@@ -38,22 +36,12 @@ class DDPOTrainer:
                  image_samples_hook: Callable | None = None) -> None:
         self.config = config
         self.reward_fn, self.prompt_fn, self.image_samples_callback = reward_function, prompt_function, image_samples_hook
-        self.accelerator = acc = run.make_accelerator(config)
-        config.validate(num_processes=acc.num_processes)
         self.sd_pipeline = sd_pipeline
-        self.policy = run.resolve_policy(sd_pipeline)
-        resume = ckpt.find_latest(config.resume_from) if config.resume_from else None
-        self.run_name = run.choose_run_name(config, acc, resume)
-        self.run_dir = Path(config.logdir) / self.run_name
-        self.checkpoints_dir = ckpt.checkpoint_dir(config.logdir, self.run_name)
-        if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
-        run.seed_everything(config.seed, acc)
-        self.policy.to(acc.device, config.mixed_precision)
-        if config.log_with:
-            acc.init_trackers(config.tracker_project_name, config=config.to_flat_dict(), init_kwargs=config.tracker_kwargs)
-        self.metrics = run.MetricsLogger(acc, self.run_dir)
+        start = run.start_run(config, sd_pipeline)
+        self.accelerator = acc = start.accelerator
+        self.policy, self.run_name, self.run_dir = start.policy, start.run_name, start.run_dir
+        self.checkpoints_dir, self.metrics = start.checkpoints_dir, start.metrics
+        resume = start.resume
         params = list(self.policy.trainable_parameters())
         optimizer = run.build_optimizer(config, params)
         self.lr_scheduler = run.build_lr_scheduler(config, optimizer, self._total_optimizer_steps())
@@ -128,7 +116,7 @@ class DDPOTrainer:
         metrics.update(self.evaluator.maybe_run(epoch))
         self.last_metrics = metrics
         self.metrics.log(metrics, step=global_step)
-        if (epoch + 1) % c.save_freq == 0 or epoch + 1 == c.num_epochs:
+        if run.is_checkpoint_epoch(c, epoch):
             state = {"global_step": global_step, "metrics": metrics,
                      "stat_tracker": self.stat_tracker.state_dict() if self.stat_tracker else None,
                      "evaluation": self.evaluator.state_dict()}
@@ -255,24 +243,12 @@ class DDPOTrainer:
     # ------------------------------------------------------------------ results
     def save_pretrained(self, save_directory: str) -> None:
         """Write the fine-tuned model (LoRA weights or a full pipeline) and a model card; all processes call it."""
-        acc = self.accelerator
-        if acc.is_main_process:
-            path = Path(save_directory)
-            self.policy.save_pretrained(path)
-            run.write_model_card(path, self.config, self.last_metrics, "DDPO", self.policy.base_model)
-        acc.wait_for_everyone()
+        run.save_result(self.accelerator, self.policy, self.config, self.last_metrics, "DDPO", save_directory)
 
     def push_to_hub(self, repo_id: str, commit_message: str = "diffrl DDPO fine-tune") -> str | None:
         """Save to a temporary folder and upload it (token from ``HF_TOKEN`` or the login cache, never logged)."""
-        import tempfile
-
-        url = None
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            if self.accelerator.is_main_process:
-                url = run.push_folder_to_hub(Path(tmp), repo_id, commit_message)
-        self.accelerator.wait_for_everyone()
-        return url
+        return run.push_result(self.accelerator, self.policy, self.config, self.last_metrics, "DDPO", repo_id,
+                               commit_message)
 
     def _save_pretrained(self, save_directory: str) -> None:  # TRL's private name, kept for old scripts
         self.save_pretrained(save_directory)

@@ -82,7 +82,7 @@ class PeriodicEvaluator:
             c = self.config
             result = evaluate(self.policy, self.reward_fn, self.prompts, seed=c.eval_seed,
                               num_inference_steps=c.sample_num_steps, guidance_scale=c.sample_guidance_scale,
-                              eta=c.sample_eta if c.sample_eta > 0 else 1.0, batch_size=max(c.sample_batch_size, 16))
+                              eta=c.sample_eta if c.sample_eta > 0 else 1.0, batch_size=max(getattr(c, "sample_batch_size", c.train_batch_size), 16))
             metrics = {"eval/reward_mean": result.reward_mean, "eval/reward_std": float(result.rewards.std())}
             if self.best is not None:
                 metrics["eval/is_best"] = float(self.best.update(self.policy, result.reward_mean, epoch))

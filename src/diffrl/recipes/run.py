@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -221,3 +221,114 @@ def push_folder_to_hub(directory: Path, repo_id: str, commit_message: str) -> st
     api.create_repo(repo_id, exist_ok=True)
     info = api.upload_folder(folder_path=str(directory), repo_id=repo_id, commit_message=commit_message)
     return str(getattr(info, "commit_url", repo_id))
+
+
+# ---------------------------------------------------------------------- pieces every trainer's start and end share
+
+
+class RunStart(NamedTuple):
+    """What :func:`start_run` set up: the accelerator, the policy on its device, the run folder and the logger.
+
+    ``resume`` is the checkpoint to continue from (``None`` for a fresh run); ``checkpoints_dir`` is
+    ``<logdir>/<run_name>/checkpoints``.
+    """
+
+    accelerator: Accelerator
+    policy: Any
+    resume: Path | None
+    run_name: str
+    run_dir: Path
+    checkpoints_dir: Path
+    metrics: MetricsLogger
+
+
+def start_run(config: SharedConfig, sd_pipeline: Any) -> RunStart:
+    """The start of every trainer: accelerator, config validation (all processes counted), the policy behind
+    ``sd_pipeline``, the checkpoint to resume from, the run folder with ``config.yaml``, seeds, device and
+    precision, trackers and the metrics logger."""
+    acc = make_accelerator(config)
+    config.validate(num_processes=acc.num_processes)
+    policy = resolve_policy(sd_pipeline)
+    resume = ckpt.find_latest(config.resume_from) if config.resume_from else None
+    run_name = choose_run_name(config, acc, resume)
+    run_dir = Path(config.logdir) / run_name
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+    seed_everything(config.seed, acc)
+    policy.to(acc.device, config.mixed_precision)
+    if config.log_with:
+        acc.init_trackers(config.tracker_project_name, config=config.to_flat_dict(), init_kwargs=config.tracker_kwargs)
+    return RunStart(acc, policy, resume, run_name, run_dir, ckpt.checkpoint_dir(config.logdir, run_name),
+                    MetricsLogger(acc, run_dir))
+
+
+def is_checkpoint_epoch(config: SharedConfig, epoch: int) -> bool:
+    """Checkpoint after every ``save_freq``-th epoch and after the last one."""
+    return (epoch + 1) % config.save_freq == 0 or epoch + 1 == config.num_epochs
+
+
+def average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over all processes (one all-reduce of their concatenation).
+
+    For a trainer whose model is not wrapped in DistributedDataParallel: reward backpropagation calls the UNet
+    several times per backward pass (once per step that carries gradients, recomputed under checkpointing),
+    which DDP's once-per-iteration gradient hooks do not allow.
+    """
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
+        offset += g.numel()
+
+
+def optimizer_step(accelerator: Accelerator, params: list[torch.nn.Parameter], optimizer, lr_scheduler,
+                   max_grad_norm: float) -> float | None:
+    """Clip (unless ``max_grad_norm`` is infinite), step the optimizer and the schedule, clear the gradients.
+
+    Returns the gradient norm before clipping, or ``None`` when not clipping.
+    """
+    norm = None
+    if max_grad_norm != float("inf"):
+        norm = float(accelerator.clip_grad_norm_(params, max_grad_norm))
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def save_result(accelerator: Accelerator, policy, config: SharedConfig, metrics: dict[str, float], trainer: str,
+                directory: str | os.PathLike) -> None:
+    """Write the fine-tuned model (LoRA weights or a full pipeline) and a model card; all processes call it."""
+    if accelerator.is_main_process:
+        path = Path(directory)
+        policy.save_pretrained(path)
+        write_model_card(path, config, metrics, trainer, policy.base_model)
+    accelerator.wait_for_everyone()
+
+
+def push_result(accelerator: Accelerator, policy, config: SharedConfig, metrics: dict[str, float], trainer: str,
+                repo_id: str, commit_message: str) -> str | None:
+    """Save to a temporary folder and upload it (token from ``HF_TOKEN`` or the login cache, never logged)."""
+    import tempfile
+
+    url = None
+    with tempfile.TemporaryDirectory() as tmp:
+        save_result(accelerator, policy, config, metrics, trainer, tmp)
+        if accelerator.is_main_process:
+            url = push_folder_to_hub(Path(tmp), repo_id, commit_message)
+    accelerator.wait_for_everyone()
+    return url
+
+
+def peak_memory_metrics(device: torch.device) -> dict[str, float]:
+    """``perf/peak_memory_mb``: the accelerator's peak allocated memory since the last reset (CUDA only;
+    an empty dict elsewhere), then resets the peak so each epoch reports its own."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 2**20
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"perf/peak_memory_mb": peak}
