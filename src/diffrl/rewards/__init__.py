@@ -37,7 +37,18 @@ __all__ = [
 
 RewardFactory = Callable[..., Reward]
 
+def digit(digit: int = 3, kind: str = "log_prob") -> Reward:
+    """The offline quickstart's reward: the shipped digit classifier's log-probability (or probability) of
+    ``digit`` (see :mod:`diffrl.digits`). Differentiable."""
+    from diffrl.digits import DigitReward
+
+    reward = DigitReward(target=digit, kind=kind)
+    reward.name = "digit"
+    return reward
+
+
 _REGISTRY: dict[str, RewardFactory] = {
+    "digit": digit,
     "jpeg_compressibility": jpeg_compressibility,
     "jpeg_incompressibility": jpeg_incompressibility,
     "aesthetic": AestheticScore,
