@@ -21,6 +21,18 @@ from diffrl.recipes.evaluation import evaluate
 from diffrl.recipes.launch import make_trainer
 
 
+_BACKPROP = {"alignprop", "draft_k", "draft_lv", "refl"}
+
+
+def _preset_for(overrides: Sequence[str]) -> str:
+    """``quickstart_alignprop`` when the overrides ask for reward backpropagation, else ``quickstart`` (DDPO)."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() in ("trainer", "algorithm") and value.strip() in _BACKPROP:
+            return "quickstart_alignprop"
+    return "quickstart"
+
+
 def _target_share(images: torch.Tensor, target: int) -> float:
     from diffrl.digits import digit_shares
 
@@ -29,7 +41,7 @@ def _target_share(images: torch.Tensor, target: int) -> float:
 
 def run_quickstart(overrides: Sequence[str] = ()) -> int:
     start = time.perf_counter()
-    config = load_config(preset_path("quickstart"), overrides)
+    config = load_config(preset_path(_preset_for(overrides)), overrides)
     trainer = make_trainer(config)
     acc, policy = trainer.accelerator, trainer.policy
     target = int(config.reward_options.get("digit", 3)) if config.reward in (None, "digit") else None

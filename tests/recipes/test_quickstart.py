@@ -1,0 +1,50 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from diffrl.recipes.quickstart import run_quickstart
+
+REDUCED = ["num_epochs=1", "sample_num_steps=4", "eval_num_samples=16", "save_freq=1"]
+
+
+def _check_run(run, capsys):
+    for name in ("grid_before_after.png", "reward_curve.png", "metrics.jsonl", "summary.json", "config.yaml"):
+        assert (run / name).is_file(), name
+    assert Image.open(run / "grid_before_after.png").size[0] > 100
+    summary = json.loads((run / "summary.json").read_text())
+    assert {"target_share_before", "target_share_after", "seconds", "reward_before", "reward_after"} <= set(summary)
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(run / "final")
+    images = pipe(batch_size=2, num_inference_steps=3, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 8, 8, 1)
+    out = capsys.readouterr().out
+    assert out.rstrip().splitlines()[-1] == f"run folder: {run}"
+    return summary
+
+
+def test_quickstart_ddpo_leaves_its_artefacts(tmp_path, capsys):
+    assert run_quickstart([*REDUCED, "sample_batch_size=8", "sample_num_batches_per_epoch=1", "train_batch_size=8",
+                           f"logdir={tmp_path}", "run_name=q"]) == 0
+    summary = _check_run(tmp_path / "q", capsys)
+    assert summary["target_digit"] == 3 and 0 <= summary["target_share_before"] <= 1
+    lines = (tmp_path / "q" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["epoch"] == 0
+
+
+def test_quickstart_switches_to_alignprop_with_one_option(tmp_path, capsys):
+    assert run_quickstart(["trainer=alignprop", *REDUCED, "train_batch_size=4", "train_gradient_accumulation_steps=1",
+                           f"logdir={tmp_path}", "run_name=a"]) == 0
+    summary = _check_run(tmp_path / "a", capsys)
+    assert summary["trainer"] == "AlignPropTrainer"
+
+
+def test_quickstart_switches_to_jpeg_with_one_option(tmp_path, capsys):
+    assert run_quickstart(["reward=jpeg_compressibility", *REDUCED, "sample_batch_size=8",
+                           "sample_num_batches_per_epoch=1", "train_batch_size=8", f"logdir={tmp_path}",
+                           "run_name=j"]) == 0
+    summary = _check_run(tmp_path / "j", capsys)
+    assert summary["target_digit"] is None and summary["reward_before"] < 0
