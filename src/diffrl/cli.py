@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Sequence
@@ -59,7 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _TorchvisionFallbackFilter(logging.Filter):
+    """transformers announces on import that its image processors fall back to Pillow without torchvision
+    (there is no CPU build of torchvision on PyPI for every platform); diffrl never uses that path for
+    training, so the notice is noise in the CLI. Other transformers warnings pass through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionFallbackFilter())
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
