@@ -17,7 +17,7 @@ from diffrl.pipelines import precision
 from diffrl.pipelines.chain import run_chain
 from diffrl.pipelines.loading import load_pipeline
 from diffrl.pipelines.lora import LoraSettings, add_lora, load_lora_state_dict, lora_state_dict
-from diffrl.pipelines.saved import read_model_info, write_model_info
+from diffrl.pipelines.saved import plan_load, write_model_info
 from diffrl.pipelines.schedule import DenoisingSchedule, SamplerName
 from diffrl.pipelines.types import SampleResult, TextConditioning
 from diffrl.samplers import StepOutput
@@ -52,7 +52,7 @@ class DDPMPolicy:
         self.pipeline = pipeline
         self.mixed_precision = mixed_precision
         self.use_lora = use_lora
-        self.lora = (lora or LoraSettings(target_modules=("to_q", "to_k", "to_v", "to_out.0"))) if use_lora else None
+        self.lora = (lora or LoraSettings()) if use_lora else None
         self.base_model = base_model
         self.revision = revision
         self.schedule = DenoisingSchedule.from_scheduler_config(pipeline.scheduler.config, sampler=sampler)
@@ -81,23 +81,12 @@ class DDPMPolicy:
     ) -> "DDPMPolicy":
         """Load from a Hub id, a ``DDPMPipeline`` folder, or a result saved by diffrl (LoRA results load their
         base model first, then the adapter, ready to continue training)."""
-        info = read_model_info(name_or_path, revision)
-        if info is not None and info.get("lora") is not None:
-            if info.get("kind") != "ddpm":
-                raise ValueError(f"'{name_or_path}' holds a diffrl '{info.get('kind')}' model, not a DDPM.")
-            saved = info["lora"]
-            lora = lora or LoraSettings(rank=saved["rank"], alpha=saved["alpha"],
-                                        target_modules=tuple(saved["target_modules"]), init=saved.get("init", "gaussian"))
-            lora_weights, base, revision, use_lora = name_or_path, info["base_model"], info.get("revision", "main"), True
-        else:
-            base = os.fspath(name_or_path)
-        pipeline = load_pipeline(DDPMPipeline, base, revision=revision)
-        policy = cls(pipeline, use_lora=use_lora, lora=lora, mixed_precision=mixed_precision, device=device,
-                     base_model=base, revision=revision, sampler=sampler)
-        if lora_weights is not None:
-            if not use_lora:
-                raise ValueError("lora_weights was given with use_lora=False; set use_lora=True to train the adapter.")
-            policy.load_lora_weights(lora_weights)
+        plan = plan_load(name_or_path, revision, "ddpm", use_lora, lora, lora_weights)
+        pipeline = load_pipeline(DDPMPipeline, plan.base, revision=plan.revision)
+        policy = cls(pipeline, use_lora=plan.use_lora, lora=plan.lora, mixed_precision=mixed_precision, device=device,
+                     base_model=plan.base, revision=plan.revision, sampler=sampler)
+        if plan.lora_weights is not None:
+            policy.load_lora_weights(plan.lora_weights)
         return policy
 
     def load_lora_weights(self, source: str | os.PathLike) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from diffrl._version import __version__
 
@@ -33,3 +33,32 @@ def read_model_info(name_or_path: str | os.PathLike, revision: str = "main") -> 
         return json.loads(Path(hf_hub_download(str(name_or_path), MODEL_FILE, revision=revision)).read_text())
     except Exception:  # noqa: BLE001 - not a diffrl repo, or offline: treat as a plain base model
         return None
+
+
+class LoadPlan(NamedTuple):
+    """What ``from_pretrained`` should load: the base model, its revision, and the adapter to put on it."""
+
+    base: str
+    revision: str
+    use_lora: bool
+    lora: Any  # LoraSettings | None
+    lora_weights: str | os.PathLike | None
+
+
+def plan_load(name_or_path: str | os.PathLike, revision: str, kind: str, use_lora: bool, lora: Any,
+              lora_weights: str | os.PathLike | None) -> LoadPlan:
+    """Resolve a diffrl LoRA result (``diffrl_model.json`` with LoRA settings) to its base model plus adapter;
+    anything else loads as given. A result of another policy kind is an error naming both kinds."""
+    from diffrl.pipelines.lora import LoraSettings
+
+    info = read_model_info(name_or_path, revision)
+    if info is None or info.get("lora") is None:
+        if lora_weights is not None and not use_lora:
+            raise ValueError("lora_weights was given with use_lora=False; set use_lora=True to train the adapter.")
+        return LoadPlan(os.fspath(name_or_path), revision, use_lora, lora, lora_weights)
+    if info.get("kind") != kind:
+        raise ValueError(f"'{name_or_path}' holds a diffrl '{info.get('kind')}' model, not a '{kind}' model.")
+    saved = info["lora"]
+    lora = lora or LoraSettings(rank=saved["rank"], alpha=saved["alpha"], target_modules=tuple(saved["target_modules"]),
+                                init=saved.get("init", "gaussian"))
+    return LoadPlan(info["base_model"], info.get("revision", "main"), True, lora, name_or_path)

@@ -16,7 +16,7 @@ from diffrl.pipelines import precision
 from diffrl.pipelines.chain import run_chain
 from diffrl.pipelines.loading import load_pipeline
 from diffrl.pipelines.lora import LoraSettings, add_lora, load_lora_state_dict, lora_state_dict
-from diffrl.pipelines.saved import read_model_info, write_model_info
+from diffrl.pipelines.saved import plan_load, write_model_info
 from diffrl.pipelines.schedule import DenoisingSchedule
 from diffrl.pipelines.types import SampleResult, TextConditioning
 from diffrl.samplers import StepOutput
@@ -81,25 +81,13 @@ class StableDiffusionPolicy:
         A diffrl LoRA result (a folder or Hub repo with ``diffrl_model.json``) loads its base model and then
         its adapter, ready to continue training; ``lora_weights`` loads any diffusers-format LoRA the same way.
         """
-        info = read_model_info(name_or_path, revision)
-        if info is not None and info.get("lora") is not None:
-            if info.get("kind") != "stable_diffusion":
-                raise ValueError(f"'{name_or_path}' holds a diffrl '{info.get('kind')}' model, not Stable Diffusion.")
-            saved = info["lora"]
-            lora = lora or LoraSettings(rank=saved["rank"], alpha=saved["alpha"],
-                                        target_modules=tuple(saved["target_modules"]), init=saved.get("init", "gaussian"))
-            lora_weights, base, revision = name_or_path, info["base_model"], info.get("revision", "main")
-            use_lora = True
-        else:
-            base = os.fspath(name_or_path)
-        pipeline = load_pipeline(StableDiffusionPipeline, base, revision=revision,
+        plan = plan_load(name_or_path, revision, "stable_diffusion", use_lora, lora, lora_weights)
+        pipeline = load_pipeline(StableDiffusionPipeline, plan.base, revision=plan.revision,
                                  single_file_config=single_file_config)
-        policy = cls(pipeline, use_lora=use_lora, lora=lora, mixed_precision=mixed_precision, device=device,
-                     base_model=base, revision=revision)
-        if lora_weights is not None:
-            if not use_lora:
-                raise ValueError("lora_weights was given with use_lora=False; set use_lora=True to train the adapter.")
-            policy.load_lora_weights(lora_weights)
+        policy = cls(pipeline, use_lora=plan.use_lora, lora=plan.lora, mixed_precision=mixed_precision, device=device,
+                     base_model=plan.base, revision=plan.revision)
+        if plan.lora_weights is not None:
+            policy.load_lora_weights(plan.lora_weights)
         return policy
 
     def load_lora_weights(self, source: str | os.PathLike) -> None:
