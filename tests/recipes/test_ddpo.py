@@ -152,3 +152,35 @@ def test_bad_rewards_name_the_function(tiny_ddpm_path, tmp_path, bad, match):
     with pytest.raises(RewardError, match=match) as err:
         trainer.train()
     assert "lambda" in str(err.value)
+
+
+def test_push_to_hub_uploads_the_result_and_never_shows_the_token(tiny_ddpm_path, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    uploads = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, repo_id, exist_ok=False):
+            uploads.append(("create", repo_id, self.token))
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            from pathlib import Path
+
+            uploads.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+            return type("Info", (), {"commit_url": f"https://hub.example/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_123")
+    trainer = DDPOTrainer(_config(tmp_path, num_epochs=1), brightness, lambda: ("", {}),
+                          DefaultDDPODDPMPipeline(tiny_ddpm_path))
+    trainer.train()
+    url = trainer.push_to_hub("someone/digits")
+    assert url.endswith("someone/digits/commit/1")
+    assert uploads[0] == ("create", "someone/digits", "hf_secret_token_123")
+    assert {"adapter_model.safetensors", "README.md", "diffrl_model.json"} <= set(uploads[1][2])
+    out = capsys.readouterr()
+    logged = "".join(p.read_text() for p in (tmp_path / "logs").rglob("*") if p.is_file() and p.suffix in {".json", ".jsonl", ".yaml", ".md"})
+    assert "hf_secret_token_123" not in out.out + out.err + logged
