@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -34,15 +32,6 @@ def sk_digits() -> tuple[torch.Tensor, torch.Tensor]:
     digits = datasets.load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     return images, torch.tensor(digits.target)
-
-
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("pretrain_digits", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_shipped_ddpm_loads_as_ddpm_pipeline() -> None:
