@@ -1,4 +1,4 @@
-"""The ``diffrl`` command: ``train``, ``serve-reward``; ``--help`` and ``--version`` load no models."""
+"""The ``diffrl`` command: ``train``, ``serve-reward``, ``sample``, ``evaluate``, ``report``; ``--help`` and ``--version`` load no models."""
 
 from __future__ import annotations
 
@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         server = None
     if server is not None:
         server.add_parser(sub)
+    from diffrl.evaluate import cli as evaluate_cli
+
+    evaluate_cli.add_sample_parser(sub)
+    evaluate_cli.add_evaluate_parser(sub)
+    evaluate_cli.add_report_parser(sub)
     return parser
 
 

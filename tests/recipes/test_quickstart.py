@@ -1,6 +1,5 @@
 import json
 
-import pytest
 import torch
 from PIL import Image
 
@@ -13,6 +12,8 @@ def _check_run(run, capsys):
     for name in ("grid_before_after.png", "reward_curve.png", "metrics.jsonl", "summary.json", "config.yaml"):
         assert (run / name).is_file(), name
     assert Image.open(run / "grid_before_after.png").size[0] > 100
+    report = (run / "report.html").read_text(encoding="utf-8")
+    assert "Samples from the same noise" in report and "Training curves" in report and "config.yaml" in report
     summary = json.loads((run / "summary.json").read_text())
     assert {"target_share_before", "target_share_after", "seconds", "reward_before", "reward_after"} <= set(summary)
     from diffusers import DDPMPipeline

@@ -2,7 +2,9 @@
 
 Leaves in the run folder: ``grid_before_after.png`` (same noise, before and after), ``reward_curve.png``,
 ``metrics.jsonl``, ``final/`` (a ``DDPMPipeline`` folder; LoRA runs also get ``final_merged/``),
-``summary.json``; prints a one-screen summary ending with the run folder.
+``summary.json``, ``report.html`` (what ``diffrl report`` writes: samples of the base and the fine-tuned model from
+the same noise, the metric table, the training curves and the config); prints a one-screen summary ending with
+the run folder.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from diffrl.presets import preset_path
 from diffrl.recipes.artifacts import image_grid, reward_curve
 from diffrl.recipes.evaluation import evaluate
 from diffrl.recipes.launch import make_trainer
-
 
 _BACKPROP = {"alignprop", "draft_k", "draft_lv", "refl"}
 
@@ -65,6 +66,7 @@ def run_quickstart(overrides: Sequence[str] = ()) -> int:
     image_grid([before.images[:16], after.images[:16]], run_dir / "grid_before_after.png",
                labels=["before", "after"])
     reward_curve(run_dir / "metrics.jsonl", run_dir / "reward_curve.png")
+    report = _write_report(run_dir, str(acc.device))
     seconds = time.perf_counter() - start
     summary = {
         "trainer": type(trainer).__name__, "reward": config.reward or f"digit {target} log-probability",
@@ -73,11 +75,21 @@ def run_quickstart(overrides: Sequence[str] = ()) -> int:
         "target_share_before": _target_share(before.images, target) if target is not None else None,
         "target_share_after": _target_share(after.images, target) if target is not None else None,
         "epochs": config.num_epochs, "seconds": round(seconds, 1), "run_dir": str(run_dir),
-        "model": str(final),
+        "model": str(final), "report": str(report),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     _print_summary(summary)
     return 0
+
+
+def _write_report(run_dir: Path, device: str) -> Path:
+    """``report.html``: the base and the fine-tuned model on 16 shared seeds, scored, with the run's curves."""
+    from diffrl.evaluate.report import write_report
+    from diffrl.evaluate.runs import compare_run
+
+    evaluation = compare_run(run_dir, seeds=range(16), device=device, batch_size=16)
+    return write_report(run_dir / "report.html", evaluation=evaluation, runs={run_dir.name: run_dir},
+                        title=f"diffrl quickstart: {run_dir.name}")
 
 
 def _save_merged(policy, directory: Path) -> None:
@@ -105,6 +117,7 @@ def _print_summary(s: dict) -> None:
     lines += [f"mean eval reward: {s['reward_before']:.4g} -> {s['reward_after']:.4g}",
               f"time: {s['seconds']:.0f} s for {s['epochs']} epochs",
               "before/after grid: grid_before_after.png   reward curve: reward_curve.png",
+              "report (open in a browser): report.html",
               f"fine-tuned model (DDPMPipeline.from_pretrained): {s['model']}",
               "=" * 64, f"run folder: {s['run_dir']}"]
     print("\n".join(lines), flush=True)

@@ -1,0 +1,59 @@
+"""A training run's base model and fine-tuned result, compared on the same noise with the run's own settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from diffrl.evaluate.compare import Evaluation, ModelSource, evaluate_models
+from diffrl.evaluate.inputs import TRAIN, EvaluationError, PromptItem, draw_prompts
+from diffrl.evaluate.loading import load_model
+from diffrl.evaluate.sample import SampleSettings
+
+
+def _given_or(given: Any, default: Any) -> Any:
+    return default if given is None else given
+
+
+def compare_run(run_dir: str | os.PathLike, *, model: str | os.PathLike | None = None, num_prompts: int = 4,
+                seeds: Sequence[int] = (0, 1, 2, 3), num_inference_steps: int | None = None,
+                guidance_scale: float | None = None, eta: float | None = None, batch_size: int = 8,
+                device: str = "cpu", mixed_precision: str = "no",
+                log: Callable[[str], None] | None = None) -> Evaluation:
+    """Sample the run's base model (``model:`` of its ``config.yaml``; the digits DDPM when unset) and its
+    fine-tuned ``model`` (default ``run_dir/final``) from the same noise, on ``num_prompts`` prompts of the run's
+    prompt source, and score them with the run's reward. Steps, guidance and eta default to the run's
+    ``sample_*`` settings."""
+    from diffrl.config import load_config
+    from diffrl.recipes.build import build_reward, default_model
+
+    run = Path(run_dir)
+    tuned = Path(model) if model is not None else run / "final"
+    if not tuned.exists():
+        raise EvaluationError(f"no fine-tuned model at '{tuned}' (the run has not finished?); give --model PATH, "
+                              "or --no-samples for curves and metrics only")
+    if not (run / "config.yaml").is_file():
+        raise EvaluationError(f"'{run}' has no config.yaml to read the base model and reward from; use --no-samples")
+    config = load_config(run / "config.yaml")
+    base = config.model or default_model()
+    reward_name = config.reward or "digit"
+    if config.prompts:
+        drawn = draw_prompts(config.prompts, num_prompts, config.prompt_options, setting="the run's prompts")
+        prompts = [PromptItem(text, meta, TRAIN) for text, meta in drawn]
+    else:
+        prompts = [PromptItem("", {}, TRAIN)]
+    settings = SampleSettings(num_inference_steps=_given_or(num_inference_steps, config.sample_num_steps),
+                              guidance_scale=_given_or(guidance_scale, config.sample_guidance_scale),
+                              eta=_given_or(eta, config.sample_eta), batch_size=batch_size)
+
+    def loader(source: str, lora_base: str | None) -> Callable[[], Any]:
+        return lambda: load_model(source, revision=config.model_revision if lora_base is None else "main",
+                                  base=lora_base, base_revision=config.model_revision, device=device,
+                                  mixed_precision=mixed_precision, strict_base=False).policy
+
+    models = [ModelSource("base", loader(base, None), {"source": base, "role": "base"}),
+              ModelSource(tuned.name, loader(str(tuned), base), {"source": str(tuned), "role": "fine-tuned"})]
+    return evaluate_models(models, {reward_name: build_reward(config)}, prompts, list(seeds), settings,
+                           trained_reward=reward_name, reward_options={reward_name: dict(config.reward_options)},
+                           preview_prompts=num_prompts, preview_seeds=len(seeds), log=log)
