@@ -46,6 +46,8 @@ logdir: {tmp_path / 'logs'}
     assert (run / "final" / "adapter_model.safetensors").is_file()
     assert (run / "metrics.jsonl").is_file() and "train_learning_rate: 0.001" in (run / "config.yaml").read_text()
     assert "run folder:" in capsys.readouterr().out
+    report = (run / "report.html").read_text(encoding="utf-8")
+    assert 'alt="reward/mean"' in report and "train_learning_rate: 0.001" in report
 
 
 def test_unknown_field_and_bad_type_are_clear_errors(tmp_path, capsys):

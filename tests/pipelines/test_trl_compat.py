@@ -52,6 +52,25 @@ def test_rgb_with_grad_reaches_trainable_weights(tiny_sd_path):
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+def test_rgb_with_grad_draws_its_truncation_step_from_the_generator(tiny_sd_path):
+    import random
+
+    from diffrl.pipelines.trl_compat import _draw_step
+
+    draws = {_draw_step(0, 3, torch.Generator().manual_seed(s)) for s in range(40)}
+    assert draws == {0, 1, 2, 3}  # both ends included, as random.randint
+    pipe = DefaultDDPOStableDiffusionPipeline(tiny_sd_path)
+    grads = []
+    for global_seed in (1, 2):
+        random.seed(global_seed)  # must not matter once a generator is given
+        pipe.policy.unet.zero_grad(set_to_none=True)
+        out = pipe.rgb_with_grad(["a"], num_inference_steps=4, eta=1.0, truncated_rand_backprop_minmax=(0, 4),
+                                 generator=torch.Generator().manual_seed(7))
+        out.images.mean().backward()
+        grads.append([p.grad.clone() for p in pipe.policy.trainable_parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_ddpm_pipeline_has_the_same_surface(tiny_ddpm_path, tmp_path):
     pipe = DefaultDDPODDPMPipeline(tiny_ddpm_path, use_lora=True)
     out = pipe(["", ""], num_inference_steps=3, eta=1.0, output_type="pt")

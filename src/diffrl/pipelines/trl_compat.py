@@ -24,6 +24,15 @@ from diffrl.pipelines.types import SampleResult, TextConditioning
 from diffrl.samplers import DeterministicStepError
 
 
+def _draw_step(low: int, high: int, generator) -> int:
+    """Uniform integer in ``[low, high]``: from ``generator`` (the first of a list) when given, else ``random``."""
+    if isinstance(generator, (list, tuple)):
+        generator = generator[0] if generator else None
+    if generator is None:
+        return random.randint(low, high)
+    return int(torch.randint(low, high + 1, (1,), generator=generator, device=generator.device))
+
+
 @dataclass
 class DDPOPipelineOutput:
     """``images`` (``[B, 3, H, W]`` in ``[0, 1]`` for ``output_type="pt"``), ``latents`` (the ``N + 1`` tensors
@@ -179,10 +188,14 @@ class _PolicyPipeline(DDPOStableDiffusionPipeline):
                       truncated_backprop_timestep: int = 49, truncated_rand_backprop_minmax: tuple = (0, 50),
                       num_inference_steps: int = 50, **kwargs) -> DDPOPipelineOutput:
         """Sample with gradients to the UNet weights at steps ``i >= k`` (TRL's truncated backprop: ``k`` fixed
-        or drawn uniformly from ``truncated_rand_backprop_minmax``), differentiable images."""
+        or drawn uniformly from ``truncated_rand_backprop_minmax``, both ends included), differentiable images.
+
+        With a ``generator``, ``k`` is drawn from it too, so a seed reproduces the whole call; without one, from
+        Python's global ``random`` as TRL did."""
         if truncated_backprop:
             low, high = truncated_rand_backprop_minmax
-            k = random.randint(low, high) if truncated_backprop_rand else truncated_backprop_timestep
+            k = (_draw_step(low, high, kwargs.get("generator")) if truncated_backprop_rand
+                 else truncated_backprop_timestep)
         else:
             k = 0
         grad_steps = [i >= k for i in range(num_inference_steps)]

@@ -40,5 +40,16 @@ def train_from_config(path: str | os.PathLike | None, overrides: Sequence[str] =
     if config.push_to_hub:
         url = trainer.push_to_hub(repo_id=trainer.run_name)
         trainer.accelerator.print(f"pushed to {url}")
+    if trainer.accelerator.is_main_process:
+        _write_curves_report(Path(trainer.run_dir))
     trainer.accelerator.print(f"run folder: {trainer.run_dir}\nfine-tuned model: {final}")
     return 0
+
+
+def _write_curves_report(run_dir: Path) -> None:
+    """``report.html`` with the run's curves, metrics and config (no sampling, so it costs nothing); ``diffrl report
+    RUN_DIR`` adds base and fine-tuned samples from the same noise."""
+    from diffrl.evaluate.report import write_report
+
+    path = write_report(run_dir / "report.html", runs={run_dir.name: run_dir}, title=f"Training run {run_dir.name}")
+    print(f"report: {path} (with samples of the base and fine-tuned model: diffrl report {run_dir})")
