@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from diffusers import DDPMPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
 
-from diffrl.pipelines import precision
+from diffrl.pipelines.base import TrainableUNetPolicy
 from diffrl.pipelines.chain import run_chain
 from diffrl.pipelines.loading import load_pipeline
-from diffrl.pipelines.lora import LoraSettings, add_lora, load_lora_state_dict, lora_state_dict
+from diffrl.pipelines.lora import LoraSettings, load_lora_state_dict, lora_state_dict
 from diffrl.pipelines.saved import plan_load, write_model_info
 from diffrl.pipelines.schedule import DenoisingSchedule, SamplerName
 from diffrl.pipelines.types import SampleResult, TextConditioning
@@ -28,7 +27,7 @@ PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
 
-class DDPMPolicy:
+class DDPMPolicy(TrainableUNetPolicy):
     """An unconditional diffusion model in pixel space: no text, no guidance; LoRA or full fine-tuning.
 
     Samples with DDIM (``eta > 0``, default) or the DDPM ancestral step (``sampler="ddpm"``).
@@ -49,22 +48,9 @@ class DDPMPolicy:
         revision: str = "main",
         sampler: SamplerName = "ddim",
     ) -> None:
-        self.pipeline = pipeline
-        self.mixed_precision = mixed_precision
-        self.use_lora = use_lora
-        self.lora = (lora or LoraSettings()) if use_lora else None
-        self.base_model = base_model
-        self.revision = revision
-        self.schedule = DenoisingSchedule.from_scheduler_config(pipeline.scheduler.config, sampler=sampler)
-        self.num_train_timesteps = self.schedule.num_train_timesteps
-        unet = pipeline.unet.eval()
-        if use_lora:
-            add_lora(unet, self.lora)
-        else:
-            unet.requires_grad_(True)
-        self._unet = unet
-        self.unet: torch.nn.Module = unet
-        self.to(device or "cpu", mixed_precision)
+        schedule = DenoisingSchedule.from_scheduler_config(pipeline.scheduler.config, sampler=sampler)
+        self._setup(pipeline, schedule, use_lora=use_lora, lora=lora, mixed_precision=mixed_precision, device=device,
+                    base_model=base_model, revision=revision)
 
     @classmethod
     def from_pretrained(
@@ -97,24 +83,7 @@ class DDPMPolicy:
         state = {k.removeprefix(_PEFT_PREFIX): v for k, v in load_file(file).items()}
         load_lora_state_dict(self._unet, state, os.fspath(source))
 
-    def to(self, device: torch.device | str | None = None, mixed_precision: str | None = None) -> "DDPMPolicy":
-        """Move to ``device`` and/or switch precision (frozen weights half, trainable weights float32)."""
-        self.mixed_precision = mixed_precision or self.mixed_precision
-        device = torch.device(device) if device is not None else self.device
-        precision.place_policy_modules([], self._unet, self.use_lora, device, self.mixed_precision)
-        return self
-
     # ----------------------------------------------------------------- pieces
-    @property
-    def device(self) -> torch.device:
-        return next(self._unet.parameters()).device
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return precision.autocast(self.device, self.mixed_precision)
-
-    def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
-        return (p for p in self._unet.parameters() if p.requires_grad)
-
     def initial_noise(self, batch_size: int, generator=None) -> torch.Tensor:
         config = self._unet.config
         size = config.sample_size

@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from diffusers.utils.torch_utils import randn_tensor
 
-from diffrl.pipelines import precision
+from diffrl.pipelines.base import TrainableUNetPolicy
 from diffrl.pipelines.chain import run_chain
 from diffrl.pipelines.loading import load_pipeline
-from diffrl.pipelines.lora import LoraSettings, add_lora, load_lora_state_dict, lora_state_dict
+from diffrl.pipelines.lora import LoraSettings, load_lora_state_dict, lora_state_dict
 from diffrl.pipelines.saved import plan_load, write_model_info
 from diffrl.pipelines.schedule import DenoisingSchedule
 from diffrl.pipelines.types import SampleResult, TextConditioning
 from diffrl.samplers import StepOutput
 
 
-class StableDiffusionPolicy:
+class StableDiffusionPolicy(TrainableUNetPolicy):
     """A text-to-image latent diffusion model sampled with DDIM (``eta > 0``) as a Gaussian policy.
 
     Classifier-free guidance (Ho & Salimans 2022) when ``guidance_scale > 1``; trains LoRA adapters (PEFT)
@@ -43,23 +42,10 @@ class StableDiffusionPolicy:
         base_model: str | None = None,
         revision: str = "main",
     ) -> None:
-        self.pipeline = pipeline
         pipeline.safety_checker = None
-        self.mixed_precision = mixed_precision
-        self.use_lora = use_lora
-        self.lora = (lora or LoraSettings()) if use_lora else None
-        self.base_model = base_model
-        self.revision = revision
-        self.schedule = DenoisingSchedule.from_scheduler_config(pipeline.scheduler.config)
-        self.num_train_timesteps = self.schedule.num_train_timesteps
-        unet = pipeline.unet.eval()
-        if use_lora:
-            add_lora(unet, self.lora)
-        else:
-            unet.requires_grad_(True)
-        self._unet = unet
-        self.to(device or "cpu", mixed_precision)
-        self.unet: torch.nn.Module = unet  # may be replaced by a distributed wrapper (accelerate.prepare)
+        schedule = DenoisingSchedule.from_scheduler_config(pipeline.scheduler.config)
+        self._setup(pipeline, schedule, use_lora=use_lora, lora=lora, mixed_precision=mixed_precision, device=device,
+                    base_model=base_model, revision=revision)
         self.vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
 
     # ----------------------------------------------------------------- loading
@@ -98,28 +84,13 @@ class StableDiffusionPolicy:
             raise ValueError(f"'{source}' holds no UNet LoRA weights (keys: {list(state)[:3]}).")
         load_lora_state_dict(self._unet, convert_unet_state_dict_to_peft(unet_state), os.fspath(source))
 
-    def to(self, device: torch.device | str | None = None, mixed_precision: str | None = None) -> "StableDiffusionPolicy":
-        """Move to ``device`` and/or switch precision (frozen weights half, trainable weights float32)."""
-        self.mixed_precision = mixed_precision or self.mixed_precision
-        device = torch.device(device) if device is not None else self.device
-        precision.place_policy_modules([self.pipeline.vae, self.pipeline.text_encoder], self._unet, self.use_lora,
-                                       device, self.mixed_precision)
-        return self
+    def _frozen_modules(self) -> list[torch.nn.Module]:
+        return [self.pipeline.vae, self.pipeline.text_encoder]
 
     # ----------------------------------------------------------------- pieces
     @property
-    def device(self) -> torch.device:
-        return next(self._unet.parameters()).device
-
-    @property
     def tokenizer(self):
         return self.pipeline.tokenizer
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return precision.autocast(self.device, self.mixed_precision)
-
-    def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
-        return (p for p in self._unet.parameters() if p.requires_grad)
 
     def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str] | str | None = None,
                        guidance: bool = True) -> TextConditioning:
