@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -215,6 +216,13 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _finite_points(s: dict) -> dict:
+    """``s`` without the points where the value or its band is not finite."""
+    keys = ("xs", "ys", "lo", "hi")
+    kept = [p for p in zip(*(s[k] for k in keys)) if all(math.isfinite(v) for v in p)]
+    return {**s, **{k: [p[i] for p in kept] for i, k in enumerate(keys)}}
+
+
 def multi_line_plot(series: list[dict], path: Path, *, title: str, xlabel: str, ylabel: str,
                     y_range: tuple[float | None, float | None] | None = None, size: tuple[int, int] = (560, 360)) -> Path:
     """Several lines (``{"label", "color", "xs", "ys", "lo", "hi"}``, band lo..hi) with a legend, via Pillow;
@@ -226,10 +234,12 @@ def multi_line_plot(series: list[dict], path: Path, *, title: str, xlabel: str, 
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     d.text((left, 8), title, fill="black")
-    xs = [x for s in series for x in s["xs"]]
+    # Undefined points (nan: e.g. the diversity of the 3s when a run drew fewer than two) are left out.
+    series = [_finite_points(s) for s in series]
+    xs = [x for s in series for x in s["xs"]] or [0.0]
     lo, hi = y_range or (None, None)
-    lo = min(v for s in series for v in s["lo"]) if lo is None else lo
-    hi = max(v for s in series for v in s["hi"]) if hi is None else hi
+    lo = min((v for s in series for v in s["lo"]), default=0.0) if lo is None else lo
+    hi = max((v for s in series for v in s["hi"]), default=1.0) if hi is None else hi
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
     x0, x1 = min(xs), max(max(xs), min(xs) + 1)
@@ -332,7 +342,7 @@ def main(argv=None) -> int:
         return 0
 
     sys.path.insert(0, str(HERE))
-    from throughput import machine
+    from common import machine
 
     started, info = time.time(), machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, load average {info['load_average_at_start']}", flush=True)

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,19 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import build_tiny_sd, machine, peak_rss_mb, rss_mb
+
 HERE = Path(__file__).resolve().parent
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
 def _brightness(images, prompts, metadata):
@@ -66,7 +54,11 @@ def _trainer_kwargs(args) -> dict:
 
 
 def _diffrl_trainer(args, logdir: str):
-    from diffrl import AlignPropConfig, AlignPropTrainer, DefaultDDPOStableDiffusionPipeline
+    from diffrl import (
+        AlignPropConfig,
+        AlignPropTrainer,
+        DefaultDDPOStableDiffusionPipeline,
+    )
 
     config = AlignPropConfig(logdir=logdir, run_name="bench", gradient_checkpointing=args.checkpointing == "on",
                              **_trainer_kwargs(args))
@@ -81,7 +73,11 @@ def _trl_trainer(args, logdir: str):
     from accelerate import PartialState
 
     PartialState()  # TRL's pipeline logs through accelerate when the model has no LoRA file, which fails before this
-    from trl import AlignPropConfig, AlignPropTrainer, DefaultDDPOStableDiffusionPipeline
+    from trl import (
+        AlignPropConfig,
+        AlignPropTrainer,
+        DefaultDDPOStableDiffusionPipeline,
+    )
 
     checkpointing = args.checkpointing == "on"
 
@@ -102,46 +98,18 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as logdir:
         trainer = (_diffrl_trainer if args.impl == "diffrl" else _trl_trainer)(args, logdir)
-        rss_before, peak_before = _rss_mb(), _peak_rss_mb()  # the model and trainer are set up; no epoch yet
+        rss_before, peak_before = rss_mb(), peak_rss_mb()  # the model and trainer are set up; no epoch yet
         step, times = 0, []
         step = trainer.step(0, step)  # warm-up
         for epoch in range(1, args.epochs + 1):
             start = time.perf_counter()
             step = trainer.step(epoch, step)
             times.append(time.perf_counter() - start)
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     print(json.dumps({"impl": args.impl, "checkpointing": args.checkpointing, "epoch_s": times,
                       "epoch_s_median": statistics.median(times), "peak_rss_mb": peak,
                       "rss_before_training_mb": rss_before, "peak_before_training_mb": peak_before,
                       "training_peak_mb": peak - rss_before, "torch": torch.__version__}))
-
-
-def build_model(directory: Path, latent: int) -> Path:
-    """diffrl's tiny Stable Diffusion, sampling at ``latent`` x ``latent`` latents (the same weights, any size)."""
-    from diffrl.testing.models import build_tiny_stable_diffusion
-    from diffrl.testing.tokenizer import make_clip_tokenizer
-
-    pipe = build_tiny_stable_diffusion(0)
-    pipe.unet.register_to_config(sample_size=latent)
-    pipe.vae.register_to_config(sample_size=latent * 2)
-    pipe.save_pretrained(directory)
-    # The same vocabulary again, with vocab.json/merges.txt beside tokenizer.json: older transformers (TRL 0.23's)
-    # load the slow CLIPTokenizer from those files.
-    make_clip_tokenizer(directory / "tokenizer", model_max_length=pipe.tokenizer.model_max_length)
-    return directory
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "load_average_at_start": os.getloadavg()}
 
 
 def main(argv=None) -> int:
@@ -168,7 +136,7 @@ def main(argv=None) -> int:
     impls = [("diffrl", sys.executable)] + ([("trl", args.trl_python)] if args.trl_python else [])
     results, started = [], time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_model(Path(tmp) / "tiny-sd", args.latent)
+        model = build_tiny_sd(Path(tmp) / "tiny-sd", args.latent)
         for impl, python in impls:
             for checkpointing in ("on", "off"):
                 cmd = [python, __file__, "--child", impl, "--checkpointing", checkpointing, "--model", str(model),

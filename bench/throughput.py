@@ -49,8 +49,6 @@ import argparse
 import io
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -58,43 +56,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import build_tiny_sd, machine, peak_rss_mb, rss_mb, versions
+
 HERE = Path(__file__).resolve().parent
 WORKLOADS = ("ddpo", "alignprop")
-
-
-# ---------------------------------------------------------------------------------------------- machine
-
-
-def _versions() -> dict:
-    """Versions of the libraries this process runs with (the TRL venv's differ from diffrl's)."""
-    out = {}
-    for name in ("torch", "diffusers", "transformers", "accelerate", "peft", "trl", "diffrl"):
-        try:
-            out[name] = __import__(name).__version__
-        except (ImportError, AttributeError):
-            out[name] = None
-    return out
-
-
-def machine() -> dict:
-    """CPU model, cores, RAM, GPU, Python, torch/diffusers versions and load average of this machine."""
-    import torch
-
-    cpu, ram_gb = "unknown", None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram_gb = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    versions = {k: v for k, v in _versions().items() if k not in ("trl", "diffrl")}
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": ram_gb, "gpu": gpu, "python": platform.python_version(),
-            "platform": platform.platform(), **versions, "load_average_at_start": os.getloadavg()}
 
 
 # ---------------------------------------------------------------------------------------------- rewards and prompts
@@ -161,8 +126,13 @@ def _alignprop_fields(args) -> dict:
 
 
 def _diffrl_trainer(args, logdir: str, reward):
-    from diffrl import (AlignPropConfig, AlignPropTrainer, DDPOConfig, DDPOTrainer,
-                        DefaultDDPOStableDiffusionPipeline)
+    from diffrl import (
+        AlignPropConfig,
+        AlignPropTrainer,
+        DDPOConfig,
+        DDPOTrainer,
+        DefaultDDPOStableDiffusionPipeline,
+    )
 
     pipeline = DefaultDDPOStableDiffusionPipeline(args.model, use_lora=True)
     if args.workload == "ddpo":
@@ -180,7 +150,13 @@ def _trl_trainer(args, logdir: str, reward):
     from accelerate import PartialState
 
     PartialState(cpu=args.device == "cpu")  # TRL's pipeline logs through accelerate before any Accelerator exists
-    from trl import AlignPropConfig, AlignPropTrainer, DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
+    from trl import (
+        AlignPropConfig,
+        AlignPropTrainer,
+        DDPOConfig,
+        DDPOTrainer,
+        DefaultDDPOStableDiffusionPipeline,
+    )
 
     # TRL wires no output folder into accelerate, so its save_state() raises (REFERENCE.md defect 1).
     project = {"project_dir": logdir, "automatic_checkpoint_naming": True}
@@ -190,18 +166,6 @@ def _trl_trainer(args, logdir: str, reward):
         return DDPOTrainer(config, reward, prompt, pipeline), "_generate_samples"
     config = AlignPropConfig(project_kwargs=project, **_common(args, logdir), **_alignprop_fields(args))
     return AlignPropTrainer(config, reward, prompt, pipeline), "_generate_samples"
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
 def _page_in(pipeline) -> None:
@@ -249,7 +213,7 @@ def child(args) -> None:
                    else args.ap_batch * args.ap_accumulation)
         _page_in(trainer.sd_pipeline)
         sync()
-        rss_before = _rss_mb()  # the model and trainer are set up, its weights resident; no epoch yet
+        rss_before = rss_mb()  # the model and trainer are set up, its weights resident; no epoch yet
         alloc_before = torch.cuda.memory_allocated() / 2**20 if cuda else None
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -268,14 +232,14 @@ def child(args) -> None:
                            "training_s": total - sampling_s - reward_s, "samples_per_s": samples / total})
         own = {k: v for k, v in getattr(trainer, "last_metrics", {}).items() if k.startswith("perf/")}
     result = {"impl": args.impl, "workload": args.workload, "samples_per_epoch": samples, "epochs": epochs,
-              "load_average_start": load_start, "load_average_end": os.getloadavg(), "versions": _versions()}
+              "load_average_start": load_start, "load_average_end": os.getloadavg(), "versions": versions()}
     for key in ("epoch_s", "sampling_s", "reward_s", "training_s", "samples_per_s"):
         result[key] = statistics.median(e[key] for e in epochs)
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
         result.update(peak_memory_mb=peak, training_peak_mb=peak - alloc_before, memory="cuda max_memory_allocated")
     else:
-        peak = _peak_rss_mb()
+        peak = peak_rss_mb()
         result.update(peak_memory_mb=peak, training_peak_mb=peak - rss_before, memory="RSS",
                       rss_before_training_mb=rss_before)
     if own:
@@ -286,27 +250,18 @@ def child(args) -> None:
 # ---------------------------------------------------------------------------------------------- models
 
 
-def build_tiny(directory: Path, latent: int) -> Path:
-    """diffrl's tiny Stable Diffusion, sampling at ``latent`` x ``latent`` latents (the same weights, any size)."""
-    from diffrl.testing.models import build_tiny_stable_diffusion
-    from diffrl.testing.tokenizer import make_clip_tokenizer
-
-    pipe = build_tiny_stable_diffusion(0)
-    pipe.unet.register_to_config(sample_size=latent)
-    pipe.vae.register_to_config(sample_size=latent * 2)
-    pipe.save_pretrained(directory)
-    # vocab.json/merges.txt beside tokenizer.json: TRL's transformers 4.x loads the slow CLIPTokenizer from them.
-    make_clip_tokenizer(directory / "tokenizer", model_max_length=pipe.tokenizer.model_max_length)
-    return directory
-
-
 def build_sd15_random(directory: Path, latent: int) -> Path:
     """Stable Diffusion 1.5's architecture with random weights (``runwayml/stable-diffusion-v1-5``'s configs,
     written out here; no download). The text encoder is CLIP ViT-L/14's text tower (12 layers, width 768,
     77 positions) over diffrl's small generated vocabulary instead of CLIP's 49,408 tokens: only the size of
     the embedding table differs, which no step of the benchmark scales with."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from diffrl.testing.tokenizer import make_clip_tokenizer
@@ -419,7 +374,7 @@ def main(argv=None) -> int:
     impls = [("diffrl", sys.executable)] + ([("trl", args.trl_python)] if args.trl_python else [])
     results, started = [], time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        model = (build_sd15_random if args.sd15_random else build_tiny)(Path(tmp) / "model", args.latent)
+        model = (build_sd15_random if args.sd15_random else build_tiny_sd)(Path(tmp) / "model", args.latent)
         for workload in args.workloads:
             for impl, python in impls:
                 cmd = [python, __file__, "--child", impl, "--workload", workload, "--model", str(model),

@@ -1,0 +1,73 @@
+"""What the benchmarks share: a description of the machine, memory readings, and the tiny Stable Diffusion.
+
+The benchmark scripts run as ``python bench/<name>.py``, so this folder is on ``sys.path`` and they
+``import common``; their child processes (TRL's among them) import it the same way, so nothing here imports
+diffrl at module level.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+from pathlib import Path
+
+
+def versions() -> dict:
+    """Versions of the libraries this process runs with (the TRL venv's differ from diffrl's)."""
+    out = {}
+    for name in ("torch", "diffusers", "transformers", "accelerate", "peft", "trl", "diffrl"):
+        try:
+            out[name] = __import__(name).__version__
+        except (ImportError, AttributeError):
+            out[name] = None
+    return out
+
+
+def machine() -> dict:
+    """CPU model, cores, RAM, GPU, Python, torch/diffusers versions and load average of this machine."""
+    import torch
+
+    cpu, ram_gb = "unknown", None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram_gb = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    libraries = {k: v for k, v in versions().items() if k not in ("trl", "diffrl")}
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": ram_gb, "gpu": gpu, "python": platform.python_version(),
+            "platform": platform.platform(), **libraries, "load_average_at_start": os.getloadavg()}
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now, in MB (Linux)."""
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """High-water mark of this process's resident memory, in MB (``ru_maxrss`` is in kilobytes on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_tiny_sd(directory: Path, latent: int) -> Path:
+    """diffrl's tiny Stable Diffusion, sampling at ``latent`` x ``latent`` latents (the same weights, any size)."""
+    from diffrl.testing.models import build_tiny_stable_diffusion
+    from diffrl.testing.tokenizer import make_clip_tokenizer
+
+    pipe = build_tiny_stable_diffusion(0)
+    pipe.unet.register_to_config(sample_size=latent)
+    pipe.vae.register_to_config(sample_size=latent * 2)
+    pipe.save_pretrained(directory)
+    # vocab.json/merges.txt beside tokenizer.json: TRL's transformers 4.x loads the slow CLIPTokenizer from them.
+    make_clip_tokenizer(directory / "tokenizer", model_max_length=pipe.tokenizer.model_max_length)
+    return directory

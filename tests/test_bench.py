@@ -1,0 +1,41 @@
+"""The benchmark commands keep running: each on a minimal setting (diffrl only; TRL needs its own venv).
+
+Only that they finish and record well-formed figures is checked here; the figures themselves are measured by
+the commands in docs/benchmarks.md, never asserted as timings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _run(script: str, *args: str, out: Path) -> dict:
+    done = subprocess.run([sys.executable, str(BENCH / script), *args, "--out", str(out)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_throughput_bench_records_each_phase(tmp_path):
+    record = _run("throughput.py", "--workloads", "ddpo", "alignprop", "--latent", "8", "--steps", "2",
+                  "--sample-batch", "2", "--sample-batches", "2", "--train-batch", "2", "--ap-batch", "1",
+                  "--ap-accumulation", "1", "--epochs", "1", out=tmp_path / "throughput.json")
+    assert record["command"].startswith("python bench/throughput.py") and record["machine"]["cores"] >= 1
+    assert [(r["impl"], r["workload"]) for r in record["results"]] == [("diffrl", "ddpo"), ("diffrl", "alignprop")]
+    for r in record["results"]:
+        assert "error" not in r
+        for key in ("epoch_s", "sampling_s", "training_s", "samples_per_s", "peak_memory_mb"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r[key])
+
+
+def test_alignprop_memory_bench_compares_checkpointing(tmp_path):
+    record = _run("alignprop_memory.py", "--steps", "2", "--latent", "8", "--epochs", "1",
+                  out=tmp_path / "alignprop_memory.json")
+    assert [(r["impl"], r["checkpointing"]) for r in record["results"]] == [("diffrl", "on"), ("diffrl", "off")]
+    assert all(r["epoch_s_median"] > 0 and r["peak_rss_mb"] > 0 for r in record["results"])
