@@ -192,3 +192,18 @@ def test_temp_dir_tag_lets_processes_share_one_save(tmp_path: Path) -> None:
     (shared / "rank1.txt").write_text("1")  # written by another rank before the main one commits
     ckpt.commit(shared, target, {"epoch": 4})
     assert entries(target) == [MARKER, "rank1.txt"] and find_latest(target) == target
+
+
+def test_write_text_atomically_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    target = tmp_path / "sub" / "report.html"
+    ckpt.write_text_atomically(target, "first")
+    assert target.read_text() == "first"
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.write_text_atomically(target, "second")
+    monkeypatch.undo()
+    assert target.read_text() == "first" and sorted(p.name for p in target.parent.iterdir()) == ["report.html"]

@@ -196,6 +196,20 @@ def save_atomically(target_dir: str | os.PathLike[str], write_fn: Callable[[Path
         raise
 
 
+def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` (its folder created) through a hidden sibling and a rename, so a failure never
+    leaves a truncated file over an earlier one. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 # ---- listing, rotation, resume ------------------------------------------------------------------
 
 

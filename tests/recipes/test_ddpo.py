@@ -122,6 +122,24 @@ def test_checkpoints_are_rotated(tiny_ddpm_path, tmp_path):
     assert names == ["checkpoint_1", "checkpoint_2"]
 
 
+def test_a_failed_save_leaves_no_partial_result(tiny_ddpm_path, tmp_path, monkeypatch):
+    trainer = DDPOTrainer(_config(tmp_path), brightness, lambda: ("", {}), DefaultDDPODDPMPipeline(tiny_ddpm_path))
+    policy_save = type(trainer.policy).save_pretrained
+
+    def fail_halfway(self, directory):
+        policy_save(self, directory)  # the weights are written, then the disk fills up
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(type(trainer.policy), "save_pretrained", fail_halfway)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_pretrained(str(tmp_path / "out" / "final"))
+    assert list((tmp_path / "out").iterdir()) == []  # neither a half 'final' nor the temporary folder
+    monkeypatch.undo()
+    trainer.save_pretrained(str(tmp_path / "out" / "final"))
+    assert {"adapter_model.safetensors", "diffrl_model.json", "README.md"} <= {
+        p.name for p in (tmp_path / "out" / "final").iterdir()}
+
+
 def test_async_rewards_give_the_same_run(tiny_ddpm_path, tmp_path):
     results = []
     for run_async in (False, True):

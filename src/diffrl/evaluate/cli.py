@@ -226,6 +226,7 @@ def _unique(names: list[str]) -> list[str]:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from diffrl.checkpoint import write_text_atomically
     from diffrl.evaluate.compare import ModelSource, evaluate_models
     from diffrl.evaluate.features import image_features
     from diffrl.evaluate.inputs import EvaluationError, build_rewards, collect_prompts, reward_options
@@ -295,8 +296,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         runs[Path(run).name] = Path(run)
     results = evaluation.to_dict(files)
     results["run_dirs"] = {k: str(v) for k, v in runs.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    write_text_atomically(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
     arguments = {k: v for k, v in vars(args).items() if k not in ("func", "command", "num_seeds")}
     config = {"arguments": {**arguments, "seeds": seeds}, "models": results["models"], "rewards": results["rewards"],
               "settings": results["settings"]}

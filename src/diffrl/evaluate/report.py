@@ -308,15 +308,9 @@ def write_report(path: str | os.PathLike, *, evaluation: Evaluation | None = Non
                  title: str | None = None, config: str | Mapping[str, Any] | None = None) -> Path:
     """Write :func:`build_report`'s page to ``path`` (its folder is created, the file replaced atomically);
     returns the path."""
-    text = build_report(evaluation=evaluation, runs=runs, title=title, config=config)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed: a failure never leaves a truncated report over an earlier one.
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
-                                     suffix=".tmp", delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
-    return path
+    from diffrl.checkpoint import write_text_atomically
+
+    return write_text_atomically(path, build_report(evaluation=evaluation, runs=runs, title=title, config=config))
 
 
 def text_summary(evaluation: Evaluation) -> str:

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from diffrl.checkpoint import write_text_atomically
 from diffrl.config import load_config
 from diffrl.presets import preset_path
 from diffrl.recipes.artifacts import image_grid, reward_curve
@@ -77,7 +78,7 @@ def run_quickstart(overrides: Sequence[str] = ()) -> int:
         "epochs": config.num_epochs, "seconds": round(seconds, 1), "run_dir": str(run_dir),
         "model": str(final), "report": str(report),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_text_atomically(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     _print_summary(summary)
     return 0
 

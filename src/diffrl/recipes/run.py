@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -302,11 +303,28 @@ def optimizer_step(accelerator: Accelerator, params: list[torch.nn.Parameter], o
 
 def save_result(accelerator: Accelerator, policy, config: SharedConfig, metrics: dict[str, float], trainer: str,
                 directory: str | os.PathLike) -> None:
-    """Write the fine-tuned model (LoRA weights or a full pipeline) and a model card; all processes call it."""
+    """Write the fine-tuned model (LoRA weights or a full pipeline) and a model card; all processes call it.
+
+    A new folder is written under a hidden sibling name and renamed when complete, so a failure mid-save never
+    leaves a partial result that looks finished; an existing folder is written into, as diffusers does."""
     if accelerator.is_main_process:
         path = Path(directory)
-        policy.save_pretrained(path)
-        write_model_card(path, config, metrics, trainer, policy.base_model)
+
+        def write(folder: Path) -> None:
+            policy.save_pretrained(folder)
+            write_model_card(folder, config, metrics, trainer, policy.base_model)
+
+        if path.exists():
+            write(path)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                write(tmp)
+                os.replace(tmp, path)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
