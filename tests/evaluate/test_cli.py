@@ -96,3 +96,24 @@ def test_report_for_a_training_run(lora_run, tmp_path, capsys):
     assert "Samples from the same noise" not in (tmp_path / "n.html").read_text()
     assert main(["report", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_evaluate_measures_diversity_with_the_clip_of_a_clip_reward(tiny_sd_path, tmp_path):
+    from diffrl import rewards
+    from diffrl.evaluate.features import ClipFeatures, PixelFeatures, image_features
+    from diffrl.testing.rewards import make_tiny_clip
+
+    clip = str(make_tiny_clip(tmp_path / "clip"))
+    scored = {"jpeg_compressibility": rewards.load("jpeg_compressibility"),
+              "clip_score": rewards.load("clip_score", model=clip)}
+    assert isinstance(image_features("auto", {"jpeg_compressibility": scored["jpeg_compressibility"]}), PixelFeatures)
+    assert isinstance(image_features("pixels", scored), PixelFeatures)
+    auto = image_features("auto", scored)
+    assert isinstance(auto, ClipFeatures) and auto.model == clip and auto.processor == clip
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--base", tiny_sd_path, "--reward", "clip_score", "--reward-option",
+                 f"clip_score.model={json.dumps(clip)}", "--prompts", "a cat", "a dog", "--num-seeds", "3",
+                 "--steps", "2", "--no-images", "--out", str(out)]) == 0
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert settings["features"] == f"clip:{clip}" and settings["feature_metric"] == "cosine"
+    assert "diversity (clip:" in (out / "report.html").read_text()

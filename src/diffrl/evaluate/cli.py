@@ -29,7 +29,8 @@ Every model samples every (prompt, seed) from the same initial noise and per-ste
 scored by every reward (the one trained on and held-out ones: a trained reward that rises while the others
 fall is reward hacking). Reports mean ± standard error per reward, per prompt and per split (train and
 --heldout-* prompts), the paired difference to the base model, and the diversity of each prompt's images
-(mean pairwise distance of CLIP image embeddings with --clip-model, of pixels otherwise; 0 = mode collapse).
+(mean pairwise distance of CLIP image embeddings -- those of --clip-model, or by default of the CLIP model of
+an evaluated aesthetic/clip_score/pickscore reward -- and of pixels otherwise; 0 = mode collapse).
 Writes results.json, report.html (self-contained) and images/<model>/p<prompt>_s<seed>.png to --out.
 
 examples:
@@ -243,7 +244,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     seeds = _seeds(args)
     options = reward_options(args.reward, args.reward_option)
     rewards = build_rewards(args.reward, options)
-    features = image_features(args.clip_model)
+    features = image_features(args.clip_model, rewards)
     sources = [args.base, *args.model]
     for setting, source in zip(["--base"] + ["--model"] * len(args.model), sources):
         _check_source(source, setting)
@@ -326,8 +327,10 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
                          help="reward option, repeatable; values read as JSON (e.g. digit.digit=7)")
     scoring.add_argument("--trained-reward", default=None, metavar="NAME",
                          help="which --reward the models were trained on (the others are labelled held-out)")
-    scoring.add_argument("--clip-model", default=None, metavar="PATH_OR_ID",
-                         help="CLIP model for diversity features (default: pixels)")
+    scoring.add_argument("--clip-model", default="auto", metavar="PATH_OR_ID",
+                         help="CLIP model whose image embeddings diversity is measured on; 'pixels' for pixels "
+                              "(default: auto, the CLIP model of an evaluated aesthetic, clip_score or pickscore "
+                              "reward, else pixels)")
     _add_prompt_args(parser, heldout=True)
     _add_sampling_args(parser)
     output = parser.add_argument_group("output")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 import torch
 
@@ -35,14 +35,16 @@ class PixelFeatures:
 class ClipFeatures:
     """CLIP image embeddings (``visual_projection`` of the vision tower's pooled output), compared by cosine distance.
 
-    ``model`` is a Hub id or a folder written by ``CLIPModel.save_pretrained`` with its image-processor config
-    (e.g. ``openai/clip-vit-large-patch14``); it loads on first use, onto the images' device.
+    ``model`` is a Hub id or a folder written by ``CLIPModel.save_pretrained`` (e.g.
+    ``openai/clip-vit-large-patch14``); its image-processor config comes from ``processor`` (default: ``model``).
+    Both load on first use, onto the images' device.
     """
 
     metric: DistanceMetric = "cosine"
 
-    def __init__(self, model: str, *, setting: str = "--clip-model") -> None:
+    def __init__(self, model: str, *, processor: str | None = None, setting: str = "--clip-model") -> None:
         self.model = model
+        self.processor = processor or model
         self.setting = setting
         self.name = f"clip:{model}"
         self._clip: Any = None
@@ -55,7 +57,7 @@ class ClipFeatures:
 
         try:
             clip = CLIPModel.from_pretrained(self.model)
-            processor = AutoImageProcessor.from_pretrained(self.model)
+            processor = AutoImageProcessor.from_pretrained(self.processor)
         except (OSError, ValueError) as err:
             raise FeatureError(
                 f"{self.setting} {self.model!r} could not be loaded as a CLIP model with its image processor ({err}). "
@@ -77,6 +79,36 @@ class ClipFeatures:
         return embeddings.float().cpu()
 
 
-def image_features(clip_model: str | None) -> ImageFeatures:
-    """CLIP features for ``clip_model``, or pixels when it is ``None``."""
-    return ClipFeatures(clip_model) if clip_model else PixelFeatures()
+AUTO = "auto"
+PIXELS = "pixels"
+
+
+def reward_clip(rewards: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    """``(reward name, CLIP model, image processor)`` of the first evaluated reward built on a CLIP model
+    (``aesthetic``: its ``clip_model``; ``clip_score``/``pickscore``: their ``model`` and ``processor``)."""
+    from diffrl.rewards.aesthetic import AestheticScore
+    from diffrl.rewards.clip import ClipSimilarity
+
+    for name, reward in rewards.items():
+        if isinstance(reward, AestheticScore):
+            return name, reward.clip_model, reward.clip_model
+        if isinstance(reward, ClipSimilarity):
+            return name, reward.model, reward.processor
+    return None
+
+
+def image_features(clip_model: str | None = AUTO, rewards: Mapping[str, Any] | None = None) -> ImageFeatures:
+    """The features diversity is measured on.
+
+    ``clip_model``: a CLIP Hub id or folder; ``"pixels"`` (or ``None``) for pixels; ``"auto"``: the CLIP model of a
+    CLIP-based reward among ``rewards`` when there is one (it is a CLIP model the user has), else pixels.
+    """
+    if clip_model in (None, PIXELS):
+        return PixelFeatures()
+    if clip_model == AUTO:
+        found = reward_clip(rewards or {})
+        if found is None:
+            return PixelFeatures()
+        name, model, processor = found
+        return ClipFeatures(model, processor=processor, setting=f"the CLIP model of reward '{name}'")
+    return ClipFeatures(clip_model)
