@@ -117,3 +117,36 @@ def test_evaluate_measures_diversity_with_the_clip_of_a_clip_reward(tiny_sd_path
     settings = json.loads((out / "results.json").read_text())["settings"]
     assert settings["features"] == f"clip:{clip}" and settings["feature_metric"] == "cosine"
     assert "diversity (clip:" in (out / "report.html").read_text()
+
+
+def test_evaluate_loads_training_checkpoints(tiny_ddpm_path, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"""
+trainer: ddpo
+model: {tiny_ddpm_path}
+reward: jpeg_compressibility
+mixed_precision: "no"
+num_epochs: 2
+sample_num_steps: 2
+sample_batch_size: 2
+sample_num_batches_per_epoch: 1
+train_batch_size: 2
+train_learning_rate: 0.01
+logdir: {tmp_path / 'logs'}
+run_name: run
+""")
+    assert main(["train", str(config)]) == 0
+    run = tmp_path / "logs" / "run"
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--base", tiny_ddpm_path, "--model", str(run / "checkpoints" / "checkpoint_0"),
+                 "--model", str(run / "checkpoints" / "checkpoint_1"), "--model", str(run / "final"),
+                 "--reward", "jpeg_compressibility", "--num-seeds", "3", "--steps", "2", "--no-images",
+                 "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [(m["name"], m.get("checkpoint_epoch"), m["lora"]) for m in results["models"][1:]] == [
+        ("run/checkpoint_0", 0, True), ("run/checkpoint_1", 1, True), ("run/final", None, True)]
+    per_image = {m: [s["rewards"]["jpeg_compressibility"] for s in results["samples"][m]]
+                 for m in ("base", "run/checkpoint_0", "run/checkpoint_1", "run/final")}
+    assert per_image["run/checkpoint_1"] == per_image["run/final"]  # the last checkpoint is the final model
+    assert per_image["run/checkpoint_0"] != per_image["run/final"] != per_image["base"]
+    assert results["run_dirs"] == {"run/checkpoint_0": str(run)}  # the run's curves once

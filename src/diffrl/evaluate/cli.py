@@ -195,8 +195,8 @@ def add_sample_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("sample", help="generate images from a base model or a fine-tuned result",
                                    description=SAMPLE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", metavar="MODEL",
-                        help="Hub id, diffusers folder, single-file checkpoint, diffrl result (LoRA or full) "
-                             "or run folder")
+                        help="Hub id, diffusers folder, single-file checkpoint, diffrl result (LoRA or full), "
+                             "run folder (its final/) or training checkpoint (RUN/checkpoints/checkpoint_N)")
     parser.add_argument("--base", default=None,
                         help="base model for a LoRA result (default: the base it records)")
     parser.add_argument("--revision", default="main", help="Hub revision of MODEL (default: main)")
@@ -213,6 +213,8 @@ def _default_name(source: str) -> str:
     path = Path(source)
     if path.name in ("final", "best", "final_merged") and path.parent.name:
         return f"{path.parent.name}/{path.name}"
+    if path.parent.name == "checkpoints" and path.parent.parent.name:
+        return f"{path.parent.parent.name}/{path.name}"
     return path.name or source
 
 
@@ -291,7 +293,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     runs = {}
     for name, source in zip(names[1:], args.model):
         run = run_folder_of(resolve_model_path(source))
-        if run is not None:
+        if run is not None and run not in runs.values():  # a run's final/ and its checkpoints share one curve
             runs[name] = run
     for run in args.run_dir:
         runs[Path(run).name] = Path(run)
@@ -315,8 +317,8 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     models.add_argument("--base", required=True, help="the base model (the baseline every result is compared with); "
                                                       "LoRA results are applied to it")
     models.add_argument("--model", action="append", default=[], metavar="RESULT",
-                        help="a fine-tuned result (diffrl LoRA or full result, diffusers folder, or run folder), "
-                             "repeatable")
+                        help="a fine-tuned result (diffrl LoRA or full result, diffusers folder, run folder or "
+                             "training checkpoint RUN/checkpoints/checkpoint_N), repeatable")
     models.add_argument("--name", nargs="+", default=None, help="display names of the --model results, in order")
     models.add_argument("--base-name", default="base", help="display name of the base model (default: base)")
     models.add_argument("--revision", default="main", help="Hub revision of --base (default: main)")

@@ -35,10 +35,27 @@ def resolve_model_path(source: str) -> str:
     return source
 
 
-def run_folder_of(source: str) -> Path | None:
-    """The training run folder a model came from (the parent of ``final/``/``best/`` with ``metrics.jsonl``)."""
+def checkpoint_run(source: str) -> Path | None:
+    """The run folder of a training checkpoint (``<run>/checkpoints/checkpoint_<epoch>``), or ``None`` when
+    ``source`` is not one."""
+    from diffrl import checkpoint as ckpt
+    from diffrl.recipes.run import TRAINABLE_FILE
+
     path = Path(source).expanduser()
-    for candidate in (path, path.parent):
+    if not (path.is_dir() and ckpt.is_complete(path) and (path / TRAINABLE_FILE).is_file()):
+        return None
+    run = path.parent.parent
+    if not (run / "config.yaml").is_file():
+        raise EvaluationError(f"'{source}' is a training checkpoint, but its run folder '{run}' has no config.yaml "
+                              "to read the base model and LoRA settings from; evaluate the run's final/ instead")
+    return run
+
+
+def run_folder_of(source: str) -> Path | None:
+    """The training run folder a model came from (the parent of ``final/``/``best/``, or the run of a checkpoint,
+    with ``metrics.jsonl``)."""
+    path = Path(source).expanduser()
+    for candidate in (path, path.parent, path.parent.parent):
         if candidate.is_dir() and (candidate / "metrics.jsonl").is_file():
             return candidate
     return None
@@ -66,9 +83,12 @@ def load_model(source: str, *, revision: str = "main", base: str | None = None, 
     from diffrl.pipelines.saved import read_model_info
 
     source = resolve_model_path(os.fspath(source))
+    common: dict[str, Any] = {"device": device, "mixed_precision": mixed_precision}
+    run = checkpoint_run(source)
+    if run is not None:
+        return _load_checkpoint(source, run, base, base_revision, common)
     info = read_model_info(source, revision)
     lora = (info or {}).get("lora")
-    common: dict[str, Any] = {"device": device, "mixed_precision": mixed_precision}
     if lora is not None:
         recorded = info.get("base_model")
         base_model = base or recorded
@@ -91,3 +111,31 @@ def load_model(source: str, *, revision: str = "main", base: str | None = None, 
     kind = "ddpm" if not policy.is_conditional else "stable_diffusion"
     return LoadedModel(policy, {"source": source, "kind": kind, "lora": False,
                                 "base_model": (info or {}).get("base_model")})
+
+
+def _load_checkpoint(source: str, run: Path, base: str | None, base_revision: str,
+                     common: dict[str, Any]) -> LoadedModel:
+    """A training checkpoint: the run's base model (or ``base``, when the recorded one has moved) with the run's
+    LoRA settings, then the checkpoint's trainable weights."""
+    from diffrl import checkpoint as ckpt
+    from diffrl.config import load_config
+    from diffrl.pipelines import LoraSettings
+    from diffrl.pipelines.auto import load_policy
+    from diffrl.recipes.build import default_model
+    from diffrl.recipes.run import load_trainable_weights
+
+    config = load_config(run / "config.yaml")
+    recorded = config.model or default_model()
+    base_model = base or recorded
+    if base and not _same_model(base, recorded):
+        print(f"note: loading the checkpoint '{source}' (trained on '{recorded}') onto --base '{base}'",
+              file=sys.stderr)
+    lora = LoraSettings(rank=config.lora_rank, alpha=config.lora_alpha,
+                        target_modules=tuple(config.lora_target_modules)) if config.use_lora else None
+    policy = load_policy(base_model, revision=base_revision if base else config.model_revision,
+                         use_lora=config.use_lora, lora=lora, **common)
+    load_trainable_weights(policy, Path(source))
+    kind = "ddpm" if not policy.is_conditional else "stable_diffusion"
+    epoch = ckpt.read_state(source).get("epoch")
+    return LoadedModel(policy, {"source": source, "kind": kind, "lora": bool(config.use_lora),
+                                "base_model": base_model, "checkpoint_epoch": epoch})

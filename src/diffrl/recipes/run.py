@@ -162,9 +162,9 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, epoch: int,
     return target
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, policy, optimizer, lr_scheduler) -> dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote; returns the saved trainer state."""
-    state = ckpt.read_state(path)
+def load_trainable_weights(policy, path: Path) -> None:
+    """Copy a checkpoint's trainable weights (LoRA adapters or the whole UNet) into ``policy``, which must have
+    been built with the run's model, ``use_lora`` and LoRA settings."""
     unet = getattr(policy, "_unet", policy.unet)
     saved = load_file(path / TRAINABLE_FILE)
     params = dict(unet.named_parameters())
@@ -172,10 +172,16 @@ def load_checkpoint(accelerator: Accelerator, path: Path, policy, optimizer, lr_
     if missing or any(n not in params for n in saved):
         raise ValueError(f"checkpoint {path} does not match this model's trainable weights "
                          f"(missing {missing[:3]}, unexpected {[n for n in saved if n not in params][:3]}); "
-                         "resume with the same model, use_lora and LoRA settings.")
+                         "load it with the same model, use_lora and LoRA settings as its run.")
     with torch.no_grad():
         for name, value in saved.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, policy, optimizer, lr_scheduler) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote; returns the saved trainer state."""
+    state = ckpt.read_state(path)
+    load_trainable_weights(policy, path)
     optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
     lr_scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
     rng_file = path / f"rng_{accelerator.process_index}.pt"
