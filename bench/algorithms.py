@@ -342,7 +342,7 @@ def main(argv=None) -> int:
         return 0
 
     sys.path.insert(0, str(HERE))
-    from common import machine
+    from common import machine, save_record
 
     started, info = time.time(), machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, load average {info['load_average_at_start']}", flush=True)
@@ -397,9 +397,7 @@ def main(argv=None) -> int:
               "curves": {k: curves(ok, k) for k in ("target_share", "reward_mean", "brightness", "diversity",
                                                    "diversity_target")} if ok else {},
               "runs": runs}
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    path = save_record(record, args.out)
     print(f"saved {path}" + (f", {args.plot}, {args.grid}" if ok else ""))
     return 0
 

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import build_tiny_sd, machine, peak_rss_mb, rss_mb
+from common import build_tiny_sd, machine, peak_rss_mb, rss_mb, save_record
 
 HERE = Path(__file__).resolve().parent
 
@@ -161,9 +161,7 @@ def main(argv=None) -> int:
                            "guidance_scale": 5.0, "eta": 1.0, "precision": "fp32", "lora_rank": 4,
                            "timed_epochs": args.epochs, "threads": args.threads},
               "machine": machine(), "wall_s": round(time.time() - started, 1), "results": results}
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    path = save_record(record, args.out)
     print(f"saved {path}")
     return 0
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import save_record
 
 
 def main() -> None:
@@ -55,7 +56,7 @@ def main() -> None:
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
               "load_average": os.getloadavg(), "reward_seconds_per_batch": args.reward_seconds, "batches": args.batches,
               "results": results}
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    save_record(report, args.out)
     print(json.dumps(report, indent=2))
 
 

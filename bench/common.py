@@ -7,6 +7,7 @@ diffrl at module level.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -71,3 +72,11 @@ def build_tiny_sd(directory: Path, latent: int) -> Path:
     # vocab.json/merges.txt beside tokenizer.json: TRL's transformers 4.x loads the slow CLIPTokenizer from them.
     make_clip_tokenizer(directory / "tokenizer", model_max_length=pipe.tokenizer.model_max_length)
     return directory
+
+
+def save_record(record: dict, out: str | os.PathLike) -> Path:
+    """Write a benchmark's record (command, settings, machine, results) as JSON to ``out``; returns the path."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return path

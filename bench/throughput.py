@@ -56,7 +56,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import build_tiny_sd, machine, peak_rss_mb, rss_mb, versions
+from common import build_tiny_sd, machine, peak_rss_mb, rss_mb, save_record, versions
 
 HERE = Path(__file__).resolve().parent
 WORKLOADS = ("ddpo", "alignprop")
@@ -411,9 +411,7 @@ def main(argv=None) -> int:
                            "timed_epochs": args.epochs, "threads": args.threads},
               "machine": dict(info, load_average_at_end=os.getloadavg()), "wall_s": round(time.time() - started, 1),
               "results": results}
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    path = save_record(record, args.out)
     print(f"saved {path}")
     return 0
 
