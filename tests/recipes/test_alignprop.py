@@ -9,6 +9,8 @@ from diffrl import AlignPropConfig, AlignPropTrainer, DefaultDDPODDPMPipeline, D
 from diffrl.config import ConfigError, load_config
 from diffrl.recipes.rewards import RewardError
 
+from .helpers import logged_metrics, trainable_weights
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -33,15 +35,6 @@ def _config(tmp_path, **kw):
                 logdir=str(tmp_path / "logs"), run_name="run", seed=1)
     base.update(kw)
     return AlignPropConfig(**base)
-
-
-def _trainable(trainer):
-    return {n: p.detach().clone() for n, p in trainer.policy._unet.named_parameters() if p.requires_grad}
-
-
-def _metrics(tmp_path, run="run"):
-    lines = (tmp_path / "logs" / run / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
 
 
 class UNetCalls:
@@ -184,7 +177,7 @@ def test_reward_rises_on_a_differentiable_reward(tiny_ddpm_path, tmp_path):
     trainer.train()
     after = _fixed_seed_brightness(trainer)
     assert after > before + 0.1, (before, after)  # about 0.48 -> 0.85
-    metrics = _metrics(tmp_path)
+    metrics = logged_metrics(tmp_path)
     assert [m["epoch"] for m in metrics] == [0, 1, 2, 3]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and trainer.global_step == 4  # one update per epoch
     assert metrics[-1]["reward/mean"] > metrics[0]["reward/mean"]
@@ -244,10 +237,10 @@ def test_resume_matches_an_uninterrupted_run(tiny_sd_path, tmp_path):
     resumed = make("split", resume_from=str(tmp_path / "logs" / "split"))
     assert resumed.first_epoch == 2 and resumed.global_step == interrupted.global_step == 2
     resumed.train()
-    a, b = _trainable(straight), _trainable(resumed)
+    a, b = trainable_weights(straight), trainable_weights(resumed)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
-    last_a, last_b = _metrics(tmp_path, "straight")[-1], _metrics(tmp_path, "split")[-1]
+    last_a, last_b = logged_metrics(tmp_path, "straight")[-1], logged_metrics(tmp_path, "split")[-1]
     for key in last_a:
         if not key.startswith("perf/"):
             assert last_a[key] == pytest.approx(last_b[key], rel=1e-5, abs=1e-7), key
@@ -329,8 +322,8 @@ def test_registered_rewards_a_differentiable_one_trains_the_others_are_refused(t
         with pytest.raises(RewardError, match=f"'{refused.name}' declares differentiable=False"):
             AlignPropTrainer(config, refused, random_prompt, pipe)
     trainer = AlignPropTrainer(config, rewards.load("aesthetic", clip_model=clip, mlp=mlp), random_prompt, pipe)
-    before = _trainable(trainer)
+    before = trainable_weights(trainer)
     trainer.train()
-    after = _trainable(trainer)
+    after = trainable_weights(trainer)
     assert any(float((after[n] - before[n]).abs().max()) > 0 for n in before)
     assert np.isfinite(trainer.last_metrics["reward/mean"])

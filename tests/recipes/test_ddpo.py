@@ -1,4 +1,3 @@
-import json
 import random
 
 import numpy as np
@@ -8,6 +7,8 @@ import torch
 from diffrl import DDPOConfig, DDPOTrainer, DefaultDDPODDPMPipeline, DefaultDDPOStableDiffusionPipeline
 from diffrl.config import ConfigError
 from diffrl.recipes.rewards import RewardError
+
+from .helpers import logged_metrics, trainable_weights
 
 
 def brightness(images, prompts, metadata):
@@ -26,15 +27,6 @@ def _config(tmp_path, **kw):
     return DDPOConfig(**base)
 
 
-def _trainable(trainer):
-    return {n: p.detach().clone() for n, p in trainer.policy._unet.named_parameters() if p.requires_grad}
-
-
-def _metrics(tmp_path, run="run"):
-    lines = (tmp_path / "logs" / run / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
-
-
 @pytest.mark.parametrize("algorithm,extra", [
     ("ddpo_is", {}),
     ("ddpo_sf", {}),
@@ -44,11 +36,11 @@ def _metrics(tmp_path, run="run"):
 def test_each_algorithm_trains_a_ddpm(tiny_ddpm_path, tmp_path, algorithm, extra):
     pipe = DefaultDDPODDPMPipeline(tiny_ddpm_path)
     trainer = DDPOTrainer(_config(tmp_path, algorithm=algorithm, **extra), brightness, lambda: ("", {}), pipe)
-    before = _trainable(trainer)
+    before = trainable_weights(trainer)
     trainer.train()
-    after = _trainable(trainer)
+    after = trainable_weights(trainer)
     assert any((after[n] - before[n]).abs().max() > 0 for n in before)
-    metrics = _metrics(tmp_path)
+    metrics = logged_metrics(tmp_path)
     assert [m["epoch"] for m in metrics] == [0, 1]
     assert {"reward/mean", "reward/std", "loss/policy", "perf/samples_per_s"} <= set(metrics[-1])
     if algorithm.startswith("ddpo"):
@@ -104,10 +96,10 @@ def test_resume_matches_an_uninterrupted_run(tiny_sd_path, tmp_path):
     resumed = make("split", resume_from=str(tmp_path / "logs" / "split"))
     assert resumed.first_epoch == 2 and resumed.global_step == interrupted.global_step
     resumed.train()
-    a, b = _trainable(straight), _trainable(resumed)
+    a, b = trainable_weights(straight), trainable_weights(resumed)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
-    last_a, last_b = _metrics(tmp_path, "straight")[-1], _metrics(tmp_path, "split")[-1]
+    last_a, last_b = logged_metrics(tmp_path, "straight")[-1], logged_metrics(tmp_path, "split")[-1]
     for key in last_a:
         if not key.startswith("perf/"):
             assert last_a[key] == pytest.approx(last_b[key], rel=1e-5, abs=1e-7), key
@@ -146,7 +138,7 @@ def test_async_rewards_give_the_same_run(tiny_ddpm_path, tmp_path):
         cfg = _config(tmp_path, run_name=f"async{run_async}", async_reward_computation=run_async)
         trainer = DDPOTrainer(cfg, brightness, lambda: ("", {}), DefaultDDPODDPMPipeline(tiny_ddpm_path))
         trainer.train()
-        results.append(_trainable(trainer))
+        results.append(trainable_weights(trainer))
     for name in results[0]:
         torch.testing.assert_close(results[0][name], results[1][name])
 
