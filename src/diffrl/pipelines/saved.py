@@ -13,9 +13,11 @@ MODEL_FILE = "diffrl_model.json"
 
 
 def write_model_info(directory: str | os.PathLike, *, kind: str, base_model: str | None, revision: str,
-                     lora: dict | None) -> None:
-    """Record what was saved: the policy kind, its base model, and the LoRA settings (``None`` for full weights)."""
-    info = {"kind": kind, "base_model": base_model, "revision": revision, "lora": lora, "diffrl_version": __version__}
+                     lora: dict | None, extra: dict[str, Any] | None = None) -> None:
+    """Record what was saved: the policy kind, its base model, and the LoRA settings (``None`` for full weights);
+    ``extra`` holds kind-specific settings (e.g. SDXL's VAE and size conditioning)."""
+    info = {"kind": kind, "base_model": base_model, "revision": revision, "lora": lora, **(extra or {}),
+            "diffrl_version": __version__}
     Path(directory, MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
