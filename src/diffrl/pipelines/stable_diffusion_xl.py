@@ -1,0 +1,324 @@
+"""Stable Diffusion XL (two CLIP text encoders, ``text_time`` added conditioning) as a policy.
+
+What differs from :class:`~diffrl.pipelines.StableDiffusionPolicy` and nothing else: the conditioning (both
+encoders' penultimate hidden states concatenated, the second encoder's pooled embedding, and the six
+size/crop numbers of Podell et al. 2023, sec. 2.2), the UNet call that consumes it, the VAE's ``force_upcast``
+and the diffusers layouts SDXL results are saved in. Step math, the chain and LoRA come from the shared code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+
+from diffrl.pipelines import precision
+from diffrl.pipelines.loading import ModelLoadError, load_pipeline
+from diffrl.pipelines.lora import LoraSettings, load_lora_state_dict, lora_state_dict
+from diffrl.pipelines.saved import plan_load, read_model_info, write_model_info
+from diffrl.pipelines.stable_diffusion import StableDiffusionPolicy
+from diffrl.pipelines.types import SampleResult
+
+Size = tuple[int, int]
+
+# A key only SDXL base checkpoints (original/A1111 layout) have: the OpenCLIP-bigG second text encoder.
+_SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1.model."
+
+
+class SDXLConditioning(NamedTuple):
+    """What the SDXL UNet needs for one batch (``L`` tokens, ``D`` = sum of both encoders' widths, ``P`` pooled width).
+
+    Attributes:
+        prompt_embeds: ``[B, L, D]`` both text encoders' penultimate hidden states, concatenated on the last axis.
+        negative_prompt_embeds: ``[B, L, D]`` the same for the negative prompts (zeros under
+            ``force_zeros_for_empty_prompt``); ``None`` when sampled without guidance.
+        pooled_prompt_embeds: ``[B, P]`` the second encoder's projected pooled embedding.
+        negative_pooled_prompt_embeds: ``[B, P]`` or ``None``, as ``negative_prompt_embeds``.
+        add_time_ids: ``[B, 6]`` float32 ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``; the
+            unconditional branch uses the same numbers (as diffusers does by default).
+    """
+
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+    pooled_prompt_embeds: torch.Tensor
+    negative_pooled_prompt_embeds: torch.Tensor | None
+    add_time_ids: torch.Tensor
+
+    def index(self, idx: torch.Tensor | slice) -> "SDXLConditioning":
+        """The rows ``idx`` of every tensor."""
+        return SDXLConditioning(*(None if x is None else x[idx] for x in self))
+
+    @classmethod
+    def concat(cls, items: Sequence["SDXLConditioning"]) -> "SDXLConditioning":
+        """Stack batches along the batch axis; negatives are kept only when every item has them."""
+        fields = []
+        for values in zip(*items):
+            fields.append(None if any(v is None for v in values) else torch.cat(list(values)))
+        return cls(*fields)
+
+    def without_guidance(self) -> "SDXLConditioning":
+        """The same batch with the negative (unconditional) states dropped."""
+        return self._replace(negative_prompt_embeds=None, negative_pooled_prompt_embeds=None)
+
+
+def add_time_ids(original_size: Size, crops_coords_top_left: Size, target_size: Size, batch_size: int,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """``[B, 6]`` SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): original size, crop top-left, target size."""
+    numbers = [*original_size, *crops_coords_top_left, *target_size]
+    return torch.tensor([numbers], dtype=torch.float32, device=device).repeat(batch_size, 1)
+
+
+def is_sdxl_single_file(path: str | os.PathLike) -> bool:
+    """Whether a ``.safetensors`` single-file checkpoint holds an SDXL base model (read from its header only)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return any(k.startswith(_SDXL_SINGLE_FILE_KEY) for k in f.keys())
+    except Exception:  # noqa: BLE001 - unreadable: let the loader report it
+        return False
+
+
+def load_vae(source: str | os.PathLike, revision: str = "main") -> AutoencoderKL:
+    """An ``AutoencoderKL`` from a folder (itself, or a pipeline folder's ``vae/``), a single file, or a Hub id
+    (e.g. the fp16-safe ``madebyollin/sdxl-vae-fp16-fix``)."""
+    name = os.fspath(source)
+    path = Path(name).expanduser()
+    try:
+        if path.is_file():
+            return AutoencoderKL.from_single_file(str(path))
+        if path.is_dir():
+            sub = "vae" if (path / "vae" / "config.json").is_file() and not (path / "config.json").is_file() else None
+            return AutoencoderKL.from_pretrained(str(path), subfolder=sub)
+        return AutoencoderKL.from_pretrained(name, revision=revision)
+    except Exception as err:  # noqa: BLE001 - re-raised with the setting named
+        raise ModelLoadError(f"vae={name!r} could not be loaded as an AutoencoderKL (tried: a VAE folder or a "
+                             f"pipeline folder's vae/, a single file, a Hub id): {err}") from err
+
+
+class StableDiffusionXLPolicy(StableDiffusionPolicy):
+    """SDXL sampled with DDIM (``eta > 0``) as a Gaussian policy; LoRA on the UNet or full fine-tuning.
+
+    ``original_size`` / ``target_size`` (``(height, width)``; default: the sampled image size) and
+    ``crops_coords_top_left`` (default ``(0, 0)``) set ``add_time_ids``. With ``mixed_precision="fp16"`` a VAE whose
+    config sets ``force_upcast`` (SDXL's overflows in fp16) is kept and run in float32; pass an fp16-safe VAE
+    (``vae=`` in :meth:`from_pretrained`) to decode in half precision instead.
+    """
+
+    kind = "sdxl"
+    pipeline_class = StableDiffusionXLPipeline
+
+    def __init__(
+        self,
+        pipeline: StableDiffusionXLPipeline,
+        *,
+        use_lora: bool = True,
+        lora: LoraSettings | None = None,
+        mixed_precision: str = "no",
+        device: torch.device | str | None = None,
+        base_model: str | None = None,
+        revision: str = "main",
+        original_size: Size | None = None,
+        crops_coords_top_left: Size = (0, 0),
+        target_size: Size | None = None,
+        vae_source: str | None = None,
+    ) -> None:
+        _check_added_conditioning(pipeline)
+        self.original_size = tuple(original_size) if original_size is not None else None
+        self.crops_coords_top_left = tuple(crops_coords_top_left)
+        self.target_size = tuple(target_size) if target_size is not None else None
+        self.vae_source = vae_source
+        super().__init__(pipeline, use_lora=use_lora, lora=lora, mixed_precision=mixed_precision, device=device,
+                         base_model=base_model, revision=revision)
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        revision: str = "main",
+        use_lora: bool = True,
+        lora: LoraSettings | None = None,
+        lora_weights: str | os.PathLike | None = None,
+        mixed_precision: str = "no",
+        device: torch.device | str | None = None,
+        single_file_config: str | None = None,
+        vae: str | os.PathLike | None = None,
+        original_size: Size | None = None,
+        crops_coords_top_left: Size | None = None,
+        target_size: Size | None = None,
+    ) -> "StableDiffusionXLPolicy":
+        """Load from a Hub id, a diffusers folder, a single-file SDXL checkpoint, or an SDXL result saved by diffrl
+        (its base model, VAE, size conditioning and LoRA adapter, ready to continue training).
+
+        ``vae`` replaces the pipeline's VAE (a folder, single file or Hub id; see :func:`load_vae`)."""
+        info = read_model_info(name_or_path, revision) or {}
+        sdxl = info.get("sdxl", {}) if info.get("kind") == cls.kind else {}
+        plan = plan_load(name_or_path, revision, cls.kind, use_lora, lora, lora_weights)
+        vae = vae if vae is not None else (sdxl.get("vae") if info.get("lora") else None)
+        extra = {"vae": load_vae(vae, revision)} if vae is not None else {}
+        pipeline = load_pipeline(StableDiffusionXLPipeline, plan.base, revision=plan.revision,
+                                 single_file_config=single_file_config, **extra)
+        sizes = {"original_size": original_size or sdxl.get("original_size"),
+                 "crops_coords_top_left": crops_coords_top_left or sdxl.get("crops_coords_top_left") or (0, 0),
+                 "target_size": target_size or sdxl.get("target_size")}
+        policy = cls(pipeline, use_lora=plan.use_lora, lora=plan.lora, mixed_precision=mixed_precision, device=device,
+                     base_model=plan.base, revision=plan.revision, vae_source=None if vae is None else os.fspath(vae),
+                     **sizes)
+        if plan.lora_weights is not None:
+            policy.load_lora_weights(plan.lora_weights)
+        return policy
+
+    def load_lora_weights(self, source: str | os.PathLike) -> None:
+        """Load diffusers-format SDXL LoRA weights (the UNet part) into the trainable adapter."""
+        state, _ = StableDiffusionXLPipeline.lora_state_dict(os.fspath(source))
+        unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+        if not unet_state:
+            raise ValueError(f"'{source}' holds no UNet LoRA weights (keys: {list(state)[:3]}).")
+        load_lora_state_dict(self._unet, convert_unet_state_dict_to_peft(unet_state), os.fspath(source))
+
+    def _frozen_modules(self) -> list[torch.nn.Module]:
+        return [self.pipeline.vae, self.pipeline.text_encoder, self.pipeline.text_encoder_2]
+
+    def to(self, device: torch.device | str | None = None, mixed_precision: str | None = None):
+        """As the base class; a ``force_upcast`` VAE stays float32 under fp16."""
+        super().to(device, mixed_precision)
+        if self._vae_upcast:
+            precision.place(self.pipeline.vae, self.device, torch.float32)
+        return self
+
+    @property
+    def _vae_upcast(self) -> bool:
+        vae = self.pipeline.vae
+        return precision.weight_dtype(self.mixed_precision) == torch.float16 and bool(vae.config.force_upcast)
+
+    # ----------------------------------------------------------------- pieces
+    def image_size(self, height: int | None = None, width: int | None = None) -> Size:
+        """``(height, width)`` in pixels of a sample (the UNet's sample size unless given)."""
+        default = self._unet.config.sample_size * self.vae_scale_factor
+        return (height or default, width or default)
+
+    def add_time_ids(self, batch_size: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """``[B, 6]`` for this policy's size settings at the given image size."""
+        size = self.image_size(height, width)
+        return add_time_ids(self.original_size or size, self.crops_coords_top_left, self.target_size or size,
+                            batch_size, self.device)
+
+    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str] | str | None = None,
+                       guidance: bool = True, *, height: int | None = None,
+                       width: int | None = None) -> SDXLConditioning:
+        """Both encoders' states for ``prompts`` and, with guidance, for the negative prompts; without negative
+        prompts the unconditional states are zeros when the model sets ``force_zeros_for_empty_prompt``
+        (SDXL base does), else those of the empty prompt — diffusers' ``encode_prompt`` rules."""
+        if isinstance(negative_prompts, str):
+            negative_prompts = [negative_prompts] * len(prompts)
+        if negative_prompts is not None and len(negative_prompts) != len(prompts):
+            raise ValueError(f"got {len(negative_prompts)} negative prompts for {len(prompts)} prompts; give one "
+                             "per prompt or a single string for all.")
+        with torch.no_grad(), self.autocast():
+            pos, neg, pooled, neg_pooled = self.pipeline.encode_prompt(
+                prompt=list(prompts), device=self.device, num_images_per_prompt=1,
+                do_classifier_free_guidance=guidance,
+                negative_prompt=list(negative_prompts) if negative_prompts else None)
+        ids = self.add_time_ids(len(prompts), height, width)
+        if not guidance:
+            return SDXLConditioning(pos, None, pooled, None, ids)
+        return SDXLConditioning(pos, neg, pooled, neg_pooled, ids)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, conditioning: SDXLConditioning | None,
+                guidance_scale: float, *, params=None) -> torch.Tensor:
+        """UNet output at ``x_t`` (float32), with classifier-free guidance when negative states are present;
+        ``params`` replace trainable weights for this call (see the base class's ``_network``)."""
+        if not isinstance(conditioning, SDXLConditioning):
+            raise TypeError(f"Stable Diffusion XL needs SDXLConditioning (text states, pooled embeddings and "
+                            f"add_time_ids), got {type(conditioning).__name__}; build it with encode_prompts, and "
+                            "drop guidance with conditioning.without_guidance() rather than a new TextConditioning.")
+        c = conditioning
+        guided = c.negative_prompt_embeds is not None and guidance_scale > 1.0
+        dtype = self._unet.dtype  # inputs follow the weights when not autocasting
+        if guided:
+            x, t = torch.cat([x, x]), torch.cat([t, t])
+            states = torch.cat([c.negative_prompt_embeds, c.prompt_embeds])
+            pooled = torch.cat([c.negative_pooled_prompt_embeds, c.pooled_prompt_embeds])
+            ids = torch.cat([c.add_time_ids, c.add_time_ids])
+        else:
+            states, pooled, ids = c.prompt_embeds, c.pooled_prompt_embeds, c.add_time_ids
+        added = {"text_embeds": pooled.to(dtype), "time_ids": ids.to(dtype)}
+        with self.autocast():
+            net = self.unet if params is None else self._network(params)
+            out = net(x.to(dtype), t, encoder_hidden_states=states.to(dtype), added_cond_kwargs=added).sample
+        out = out.float()
+        if not guided:
+            return out
+        uncond, cond = out.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents to images in ``[0, 1]`` (float32, ``[B, 3, H, W]``); a ``force_upcast`` VAE decodes in float32."""
+        vae = self.pipeline.vae
+        config = vae.config
+        if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+            mean = torch.tensor(config.latents_mean, device=latents.device).view(1, -1, 1, 1)
+            std = torch.tensor(config.latents_std, device=latents.device).view(1, -1, 1, 1)
+            z = latents * std / config.scaling_factor + mean
+        else:
+            z = latents / config.scaling_factor
+        ctx = torch.autocast(self.device.type, enabled=False) if self._vae_upcast else self.autocast()
+        with ctx:
+            images = vae.decode(z.to(vae.dtype)).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    # ----------------------------------------------------------------- policy interface
+    def sample(self, prompts: Sequence[str] | None = None, *, negative_prompts: Sequence[str] | str | None = None,
+               conditioning: SDXLConditioning | None = None, guidance_scale: float = 5.0, height: int | None = None,
+               width: int | None = None, **kwargs) -> SampleResult:
+        """As :meth:`StableDiffusionPolicy.sample`; ``add_time_ids`` follow ``height``/``width`` unless the policy
+        fixes ``original_size``/``target_size``."""
+        if conditioning is None and prompts is not None:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            conditioning = self.encode_prompts(prompts, negative_prompts, guidance=guidance_scale > 1.0,
+                                               height=height, width=width)
+        return super().sample(prompts, conditioning=conditioning, guidance_scale=guidance_scale, height=height,
+                              width=width, **kwargs)
+
+    # ----------------------------------------------------------------- saving
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """LoRA: ``pytorch_lora_weights.safetensors`` for ``StableDiffusionXLPipeline.load_lora_weights``;
+        full fine-tuning: a whole pipeline folder for ``StableDiffusionXLPipeline.from_pretrained``. Both with
+        ``diffrl_model.json`` (base model, VAE, size conditioning, LoRA settings) to continue training."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.use_lora:
+            layers = convert_state_dict_to_diffusers(lora_state_dict(self._unet))
+            StableDiffusionXLPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
+        else:
+            self.pipeline.unet = self._unet
+            self.pipeline.save_pretrained(directory, safe_serialization=True)
+        sdxl = {"vae": self.vae_source, "original_size": self.original_size,
+                "crops_coords_top_left": self.crops_coords_top_left, "target_size": self.target_size}
+        write_model_info(directory, kind=self.kind, base_model=self.base_model, revision=self.revision,
+                         lora=self.lora.to_dict() if self.lora else None, extra={"sdxl": sdxl})
+
+
+def _check_added_conditioning(pipeline: StableDiffusionXLPipeline) -> None:
+    """The UNet must take ``text_time`` added conditioning of width ``6 * addition_time_embed_dim + P``."""
+    config = pipeline.unet.config
+    if config.addition_embed_type != "text_time":
+        raise ValueError(f"the UNet has addition_embed_type={config.addition_embed_type!r}, not 'text_time': this is "
+                         "not an SDXL base model; load it with StableDiffusionPolicy instead.")
+    if pipeline.text_encoder_2 is None:
+        raise ValueError("this SDXL pipeline has no text_encoder_2 (a refiner?); diffrl trains SDXL base models.")
+    pooled = pipeline.text_encoder_2.config.projection_dim
+    expected = 6 * config.addition_time_embed_dim + pooled
+    if config.projection_class_embeddings_input_dim != expected:
+        raise ValueError(f"the UNet's projection_class_embeddings_input_dim={config.projection_class_embeddings_input_dim}"
+                         f" does not match 6 * addition_time_embed_dim ({config.addition_time_embed_dim}) + "
+                         f"text_encoder_2.projection_dim ({pooled}) = {expected}; the text encoders do not fit it.")
