@@ -188,8 +188,13 @@ def nft_loss(
     positive, negative = adaptive_mse(x0_plus, target), adaptive_mse(x0_minus, target)
     r = r.detach().to(positive.dtype)
     policy = policy_scale * (r * positive + (1.0 - r) * negative).mean() / beta
-    kl_mean = torch.zeros((), dtype=policy.dtype, device=policy.device) if kl is None else kl.mean()
-    loss = policy + kl_coef * kl_mean if kl is not None else policy
+    if kl is None:
+        kl_mean, loss = torch.zeros((), dtype=policy.dtype, device=policy.device), policy
+    else:
+        if kl.shape != r.shape:
+            raise ValueError(f"kl has shape {tuple(kl.shape)}; expected one value per sample, {tuple(r.shape)}.")
+        kl_mean = kl.mean()
+        loss = policy + kl_coef * kl_mean
     with torch.no_grad():
         deviation = ((x0_theta.detach().float() - x0_old.detach().float()) ** 2).mean()
     stats = NFTStats(
