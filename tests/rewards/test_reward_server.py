@@ -38,8 +38,8 @@ def serving(server: ThreadingHTTPServer) -> Iterator[str]:
 
 @contextmanager
 def reward_server(reward, **kwargs) -> Iterator[str]:
-    with serving(make_server(reward, "127.0.0.1", 0, device="cpu", **kwargs)) as url:
-        yield url
+    with make_server(reward, "127.0.0.1", 0, device="cpu", **kwargs) as server:
+        yield server.url
 
 
 def _free_port() -> int:
@@ -140,15 +140,15 @@ def test_server_down_is_a_quick_clear_error():
 
 def test_slow_server_times_out_instead_of_hanging():
     sleepy = _Sleepy(30.0)
-    try:
-        with reward_server(sleepy) as url:
+    with reward_server(sleepy) as url:
+        try:
             remote = load("remote", url=url, timeout=0.3, retries=1, backoff=0.01)
             start = time.monotonic()
             with pytest.raises(RemoteRewardError, match=f"{url} failed 2 attempt\\(s\\): no answer within timeout=0.3s"):
                 remote(torch.rand(1, 3, 8, 8))
             assert time.monotonic() - start < 2.0
-    finally:
-        sleepy.release.set()
+        finally:
+            sleepy.release.set()  # frees the worker before the server stops
 
 
 def test_reward_failure_on_the_server_is_reported():

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,6 +31,17 @@ TOKEN_ENV = "DIFFRL_REWARD_TOKEN"
 
 class WireError(ValueError):
     """A request or response that does not follow the wire format."""
+
+
+class RewardRequest(NamedTuple):
+    """A decoded ``POST /reward`` body."""
+
+    images: torch.Tensor
+    """``[B, 3, H, W]`` float32 in ``[0, 1]``, on the CPU."""
+    prompts: list[Any] | None
+    """``B`` prompts, or None."""
+    prompt_metadata: list[Any] | None
+    """``B`` metadata objects, or None."""
 
 
 def encode_images(images: torch.Tensor, encoding: str) -> dict[str, Any]:
@@ -91,3 +103,26 @@ def jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return repr(value)
+
+
+def decode_request(body: bytes) -> RewardRequest:
+    """A ``POST /reward`` body -> :class:`RewardRequest`; raises :class:`WireError` naming what is wrong."""
+    try:
+        request = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise WireError(f"the request body is not JSON ({error})") from None
+    if not isinstance(request, dict):
+        raise WireError("the request body must be a JSON object")
+    if request.get("protocol", PROTOCOL) != PROTOCOL:
+        raise WireError(f"protocol {request.get('protocol')!r} is not supported (this server speaks {PROTOCOL})")
+    images = decode_images(request.get("images"))
+    prompts, metadata = request.get("prompts"), request.get("prompt_metadata")
+    for field, value in (("prompts", prompts), ("prompt_metadata", metadata)):
+        if value is not None and (not isinstance(value, list) or len(value) != images.shape[0]):
+            raise WireError(f"'{field}' must be null or a list with one entry per image ({images.shape[0]})")
+    return RewardRequest(images, prompts, metadata)
+
+
+def encode_response(rewards: Sequence[float], metadata: Any) -> dict[str, Any]:
+    """The ``POST /reward`` answer for ``rewards`` (one float per image) and the reward's metadata."""
+    return {"protocol": PROTOCOL, "rewards": [float(value) for value in rewards], "metadata": jsonable(metadata)}

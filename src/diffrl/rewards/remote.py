@@ -78,6 +78,10 @@ class RemoteReward:
         self.batch_size, self.encoding = batch_size, encoding
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
+    def __repr__(self) -> str:  # never shows the token
+        token = "set" if self.token else "none"
+        return f"RemoteReward(url={self.url!r}, token={token}, encoding={self.encoding!r}, batch_size={self.batch_size})"
+
     def health(self) -> dict[str, Any]:
         """The server's ``GET /health`` answer (reward name, protocol, request limit)."""
         return self._request("GET", "/health", None)

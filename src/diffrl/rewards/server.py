@@ -1,47 +1,296 @@
-"""Serve any registered reward over HTTP: ``diffrl serve-reward --reward NAME ...``.
+"""Serve any registered reward over HTTP (FastAPI on uvicorn): diffrl serve-reward --reward NAME ...
 
 The DDPO authors ran LLaVA as a separate HTTP server on two of their eight GPUs
 (ddpo-pytorch with the LLaVA-server repository); this lets a big reward model live on
-its own GPU or machine while the trainer calls it through the ``remote`` reward
-(:mod:`diffrl.rewards.remote`). Standard library only (``http.server``).
+its own GPU or machine while the trainer calls it through the `remote` reward.
 
-Endpoints: ``GET /health`` (reward name, protocol, request limit) and ``POST /reward``
-(the JSON format in :mod:`diffrl.rewards._wire`). It binds to 127.0.0.1 unless told
-otherwise; with a token (``--token`` or ``$DIFFRL_REWARD_TOKEN``) ``/reward`` requires
-``Authorization: Bearer <token>`` (401 without it, 403 when wrong). Requests larger than
-``max_request_bytes`` are refused with 413 before they are read into memory.
+Endpoints: GET /health (reward name, protocol, request limit) and POST /reward (JSON,
+images as base64 raw arrays, never pickle; see diffrl/rewards/_wire.py). It binds to
+127.0.0.1 unless told otherwise. With a token (--token or $DIFFRL_REWARD_TOKEN) POST
+/reward needs "Authorization: Bearer <token>" (401 without it, 403 when wrong).
+Connections are handled concurrently by one event loop; the reward itself runs on one
+worker thread, one request at a time, in arrival order (reward models are not
+thread-safe). Requests over the size limit get 413; a client that stops sending its
+body for --body-timeout seconds gets 408 and is disconnected. One log line per request
+(client, method, path, status, bytes in/out, latency); headers and tokens are never logged.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import errno
 import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
+import queue
+import socket
+import sys
 import threading
-from collections.abc import Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Any
 
+import h11
 import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from diffrl.rewards._wire import PROTOCOL, TOKEN_ENV, WireError, decode_images, jsonable
+from diffrl.rewards import load
+from diffrl.rewards._wire import PROTOCOL, TOKEN_ENV, RewardRequest, WireError, decode_request, encode_response
 from diffrl.rewards.base import Reward, RewardError, reward_name
 
-__all__ = ["RewardServer", "add_parser", "make_server", "run_server", "main", "DEFAULT_MAX_REQUEST_BYTES"]
+__all__ = [
+    "RewardServer",
+    "ServerStartError",
+    "add_parser",
+    "make_server",
+    "run_server",
+    "main",
+    "DEFAULT_MAX_REQUEST_BYTES",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 128 * 1024 * 1024
-_DRAIN_FACTOR = 4  # read and drop at most this many times the limit so the client sees the 413
+DEFAULT_BODY_TIMEOUT = 5.0
+"""Seconds a client may leave its request body unsent (between two chunks) before it is cut off."""
+DEFAULT_MAX_CONNECTIONS = 512
+"""Connections served at once; beyond this uvicorn answers 503, which the remote reward retries."""
+BACKLOG = 2048
+"""Listen backlog: connections the kernel queues before the event loop accepts them."""
+_DRAIN_FACTOR = 4  # read and drop at most this many times the limit so a refused client still sees the answer
 
 
-class RewardServer(ThreadingHTTPServer):
-    """An HTTP server around one reward; requests are scored one at a time (the model is shared)."""
+class ServerStartError(RuntimeError):
+    """The server cannot start (port in use, bad address, bad setting); the message says the fix."""
 
-    daemon_threads = True
+
+class _Worker:
+    """One daemon thread that runs submitted calls in order, so reward calls never overlap."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future, Callable[[], Any]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="diffrl-reward-worker", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, call = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(call())
+            except BaseException as error:  # handed to the waiting request
+                future.set_exception(error)
+
+    async def run(self, call: Callable[[], Any]) -> Any:
+        future: Future = Future()
+        self._jobs.put((future, call))
+        return await asyncio.wrap_future(future)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+
+class _AccessLog:
+    """ASGI middleware: one log line per HTTP request; the query string and headers are never logged."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, state = time.perf_counter(), {"status": 0, "in": 0, "out": 0}
+
+        async def counting_receive() -> dict:
+            message = await receive()
+            state["in"] += len(message.get("body", b""))
+            return message
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+            state["out"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, counting_send)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            logger.info(
+                "%s:%s %s %s %d in=%dB out=%dB %.1fms", client[0], client[1], scope["method"], scope["path"],
+                state["status"], state["in"], state["out"], 1000 * (time.perf_counter() - start),
+            )
+
+
+def _error(status: int, message: str, close: bool = False) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers={"Connection": "close"} if close else None)
+
+
+class _Stalled(Exception):
+    pass
+
+
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes | None:
+    """The body, or None when it grows past ``limit``; raises :class:`_Stalled` after ``timeout`` s of silence."""
+    chunks, size = [], 0
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout)
+        except StopAsyncIteration:
+            return b"".join(chunks) if size <= limit else None
+        except asyncio.TimeoutError:
+            raise _Stalled from None
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > _DRAIN_FACTOR * limit:
+            return None
+
+
+def create_app(
+    reward: Reward, *, token: str | None, max_request_bytes: int, body_timeout: float, device: torch.device,
+    worker: _Worker,
+) -> Any:
+    """The ASGI application for ``reward`` (wrapped in the access log)."""
+    app = FastAPI(title="diffrl reward server", docs_url=None, redoc_url=None, openapi_url=None)
+    name = reward_name(reward)
+
+    def score(request: RewardRequest) -> dict[str, Any]:
+        with torch.no_grad():
+            rewards, metadata = reward(request.images.to(device), request.prompts, request.prompt_metadata)
+        values = rewards.detach().float().cpu().reshape(-1).tolist()
+        if len(values) != request.images.shape[0]:
+            raise RuntimeError(f"reward '{name}' returned {len(values)} rewards for {request.images.shape[0]} images")
+        if not all(math.isfinite(value) for value in values):
+            raise RuntimeError(f"reward '{name}' returned non-finite rewards {values[:5]}")
+        return encode_response(values, metadata)
+
+    @app.exception_handler(HTTPException)
+    async def _no_endpoint(request: Request, error: HTTPException) -> JSONResponse:
+        if error.status_code in (404, 405):
+            return _error(error.status_code, f"no endpoint {request.method} {request.url.path}; "
+                          "use GET /health or POST /reward", close=True)
+        return _error(error.status_code, str(error.detail))
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok", "protocol": PROTOCOL, "reward": name, "differentiable": bool(reward.differentiable),
+            "max_request_bytes": max_request_bytes, "token_required": token is not None,
+        }
+
+    @app.post("/reward")
+    async def post_reward(request: Request) -> JSONResponse:
+        length = request.headers.get("content-length")
+        announced = int(length) if length is not None and length.isdigit() else None
+        refusal: JSONResponse | None = None
+        if announced is not None and announced > max_request_bytes:
+            refusal = _error(413, f"request of {announced} bytes is over this server's limit of {max_request_bytes}",
+                             close=True)
+        elif token is not None:
+            header = request.headers.get("authorization", "")
+            if not header.startswith("Bearer "):
+                refusal = _error(401, "this reward server needs a token: send 'Authorization: Bearer <token>'", True)
+            elif not hmac.compare_digest(header[len("Bearer "):].encode(), token.encode()):
+                refusal = _error(403, "wrong token for this reward server", close=True)
+        try:
+            body = await _read_body(request, max_request_bytes, body_timeout)
+        except _Stalled:
+            if refusal is not None:  # e.g. a client that announced 10 GB and sends nothing
+                return refusal
+            return _error(408, f"the request body stalled for {body_timeout:g}s; connection closed", close=True)
+        except ClientDisconnect:
+            return _error(400, "the client disconnected mid-request", close=True)
+        if refusal is not None:
+            return refusal
+        if body is None:
+            return _error(413, f"request body is over this server's limit of {max_request_bytes} bytes", close=True)
+        try:
+            decoded = await run_in_threadpool(decode_request, body)
+            return JSONResponse(await worker.run(lambda: score(decoded)))
+        except (WireError, RewardError) as error:
+            return _error(400, str(error))
+        except Exception as error:  # the reward itself failed: report it to the client, keep serving
+            logger.exception("reward '%s' failed", name)
+            return _error(500, f"reward '{name}' failed: {type(error).__name__}: {error}")
+
+    return _AccessLog(app)
+
+
+class _HeaderDeadline(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's line and headers.
+
+    uvicorn times out idle keep-alive connections but not a client that connects and sends
+    nothing, or half its headers (slowloris); such a connection is closed after
+    ``header_timeout`` seconds. Body stalls are the app's (:func:`_read_body`).
+    """
+
+    header_timeout = DEFAULT_BODY_TIMEOUT
+    _deadline: asyncio.TimerHandle | None = None
+    _answered = 0
+
+    def _arm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self.loop.call_later(self.header_timeout, self._headers_overdue)
+
+    def _headers_overdue(self) -> None:
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            partial = bool(self.conn.trailing_data[0])
+            (logger.info if partial or not self._answered else logger.debug)(
+                "%s:%s sent no complete request within %gs; connection closed", *(self.client or ("-", 0)),
+                self.header_timeout,
+            )
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        self._answered += 1
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, or :class:`ServerStartError` saying what to change."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=BACKLOG)
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise ServerStartError(
+                f"port {port} on {host} is already in use (another serve-reward?); "
+                "pass a free --port (0 picks one) or stop the process using it"
+            ) from None
+        raise ServerStartError(f"cannot listen on {host}:{port} ({error.strerror or error}); check --host/--port") from None
+
+
+class RewardServer:
+    """One reward behind FastAPI + uvicorn; binds on construction, serves on :meth:`serve_forever` or :meth:`start`.
+
+    Use as a context manager to serve from a background thread: ``with make_server(r) as server: server.url``.
+    """
 
     def __init__(
         self,
@@ -51,142 +300,73 @@ class RewardServer(ThreadingHTTPServer):
         *,
         token: str | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
         device: str | torch.device | None = None,
     ) -> None:
-        if not isinstance(max_request_bytes, int) or max_request_bytes <= 0:
-            raise ValueError(f"max_request_bytes={max_request_bytes!r} must be a positive integer")
-        self.reward = reward
-        self.token = token or None
-        self.max_request_bytes = max_request_bytes
+        for setting, value in (("max_request_bytes", max_request_bytes), ("max_connections", max_connections)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ServerStartError(f"{setting}={value!r} must be a positive integer")
+        if not isinstance(body_timeout, (int, float)) or body_timeout <= 0:
+            raise ServerStartError(f"body_timeout={body_timeout!r} must be a positive number of seconds")
+        self.reward, self.token, self.max_request_bytes = reward, token or None, max_request_bytes
         self.device = torch.device(device) if device is not None else _default_device()
-        self.lock = threading.Lock()
-        super().__init__((host, port), _Handler)
+        self._worker = _Worker()
+        app = create_app(reward, token=self.token, max_request_bytes=max_request_bytes,
+                         body_timeout=float(body_timeout), device=self.device, worker=self._worker)
+        self.socket = _bind(host, port)
+        protocol = type("_Protocol", (_HeaderDeadline,), {"header_timeout": float(body_timeout)})
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", http=protocol,
+                                limit_concurrency=max_connections, timeout_keep_alive=5, timeout_graceful_shutdown=5,
+                                server_header=False)
+        self._server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def server_address(self) -> tuple[str, int]:
+        return self.socket.getsockname()[:2]
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        host = f"[{host}]" if ":" in str(host) else host
-        return f"http://{host}:{port}"
+        host, port = self.server_address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
-    def score(self, request: Any) -> dict[str, Any]:
-        """Decode a request, run the reward, encode the answer (raises WireError/RewardError on bad input)."""
-        if not isinstance(request, dict):
-            raise WireError("the request body must be a JSON object")
-        if request.get("protocol", PROTOCOL) != PROTOCOL:
-            raise WireError(f"protocol {request.get('protocol')!r} is not supported (this server speaks {PROTOCOL})")
-        images = decode_images(request.get("images"))
-        prompts, metadata = request.get("prompts"), request.get("prompt_metadata")
-        for field, value in (("prompts", prompts), ("prompt_metadata", metadata)):
-            if value is not None and (not isinstance(value, list) or len(value) != images.shape[0]):
-                raise WireError(f"'{field}' must be null or a list with one entry per image ({images.shape[0]})")
-        with self.lock, torch.no_grad():
-            rewards, reward_metadata = self.reward(images.to(self.device), prompts, metadata)
-        values = rewards.detach().float().cpu().reshape(-1).tolist()
-        if len(values) != images.shape[0]:
-            raise RuntimeError(
-                f"reward '{reward_name(self.reward)}' returned {len(values)} rewards for {images.shape[0]} images"
-            )
-        return {"protocol": PROTOCOL, "rewards": values, "metadata": jsonable(reward_metadata)}
+    def serve_forever(self) -> None:
+        """Serve in this thread until interrupted (Ctrl-C) or :meth:`shutdown`."""
+        self._server.run(sockets=[self.socket])
+
+    def start(self, timeout: float = 10.0) -> str:
+        """Serve from a daemon thread; returns the URL once the server accepts connections."""
+        self._thread = threading.Thread(target=self.serve_forever, name="diffrl-reward-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise ServerStartError(f"the reward server at {self.url} did not start within {timeout:g}s")
+            time.sleep(0.01)
+        return self.url
+
+    def shutdown(self) -> None:
+        """Stop serving (in-flight requests get up to 5 s to finish) and wait for the server thread."""
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def server_close(self) -> None:
+        self._worker.close()
+        self.socket.close()
+
+    def __enter__(self) -> RewardServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+        self.server_close()
 
 
 def _default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: RewardServer
-    timeout = 120  # seconds a client may stall mid-request before its connection is dropped
-    server_version = "diffrl-reward"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
-        logger.info("%s %s", self.address_string(), format % args)
-
-    def _send(self, status: int, body: dict[str, Any], close: bool = False) -> None:
-        data = json.dumps(body).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        try:
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout); nothing to do
-            logger.info("client %s left before the answer (status %d)", self.address_string(), status)
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        if self.path.rstrip("/") != "/health":
-            self._send(404, {"error": f"no endpoint GET {self.path}; use GET /health or POST /reward"})
-            return
-        reward = self.server.reward
-        self._send(
-            200,
-            {
-                "status": "ok",
-                "protocol": PROTOCOL,
-                "reward": reward_name(reward),
-                "differentiable": bool(reward.differentiable),
-                "max_request_bytes": self.server.max_request_bytes,
-                "token_required": self.server.token is not None,
-            },
-        )
-
-    def _authorized(self) -> bool:
-        token = self.server.token
-        if token is None:
-            return True
-        header = self.headers.get("Authorization", "")
-        if not header.startswith("Bearer "):
-            message = "this reward server needs a token: send 'Authorization: Bearer <token>'"
-            self._send(401, {"error": message}, close=True)
-            return False
-        if not hmac.compare_digest(header[len("Bearer ") :].encode(), token.encode()):
-            self._send(403, {"error": "wrong token for this reward server"}, close=True)
-            return False
-        return True
-
-    def _drain(self, length: int) -> None:
-        remaining = min(length, _DRAIN_FACTOR * self.server.max_request_bytes)
-        while remaining > 0:
-            chunk = self.rfile.read(min(remaining, 1 << 16))
-            if not chunk:
-                break
-            remaining -= len(chunk)
-
-    def do_POST(self) -> None:  # noqa: N802
-        length_header = self.headers.get("Content-Length")
-        try:
-            length = int(length_header) if length_header is not None else -1
-        except ValueError:
-            length = -1
-        if self.path.rstrip("/") != "/reward":
-            self._drain(max(length, 0))
-            self._send(404, {"error": f"no endpoint POST {self.path}; use POST /reward"}, close=True)
-            return
-        if length < 0:
-            self._send(411, {"error": "POST /reward needs a Content-Length header"}, close=True)
-            return
-        limit = self.server.max_request_bytes
-        if length > limit:
-            self._drain(length)
-            self._send(413, {"error": f"request of {length} bytes is over this server's limit of {limit}"}, close=True)
-            return
-        if not self._authorized():
-            self._drain(length)
-            return
-        try:
-            request = json.loads(self.rfile.read(length))
-            answer = self.server.score(request)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            self._send(400, {"error": f"the request body is not JSON ({error})"})
-        except (WireError, RewardError) as error:
-            self._send(400, {"error": str(error)})
-        except Exception as error:  # the reward itself failed: report it to the client, keep serving
-            logger.exception("reward '%s' failed", reward_name(self.server.reward))
-            self._send(500, {"error": f"reward '{reward_name(self.server.reward)}' failed: {type(error).__name__}: {error}"})
-        else:
-            self._send(200, answer)
 
 
 def _is_loopback(host: str) -> bool:
@@ -198,39 +378,25 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def make_server(
-    reward: Reward | str,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    *,
-    token: str | None = None,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-    device: str | torch.device | None = None,
-) -> RewardServer:
-    """Bind a :class:`RewardServer` (port 0 picks a free one; see ``.url``) without starting it."""
-    if isinstance(reward, str):
-        from diffrl.rewards import load
+def make_server(reward: Reward | str, host: str = "127.0.0.1", port: int = 0, **settings: Any) -> RewardServer:
+    """Bind a :class:`RewardServer` (port 0 picks a free one; see ``.url``) without serving yet.
 
+    ``settings``: ``token``, ``max_request_bytes``, ``body_timeout``, ``max_connections``, ``device``.
+    """
+    if isinstance(reward, str):
         reward = load(reward)
     if not _is_loopback(host):
-        if token is None:
+        if not settings.get("token"):
             logger.warning(
                 "serving reward '%s' on %s without a token: anyone who can reach it can use it", reward_name(reward), host
             )
         logger.warning("the reward server speaks plain HTTP; use TLS or an SSH tunnel outside a trusted network")
-    return RewardServer(reward, host, port, token=token, max_request_bytes=max_request_bytes, device=device)
+    return RewardServer(reward, host, port, **settings)
 
 
-def run_server(
-    reward: Reward | str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    token: str | None = None,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-    device: str | torch.device | None = None,
-) -> None:
+def run_server(reward: Reward | str, host: str = "127.0.0.1", port: int = 8000, **settings: Any) -> None:
     """Serve ``reward`` until interrupted (Ctrl-C)."""
-    server = make_server(reward, host, port, token=token, max_request_bytes=max_request_bytes, device=device)
+    server = make_server(reward, host, port, **settings)
     logger.info("serving reward '%s' at %s (device %s)", reward_name(server.reward), server.url, server.device)
     print(f"serving reward '{reward_name(server.reward)}' at {server.url}", flush=True)
     try:
@@ -244,7 +410,7 @@ def run_server(
 def parse_option(text: str) -> tuple[str, Any]:
     """``key=value`` -> ``(key, value)``, the value read as JSON when it parses (numbers, lists, true/false, null)."""
     key, sep, raw = text.partition("=")
-    if not sep or not key:
+    if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"--option {text!r} must look like key=value")
     try:
         value = json.loads(raw)
@@ -254,35 +420,56 @@ def parse_option(text: str) -> tuple[str, Any]:
 
 
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--reward", required=True, help="registered reward name (see diffrl.rewards.available())")
+    parser.add_argument("--reward", required=True, help="registered reward name, e.g. aesthetic or alignment")
     parser.add_argument(
         "--option", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
         help="reward option, repeatable; values are read as JSON when they parse (e.g. classes=[6,7,8])",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
-    parser.add_argument("--token", default=None, help=f"shared secret clients must send (default: ${TOKEN_ENV})")
+    parser.add_argument("--token", default=None,
+                        help=f"shared secret clients must send (default: ${TOKEN_ENV}; prefer the variable, "
+                        "a command-line token is visible to other users in the process list)")
     parser.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_BYTES / 2**20,
-                        help="refuse requests larger than this many MiB (413)")
+                        help="refuse requests larger than this many MiB with 413 (default: %(default)g)")
+    parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
+                        help="seconds a client may stall mid-body before it gets 408 (default: %(default)g)")
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                        help="connections served at once; more get 503 (default: %(default)d)")
     parser.add_argument("--device", default=None, help="device the images are moved to (default: cuda if available)")
     parser.set_defaults(func=_serve)
     return parser
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from diffrl.rewards import load
-
-    options = dict(args.option)
-    reward = load(args.reward, **options)
-    token = args.token or os.environ.get(TOKEN_ENV) or None
-    limit = int(args.max_request_mb * 2**20)
-    run_server(reward, args.host, args.port, token=token, max_request_bytes=limit, device=args.device)
+    """Build the reward (cheap: models load on the first request), bind, serve; user errors exit 2 in one line."""
+    try:
+        reward = load(args.reward, **dict(args.option))
+        server = make_server(
+            reward, args.host, args.port, token=args.token or os.environ.get(TOKEN_ENV) or None,
+            max_request_bytes=max(1, int(args.max_request_mb * 2**20)), body_timeout=args.body_timeout,
+            max_connections=args.max_connections, device=args.device,
+        )
+    except (RewardError, ServerStartError) as error:
+        print(f"diffrl serve-reward: {error}", file=sys.stderr)
+        return 2
+    logger.info("serving reward '%s' at %s (device %s)", reward_name(reward), server.url, server.device)
+    print(f"serving reward '{reward_name(reward)}' at {server.url}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
     return 0
+
+
+_DESCRIPTION = __doc__.split("\n\n", 1)[1]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``serve-reward`` subcommand to an argparse ``subparsers`` object; it sets ``func``."""
-    parser = subparsers.add_parser("serve-reward", help="serve a registered reward over HTTP", description=__doc__,
+    parser = subparsers.add_parser("serve-reward", help="serve a registered reward over HTTP", description=_DESCRIPTION,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     return _configure(parser)
 
@@ -290,7 +477,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m diffrl.rewards.server --reward NAME ...``"""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    parser = _configure(argparse.ArgumentParser(prog="diffrl serve-reward", description=__doc__,
+    parser = _configure(argparse.ArgumentParser(prog="diffrl serve-reward", description=_DESCRIPTION,
                                                 formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
     return args.func(args)
