@@ -18,6 +18,8 @@ _EXPORTS = {
     "LoraSettings": "diffrl.pipelines",
     "ModelLoadError": "diffrl.pipelines",
     "StableDiffusionPolicy": "diffrl.pipelines",
+    "StableDiffusionXLPolicy": "diffrl.pipelines",
+    "SDXLConditioning": "diffrl.pipelines",
     "TextConditioning": "diffrl.pipelines",
     "Trajectory": "diffrl.pipelines",
     "DDPOConfig": "diffrl.config",
@@ -29,6 +31,7 @@ _EXPORTS = {
     "DDPOStableDiffusionPipeline": "diffrl.pipelines.trl_compat",
     "DefaultDDPODDPMPipeline": "diffrl.pipelines.trl_compat",
     "DefaultDDPOStableDiffusionPipeline": "diffrl.pipelines.trl_compat",
+    "DefaultDDPOStableDiffusionXLPipeline": "diffrl.pipelines.trl_compat",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -12,6 +12,7 @@ from diffrl.algorithms.truncation import (
     random_plan,
     refl_plan,
     suffix_flags,
+    trl_plan,
     uniform_int,
 )
 
@@ -44,22 +45,37 @@ def test_draft_lv_is_k_equals_one_with_renoised_draws():
         draft_lv_plan(4, 0)
 
 
-def test_random_truncation_is_one_suffix_with_trl_s_per_step_odds():
+def test_random_truncation_is_one_suffix_with_trl_s_inclusive_range_and_per_step_odds():
     gen = torch.Generator().manual_seed(0)
     starts = Counter()
-    for _ in range(4000):
+    n = 5000
+    for _ in range(n):
         plan = random_plan(4, (0, 4), gen)
         k = plan.first_grad_step
         assert plan.grad_steps == suffix_flags(4, k)  # contiguous: every step from k on
         starts[k] += 1
-    assert set(starts) == {0, 1, 2, 3}  # max = N is excluded: the last step always carries gradients
-    for k in range(4):
-        assert starts[k] / 4000 == pytest.approx(0.25, abs=0.03)
-    # Step i carries gradients with probability (i + 1) / (max - min), as TRL's per-step draw gave ~(i+1)/(N+1).
+    # random.randint(0, 4) includes 4; a draw of 4 (no step) keeps the last step, so start 3 has twice the odds.
+    assert set(starts) == {0, 1, 2, 3}
+    for k in range(3):
+        assert starts[k] / n == pytest.approx(1 / 5, abs=0.03)
+    assert starts[3] / n == pytest.approx(2 / 5, abs=0.03)
+    # TRL's per-step odds (i - min + 1) / (max - min + 1): step 1 carries gradients in 2 of 5 batches.
+    assert (starts[0] + starts[1]) / n == pytest.approx(2 / 5, abs=0.03)
+    assert {random_plan(4, (2, 2), gen).first_grad_step for _ in range(5)} == {2}  # min == max is one step
     with pytest.raises(ValueError, match="truncated_rand_backprop_minmax"):
         random_plan(4, (0, 5), gen)
     with pytest.raises(ValueError, match="truncated_rand_backprop_minmax"):
-        random_plan(4, (2, 2), gen)
+        random_plan(4, (3, 2), gen)
+
+
+def test_trl_plan_maps_rgb_with_grad_arguments():
+    gen = torch.Generator().manual_seed(0)
+    assert trl_plan(3, truncated_backprop=False).grad_steps == [T, T, T]
+    assert trl_plan(5, truncated_backprop_rand=False, truncated_backprop_timestep=3) == fixed_plan(5, 3)
+    assert trl_plan(5, truncated_backprop_rand=False, truncated_backprop_timestep=49) == fixed_plan(5, 4)
+    a = trl_plan(10, truncated_rand_backprop_minmax=(2, 9), generator=torch.Generator().manual_seed(3))
+    assert a == random_plan(10, (2, 9), torch.Generator().manual_seed(3))  # one plan code for both callers
+    assert trl_plan(50, generator=gen).first_grad_step in range(50)  # TRL's defaults: (0, 50) of 50 steps
 
 
 def test_random_choices_come_from_the_generator_only():
@@ -72,7 +88,7 @@ def test_random_choices_come_from_the_generator_only():
     torch.manual_seed(456)  # the global RNG does not matter
     assert draws(7) == a
     assert draws(8) != a
-    assert all(2 <= k <= 8 for k in a)
+    assert all(2 <= k <= 9 for k in a)
 
 
 def test_refl_stops_in_range_with_gradients_at_the_stop_step_only():
@@ -96,7 +112,7 @@ def test_plan_gradients_dispatches_and_reads_only_its_parameters():
     assert plan_gradients("fixed", 4, start=2, k=99) == fixed_plan(4, 2)
     assert plan_gradients("draft_k", 4, k=2, start=99) == draft_k_plan(4, 2)
     assert plan_gradients("draft_lv", 4, draws=2) == draft_lv_plan(4, 2)
-    assert plan_gradients("random", 4, gen, minmax=(1, 3)).first_grad_step in (1, 2)
+    assert plan_gradients("random", 4, gen, minmax=(1, 3)).first_grad_step in (1, 2, 3)
     assert plan_gradients("refl", 4, gen, refl_range=(1, 2)).stop_after_step in (2, 3)
     with pytest.raises(ValueError, match="unknown truncation strategy 'drafts'"):
         plan_gradients("drafts", 4)

@@ -48,3 +48,17 @@ def test_hub_id_offline_without_cache_says_not_available_offline(tmp_path):
     assert "ERR" in out.stdout, out.stderr[-2000:]
     assert "not available offline" in out.stdout and "someone/some-sd-model" in out.stdout
     assert "HF_HUB_OFFLINE" in out.stdout
+    assert "`hf download someone/some-sd-model`" in out.stdout and "huggingface-cli" not in out.stdout
+
+
+@pytest.mark.parametrize("text", ['{"_class_name": "StableDiffusionPipeline",', "[1, 2]"], ids=["truncated", "list"])
+def test_corrupt_model_index_names_the_file(tmp_path, text):
+    from diffrl.pipelines.auto import load_policy
+
+    (tmp_path / "unet").mkdir()
+    index = tmp_path / "model_index.json"
+    index.write_text(text)
+    for load in (StableDiffusionPolicy.from_pretrained, load_policy):
+        with pytest.raises(ModelLoadError) as err:
+            load(str(tmp_path))
+        assert str(index) in str(err.value) and "damaged" in str(err.value)

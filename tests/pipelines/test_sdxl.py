@@ -196,3 +196,69 @@ def test_a_bad_vae_path_names_the_setting(tiny_sdxl_path, tmp_path):
 
     with pytest.raises(ModelLoadError, match="vae="):
         StableDiffusionXLPolicy.from_pretrained(tiny_sdxl_path, vae=tmp_path)
+
+
+def test_auto_detection_picks_the_sdxl_policy(tiny_sdxl_path, tmp_path):
+    from safetensors.torch import save_file
+
+    from diffrl.pipelines import ModelLoadError
+    from diffrl.pipelines.auto import load_policy
+
+    assert type(load_policy(tiny_sdxl_path)) is StableDiffusionXLPolicy  # from model_index.json's _class_name
+    saved = _policy(tiny_sdxl_path)
+    saved.save_pretrained(tmp_path / "lora")
+    resumed = load_policy(tmp_path / "lora")  # from diffrl_model.json's kind
+    assert type(resumed) is StableDiffusionXLPolicy and resumed.use_lora
+    # a single-file checkpoint in the original SDXL layout goes to StableDiffusionXLPipeline.from_single_file
+    fake = tmp_path / "sdxl.safetensors"
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, str(fake))
+    with pytest.raises(ModelLoadError, match="StableDiffusionXLPipeline.from_single_file"):
+        load_policy(fake)
+
+
+def test_trl_style_pipeline(tiny_sdxl_path, tmp_path):
+    from PIL import Image
+
+    from diffrl import DefaultDDPOStableDiffusionXLPipeline
+
+    pipe = DefaultDDPOStableDiffusionXLPipeline(tiny_sdxl_path, pretrained_model_revision="main", use_lora=True)
+    out = pipe(["a cat", "a dog"], num_inference_steps=3, eta=1.0, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(0))
+    assert len(out.images) == 2 and isinstance(out.images[0], Image.Image)
+    assert len(out.latents) == 4 and out.latents[0].shape == (2, 4, 8, 8)
+    assert len(out.log_probs) == 3 and out.log_probs[0].shape == (2,)
+    for name in ("unet", "vae", "tokenizer", "scheduler", "text_encoder", "tokenizer_2", "text_encoder_2"):
+        assert getattr(pipe, name) is not None
+    with pytest.raises(ValueError, match="samples from prompts"):
+        pipe(prompt_embeds=torch.zeros(1, 16, 32), num_inference_steps=2)
+    grads = pipe.rgb_with_grad(["a"], num_inference_steps=3, truncated_backprop_rand=False,
+                               truncated_backprop_timestep=2, guidance_scale=5.0)
+    grads.images.mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pipe.policy.trainable_parameters())
+    pipe.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_short_ddpo_run_on_sdxl(tiny_sdxl_path, tmp_path):
+    from diffrl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionXLPipeline
+
+    seen = []
+
+    def brightness(images, prompts, metadata):
+        rewards = images.mean(dim=(1, 2, 3))
+        seen.append(rewards)
+        return rewards, {}
+
+    config = DDPOConfig(num_epochs=2, sample_num_steps=3, sample_batch_size=2, sample_num_batches_per_epoch=2,
+                        train_batch_size=2, mixed_precision="no", logdir=str(tmp_path / "logs"), run_name="sdxl",
+                        train_learning_rate=3e-3, train_clip_range=0.2, seed=1, negative_prompts="blurry")
+    pipe = DefaultDDPOStableDiffusionXLPipeline(tiny_sdxl_path)
+    trainer = DDPOTrainer(config, brightness, lambda: ("a cat", {}), pipe)
+    before = {n: p.detach().clone() for n, p in pipe.policy._unet.named_parameters() if p.requires_grad}
+    trainer.train()
+    after = {n: p.detach() for n, p in pipe.policy._unet.named_parameters() if p.requires_grad}
+    assert any((after[n] - before[n]).abs().max() > 0 for n in before)
+    assert len(seen) == 4 and all(r.shape == (2,) and torch.isfinite(r).all() for r in seen)
+    assert trainer.global_step > 0
+    trainer.save_pretrained(str(tmp_path / "final"))
+    assert json.loads((tmp_path / "final" / "diffrl_model.json").read_text())["kind"] == "sdxl"

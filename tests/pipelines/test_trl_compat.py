@@ -55,20 +55,38 @@ def test_rgb_with_grad_reaches_trainable_weights(tiny_sd_path):
 def test_rgb_with_grad_draws_its_truncation_step_from_the_generator(tiny_sd_path):
     import random
 
-    from diffrl.pipelines.trl_compat import _draw_step
-
-    draws = {_draw_step(0, 3, torch.Generator().manual_seed(s)) for s in range(40)}
-    assert draws == {0, 1, 2, 3}  # both ends included, as random.randint
     pipe = DefaultDDPOStableDiffusionPipeline(tiny_sd_path)
     grads = []
     for global_seed in (1, 2):
-        random.seed(global_seed)  # must not matter once a generator is given
+        random.seed(global_seed)  # neither global RNG matters once a generator is given
+        torch.manual_seed(global_seed)
         pipe.policy.unet.zero_grad(set_to_none=True)
         out = pipe.rgb_with_grad(["a"], num_inference_steps=4, eta=1.0, truncated_rand_backprop_minmax=(0, 4),
                                  generator=torch.Generator().manual_seed(7))
         out.images.mean().backward()
         grads.append([p.grad.clone() for p in pipe.policy.trainable_parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_rgb_with_grad_runs_the_shared_truncation_plan(tiny_sd_path):
+    """The UNet runs with autograd exactly at the steps of trl_plan's draw from the same generator."""
+    from diffrl.algorithms.truncation import trl_plan
+
+    pipe = DefaultDDPOStableDiffusionPipeline(tiny_sd_path)
+    seen = []
+    hook = pipe.policy.trainable_module.register_forward_hook(lambda m, i, o: seen.append(torch.is_grad_enabled()))
+    try:
+        for seed in range(6):
+            seen.clear()
+            pipe.rgb_with_grad(["a"], num_inference_steps=4, eta=1.0, guidance_scale=1.0, gradient_checkpoint=False,
+                               truncated_rand_backprop_minmax=(1, 4), generator=torch.Generator().manual_seed(seed))
+            expected = trl_plan(4, truncated_rand_backprop_minmax=(1, 4),
+                                generator=torch.Generator().manual_seed(seed)).grad_steps
+            assert seen == expected
+    finally:
+        hook.remove()
+    with pytest.raises(ValueError, match="truncated_rand_backprop_minmax"):
+        pipe.rgb_with_grad(["a"], num_inference_steps=4, truncated_rand_backprop_minmax=(0, 50))
 
 
 def test_ddpm_pipeline_has_the_same_surface(tiny_ddpm_path, tmp_path):

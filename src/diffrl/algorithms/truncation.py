@@ -29,6 +29,7 @@ __all__ = [
     "random_plan",
     "refl_plan",
     "suffix_flags",
+    "trl_plan",
     "uniform_int",
 ]
 
@@ -64,10 +65,12 @@ class GradientPlan(NamedTuple):
 
 
 def uniform_int(low: int, high: int, generator: torch.Generator | None) -> int:
-    """An integer drawn uniformly from ``[low, high]`` (both ends included) with ``generator``."""
+    """An integer drawn uniformly from ``[low, high]`` (both ends included, like ``random.randint``) with
+    ``generator`` (on any device; ``None``: torch's global generator)."""
     if low > high:
         raise ValueError(f"empty range [{low}, {high}]")
-    return int(torch.randint(low, high + 1, (), generator=generator))
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(low, high + 1, (), generator=generator, device=device))
 
 
 def suffix_flags(num_steps: int, start: int) -> list[bool]:
@@ -87,19 +90,35 @@ def fixed_plan(num_steps: int, start: int) -> GradientPlan:
 
 
 def random_plan(num_steps: int, minmax: tuple[int, int], generator: torch.Generator | None) -> GradientPlan:
-    """AlignProp's randomised truncation: ``start`` uniform on ``min, ..., max - 1``, then steps ``i >= start``.
+    """AlignProp's randomised truncation: ``start`` uniform on ``min, ..., max`` (both ends included, as TRL
+    0.23's ``random.randint(min, max)``), then steps ``i >= start``; one draw per batch, from ``generator``.
 
-    One draw per batch. TRL drew ``random.randint(min, max)`` (``max`` included) afresh at every step and
-    detached step ``i`` when ``i`` was below it, so step ``i`` carried gradients with probability
-    ``(i + 1) / (max - min + 1)`` for ``min = 0`` and, when ``max = N`` came up at every step, none did. One
-    draw from the half-open range keeps TRL's per-step odds (``(i + 1) / (max - min)``), keeps the graph one
-    contiguous chain, and always leaves at least the last step with gradients (``max <= N``).
+    TRL drew ``random.randint(min, max)`` afresh at every step ``i`` and detached that step's UNet output when
+    ``i`` was below the draw, so step ``i`` carried gradients with probability ``(i - min + 1) / (max - min + 1)``.
+    One draw per batch gives every step but the last exactly those odds and keeps the graph one contiguous
+    chain. A draw of ``start = N`` (possible when ``max = N``, TRL's default 50 of 50 steps) would leave no
+    step with gradients, where TRL's loss had none to backpropagate; the last step then carries them, so it
+    always does. This is the one AlignProp randomised truncation: the recipe and ``rgb_with_grad`` both use it.
     """
     low, high = minmax
-    if not 0 <= low < high <= num_steps:
-        raise ValueError(f"truncated_rand_backprop_minmax={minmax} needs 0 <= min < max <= {num_steps} (the "
-                         "number of sampler steps)")
-    return GradientPlan(suffix_flags(num_steps, uniform_int(low, high - 1, generator)))
+    if not 0 <= low <= high <= num_steps:
+        raise ValueError(f"truncated_rand_backprop_minmax={tuple(minmax)} needs 0 <= min <= max <= {num_steps} "
+                         "(the number of sampler steps); TRL's default (0, 50) is for 50 steps, e.g. "
+                         f"(0, {num_steps}) for {num_steps}.")
+    return GradientPlan(suffix_flags(num_steps, min(uniform_int(low, high, generator), num_steps - 1)))
+
+
+def trl_plan(num_steps: int, *, truncated_backprop: bool = True, truncated_backprop_rand: bool = True,
+             truncated_backprop_timestep: int = 49, truncated_rand_backprop_minmax: tuple[int, int] = (0, 50),
+             generator: torch.Generator | None = None) -> GradientPlan:
+    """The plan of TRL 0.23's ``rgb_with_grad`` arguments: every step (``truncated_backprop=False``),
+    :func:`random_plan`, or :func:`fixed_plan` from ``truncated_backprop_timestep`` (a start of ``N`` or more
+    keeps only the last step, rather than leaving no step with gradients)."""
+    if not truncated_backprop:
+        return GradientPlan([True] * num_steps)
+    if truncated_backprop_rand:
+        return random_plan(num_steps, truncated_rand_backprop_minmax, generator)
+    return fixed_plan(num_steps, min(max(truncated_backprop_timestep, 0), num_steps - 1))
 
 
 def draft_k_plan(num_steps: int, k: int) -> GradientPlan:

@@ -5,6 +5,7 @@ from diffrl.pipelines.loading import ModelLoadError, load_pipeline
 from diffrl.pipelines.lora import LoraSettings
 from diffrl.pipelines.schedule import DenoisingSchedule
 from diffrl.pipelines.stable_diffusion import StableDiffusionPolicy
+from diffrl.pipelines.stable_diffusion_xl import SDXLConditioning, StableDiffusionXLPolicy
 from diffrl.pipelines.types import DiffusionPolicy, SampleResult, TextConditioning, Trajectory
 
 __all__ = [
@@ -13,8 +14,10 @@ __all__ = [
     "DiffusionPolicy",
     "LoraSettings",
     "ModelLoadError",
+    "SDXLConditioning",
     "SampleResult",
     "StableDiffusionPolicy",
+    "StableDiffusionXLPolicy",
     "TextConditioning",
     "Trajectory",
     "load_pipeline",

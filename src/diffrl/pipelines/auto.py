@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from diffrl.pipelines.ddpm import DDPMPolicy
-from diffrl.pipelines.loading import SINGLE_FILE_SUFFIXES, ModelLoadError
+from diffrl.pipelines.loading import SINGLE_FILE_SUFFIXES, ModelLoadError, read_model_index
 from diffrl.pipelines.saved import read_model_info
 from diffrl.pipelines.stable_diffusion import StableDiffusionPolicy
+from diffrl.pipelines.stable_diffusion_xl import StableDiffusionXLPolicy, is_sdxl_single_file
 
 _UNCONDITIONAL = {"DDPMPipeline", "DDIMPipeline"}
 
@@ -18,10 +18,9 @@ _UNCONDITIONAL = {"DDPMPipeline", "DDIMPipeline"}
 def _pipeline_class(name_or_path: str, revision: str) -> str | None:
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
-        return "StableDiffusionPipeline"
+        return "StableDiffusionXLPipeline" if is_sdxl_single_file(path) else "StableDiffusionPipeline"
     if path.is_dir():
-        index = path / "model_index.json"
-        return json.loads(index.read_text())["_class_name"] if index.is_file() else None
+        return read_model_index(path).get("_class_name") if (path / "model_index.json").is_file() else None
     try:
         from diffusers import DiffusionPipeline
 
@@ -31,16 +30,19 @@ def _pipeline_class(name_or_path: str, revision: str) -> str | None:
 
 
 def load_policy(name_or_path: str | os.PathLike, *, revision: str = "main", **kwargs: Any):
-    """``DDPMPolicy`` for DDPM/DDIM pipelines and diffrl DDPM results, ``StableDiffusionPolicy`` otherwise."""
+    """``DDPMPolicy`` for DDPM/DDIM pipelines and diffrl DDPM results, ``StableDiffusionXLPolicy`` for SDXL
+    pipelines (``model_index.json``), single files and results, ``StableDiffusionPolicy`` otherwise."""
     name = os.fspath(name_or_path)
     info = read_model_info(name, revision)
     kind = info.get("kind") if info else None
     if kind is None:
         cls_name = _pipeline_class(name, revision)
-        kind = "ddpm" if cls_name in _UNCONDITIONAL else "stable_diffusion"
+        kind = "ddpm" if cls_name in _UNCONDITIONAL else "sdxl" if cls_name == "StableDiffusionXLPipeline" else "stable_diffusion"
     if kind == "ddpm":
         return DDPMPolicy.from_pretrained(name, revision=revision, **kwargs)
     kwargs.pop("sampler", None)
+    if kind == "sdxl":
+        return StableDiffusionXLPolicy.from_pretrained(name, revision=revision, **kwargs)
     if kind != "stable_diffusion":
         raise ModelLoadError(f"'{name}' holds a diffrl model of unknown kind {kind!r}.")
     return StableDiffusionPolicy.from_pretrained(name, revision=revision, **kwargs)

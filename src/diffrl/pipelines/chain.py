@@ -35,6 +35,7 @@ def run_chain(
     gradient_checkpointing: bool = False,
     stop_after_step: int | None = None,
     progress: bool = False,
+    sde_steps: Sequence[bool] | None = None,
 ) -> SampleResult:
     """Run the reverse chain from ``x_T`` and record it.
 
@@ -46,6 +47,9 @@ def run_chain(
             instead of storing them, so memory does not grow with the number of steps in the graph.
         stop_after_step: run only this many steps and return the images decoded from that last step's
             ``x_0`` prediction (ReFL); ``None`` runs the whole chain and decodes ``x_0``.
+        sde_steps: one flag per step; flagged steps are stochastic (the sampler's step with ``eta``, exact
+            log-probability), the others the deterministic DDIM step (``eta = 0``, log-probability recorded
+            as 0): the stochastic window of MixGRPO / Flow-GRPO-Fast. ``None``: every step as the sampler says.
     """
     schedule = policy.schedule
     device = x_T.device
@@ -57,6 +61,12 @@ def run_chain(
     if len(flags) < n_steps:
         raise ValueError(f"grad_steps has {len(grad_steps or [])} flags for {n_steps} steps.")
     compute_log_prob = schedule.sampler == "ddpm" or eta > 0
+    stochastic = [compute_log_prob] * n_steps if sde_steps is None else [bool(f) for f in sde_steps[:n_steps]]
+    if len(stochastic) < n_steps:
+        raise ValueError(f"sde_steps has {len(sde_steps or [])} flags for {n_steps} steps; give one per step.")
+    if sde_steps is not None and any(stochastic) and not compute_log_prob:
+        raise ValueError(f"sde_steps marks stochastic steps but eta={eta}: a DDIM step with eta = 0 has no noise "
+                         "and no log-probability. Use eta > 0 (1.0 is DDPM's variance) with sde_steps.")
     batch = x_T.shape[0]
     x = x_T
     latents, log_probs, ts, prev_ts = [x_T.detach()], [], [], []
@@ -69,7 +79,12 @@ def run_chain(
                 out = checkpoint(policy.predict, x, t, conditioning, guidance_scale, use_reentrant=False)
             else:
                 out = policy.predict(x, t, conditioning, guidance_scale)
-            step = schedule.step(out, x, t, t_prev, eta=eta, generator=generator, compute_log_prob=compute_log_prob)
+            if stochastic[i]:
+                step = schedule.step(out, x, t, t_prev, eta=eta, generator=generator, compute_log_prob=True)
+            elif sde_steps is not None:
+                step = schedule.deterministic_step(out, x, t, t_prev)
+            else:  # eta = 0 throughout: exactly the pre-``sde_steps`` path
+                step = schedule.step(out, x, t, t_prev, eta=eta, generator=generator, compute_log_prob=False)
         x = step.prev_sample
         latents.append(x.detach())
         log_probs.append(step.log_prob.detach() if step.log_prob is not None else torch.zeros(batch, device=device))
@@ -87,5 +102,6 @@ def run_chain(
         log_probs=torch.stack(log_probs, dim=1),
         conditioning=conditioning,
         prompts=prompts,
+        stochastic=torch.tensor(stochastic, device=device).expand(batch, n_steps).clone(),
     )
     return SampleResult(trajectory, images if any_grad else None)

@@ -5,6 +5,7 @@ Every failure is a :class:`ModelLoadError` that names the path or id and says wh
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +20,24 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 class ModelLoadError(OSError):
     """A model could not be found or loaded; the message names the source and what was tried."""
+
+
+def read_json_file(file: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``file``; unreadable or corrupt JSON is a :class:`ModelLoadError` naming the file."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"The {what} '{file}' is not valid JSON ({err}). The model folder is damaged or "
+                             "half-written: save or download it again.") from err
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"The {what} '{file}' holds a JSON {type(value).__name__}, not an object; the model "
+                             "folder is damaged: save or download it again.")
+    return value
+
+
+def read_model_index(folder: Path) -> dict[str, Any]:
+    """A diffusers pipeline folder's ``model_index.json`` (corrupt: :class:`ModelLoadError` naming it)."""
+    return read_json_file(folder / "model_index.json", "pipeline index")
 
 
 def hub_offline() -> bool:
@@ -63,6 +82,7 @@ def load_pipeline(
                 f"{pipeline_cls.__name__}.save_pretrained (with unet/, scheduler/, ... and model_index.json), "
                 "or to a single-file .safetensors/.ckpt checkpoint."
             )
+        read_model_index(path)
         try:
             return pipeline_cls.from_pretrained(str(path), **kwargs)
         except Exception as err:  # noqa: BLE001 - re-raised with the source named
@@ -111,6 +131,6 @@ def _load_from_hub(pipeline_cls: type[P], repo_id: str, revision: str, **kwargs:
             raise ModelLoadError(
                 f"Model '{repo_id}' is not available offline: HF_HUB_OFFLINE=1 is set and no cached copy was "
                 f"found. {tried} (cache only). Download it once with network access "
-                f"(`huggingface-cli download {repo_id}`), or give a local folder or single-file checkpoint."
+                f"(`hf download {repo_id}`), or give a local folder or single-file checkpoint."
             ) from err
         raise ModelLoadError(f"Could not load model '{repo_id}'. {tried}. Cause: {err}") from err

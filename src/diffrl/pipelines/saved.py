@@ -7,7 +7,11 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from huggingface_hub import hf_hub_download
+
 from diffrl._version import __version__
+from diffrl.pipelines.loading import read_json_file
+from diffrl.pipelines.lora import LoraSettings
 
 MODEL_FILE = "diffrl_model.json"
 
@@ -26,12 +30,10 @@ def read_model_info(name_or_path: str | os.PathLike, revision: str = "main") -> 
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         file = path / MODEL_FILE
-        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
+        return read_json_file(file, "diffrl model record") if file.is_file() else None
     if path.exists() or str(name_or_path).count("/") != 1:
         return None
     try:  # a Hub repo pushed by diffrl (continues training from a shared result: TRL issue 2505)
-        from huggingface_hub import hf_hub_download
-
         return json.loads(Path(hf_hub_download(str(name_or_path), MODEL_FILE, revision=revision)).read_text())
     except Exception:  # noqa: BLE001 - not a diffrl repo, or offline: treat as a plain base model
         return None
@@ -43,16 +45,14 @@ class LoadPlan(NamedTuple):
     base: str
     revision: str
     use_lora: bool
-    lora: Any  # LoraSettings | None
+    lora: LoraSettings | None
     lora_weights: str | os.PathLike | None
 
 
-def plan_load(name_or_path: str | os.PathLike, revision: str, kind: str, use_lora: bool, lora: Any,
+def plan_load(name_or_path: str | os.PathLike, revision: str, kind: str, use_lora: bool, lora: LoraSettings | None,
               lora_weights: str | os.PathLike | None) -> LoadPlan:
     """Resolve a diffrl LoRA result (``diffrl_model.json`` with LoRA settings) to its base model plus adapter;
     anything else loads as given. A result of another policy kind is an error naming both kinds."""
-    from diffrl.pipelines.lora import LoraSettings
-
     info = read_model_info(name_or_path, revision)
     if info is None or info.get("lora") is None:
         if lora_weights is not None and not use_lora:

@@ -9,7 +9,15 @@ from typing import Any, Literal, Mapping
 import torch
 from diffusers import DDIMScheduler
 
-from diffrl.samplers import PredictionConfig, StepOutput, alphas_at, ddim_step, ddpm_step, previous_timesteps
+from diffrl.samplers import (
+    PredictionConfig,
+    StepOutput,
+    alphas_at,
+    ddim_step,
+    ddpm_step,
+    predict_x0_and_eps,
+    previous_timesteps,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +91,28 @@ class DenoisingSchedule:
         return ddim_step(model_output, sample, a_t, a_prev, eta=eta, config=self.prediction, generator=generator,
                          prev_sample=prev_sample, noise=noise, compute_log_prob=compute_log_prob)
 
+    def deterministic_step(self, model_output: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor,
+                           prev_timesteps: torch.Tensor) -> StepOutput:
+        """The deterministic DDIM step (``eta = 0``, Song et al. 2021 eq. 12 without noise) whatever the sampler:
+        the ODE part of a chain whose stochastic steps are a window (MixGRPO). No log-probability."""
+        a_t, a_prev = alphas_at(self.scheduler.alphas_cumprod, timesteps, prev_timesteps, sample.ndim)
+        return ddim_step(model_output, sample, a_t, a_prev, eta=0.0, config=self.prediction, compute_log_prob=False)
+
+    def x0_from_output(self, model_output: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The model's estimate of ``x_0`` at ``x_t`` for its prediction type (noise, velocity or sample), without
+        the sampler's clipping or thresholding, so it stays differentiable everywhere."""
+        a_t = alphas_at(self.scheduler.alphas_cumprod, timesteps, timesteps, sample.ndim)[0]
+        raw = PredictionConfig(prediction_type=self.prediction.prediction_type)
+        return predict_x0_and_eps(model_output, sample, a_t, raw)[0]
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The forward process ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (Ho et al. 2020, eq. 4)."""
+        return self.scheduler.add_noise(x0, noise, timesteps)
+
     def training_pair(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x_t, target)`` for the denoising loss: ``x_t = sqrt(abar) x0 + sqrt(1 - abar) noise`` (Ho et al. 2020,
-        eq. 4) and the regression target of the model's prediction type (noise, velocity or ``x0``)."""
-        x_t = self.scheduler.add_noise(x0, noise, timesteps)
+        """``(x_t, target)`` for the denoising loss: ``x_t`` from :meth:`add_noise` and the regression target of
+        the model's prediction type (noise, velocity or ``x0``)."""
+        x_t = self.add_noise(x0, noise, timesteps)
         kind = self.prediction.prediction_type
         if kind == "epsilon":
             return x_t, noise

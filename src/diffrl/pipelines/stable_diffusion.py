@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
-from diffusers.utils.torch_utils import randn_tensor
 
 from diffrl.pipelines.base import TrainableUNetPolicy
-from diffrl.pipelines.chain import run_chain
-from diffrl.pipelines.loading import load_pipeline
 from diffrl.pipelines.lora import LoraSettings, load_lora_state_dict, lora_state_dict
-from diffrl.pipelines.saved import plan_load, write_model_info
+from diffrl.pipelines.saved import write_model_info
 from diffrl.pipelines.schedule import DenoisingSchedule
 from diffrl.pipelines.types import SampleResult, TextConditioning
-from diffrl.samplers import StepOutput
 
 
 class StableDiffusionPolicy(TrainableUNetPolicy):
@@ -29,6 +25,9 @@ class StableDiffusionPolicy(TrainableUNetPolicy):
     and the forward passes autocast, while trainable weights, latents and log-probabilities stay float32.
     """
 
+    kind = "stable_diffusion"
+    pipeline_class = StableDiffusionPipeline
+    load_options = ("single_file_config",)
     is_conditional = True
 
     def __init__(
@@ -50,31 +49,19 @@ class StableDiffusionPolicy(TrainableUNetPolicy):
 
     # ----------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike,
-        *,
-        revision: str = "main",
-        use_lora: bool = True,
-        lora: LoraSettings | None = None,
-        lora_weights: str | os.PathLike | None = None,
-        mixed_precision: str = "no",
-        device: torch.device | str | None = None,
-        single_file_config: str | None = None,
-    ) -> "StableDiffusionPolicy":
-        """Load from a Hub id, a diffusers folder, a single-file checkpoint, or a result saved by diffrl.
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, revision: str = "main", use_lora: bool = True,
+                        lora: LoraSettings | None = None, lora_weights: str | os.PathLike | None = None,
+                        mixed_precision: str = "no", device: torch.device | str | None = None,
+                        single_file_config: str | None = None, **options) -> "StableDiffusionPolicy":
+        """Load from a Hub id, a diffusers folder, a single-file checkpoint (``single_file_config``: the diffusers
+        folder or Hub id describing its architecture, needed offline), or a result saved by diffrl.
 
         A diffrl LoRA result (a folder or Hub repo with ``diffrl_model.json``) loads its base model and then
         its adapter, ready to continue training; ``lora_weights`` loads any diffusers-format LoRA the same way.
         """
-        plan = plan_load(name_or_path, revision, "stable_diffusion", use_lora, lora, lora_weights)
-        pipeline = load_pipeline(StableDiffusionPipeline, plan.base, revision=plan.revision,
-                                 single_file_config=single_file_config)
-        policy = cls(pipeline, use_lora=plan.use_lora, lora=plan.lora, mixed_precision=mixed_precision, device=device,
-                     base_model=plan.base, revision=plan.revision)
-        if plan.lora_weights is not None:
-            policy.load_lora_weights(plan.lora_weights)
-        return policy
+        return super().from_pretrained(name_or_path, revision=revision, use_lora=use_lora, lora=lora,
+                                       lora_weights=lora_weights, mixed_precision=mixed_precision, device=device,
+                                       single_file_config=single_file_config, **options)
 
     def load_lora_weights(self, source: str | os.PathLike) -> None:
         """Load diffusers-format LoRA weights (``pytorch_lora_weights.safetensors``) into the trainable adapter."""
@@ -105,28 +92,29 @@ class StableDiffusionPolicy(TrainableUNetPolicy):
                                                    list(negative_prompts) if negative_prompts else None)
         return TextConditioning(pos, neg if guidance else None)
 
-    def initial_noise(self, batch_size: int, generator=None, height: int | None = None, width: int | None = None):
+    def _latent_shape(self, batch_size: int, height: int | None, width: int | None) -> tuple[int, ...]:
         config = self._unet.config
         h = (height or config.sample_size * self.vae_scale_factor) // self.vae_scale_factor
         w = (width or config.sample_size * self.vae_scale_factor) // self.vae_scale_factor
-        shape = (batch_size, config.in_channels, h, w)
-        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32) * self.schedule.init_noise_sigma
+        return (batch_size, config.in_channels, h, w)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, conditioning: TextConditioning | None,
-                guidance_scale: float) -> torch.Tensor:
-        """UNet output at ``x_t`` (float32), with classifier-free guidance when negative states are present."""
+                guidance_scale: float, *, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """UNet output at ``x_t`` (float32), with classifier-free guidance when negative states are present;
+        ``params`` replace trainable weights for this call (see :meth:`reference_params`)."""
         if conditioning is None:
             raise ValueError("Stable Diffusion needs text conditioning; pass prompts (an empty string is allowed).")
         guided = conditioning.negative_prompt_embeds is not None and guidance_scale > 1.0
         dtype = self._unet.dtype  # inputs follow the weights when not autocasting (e.g. a UNet moved to fp16)
+        unet = self._network(params)
         with self.autocast():
             if guided:
                 states = torch.cat([conditioning.negative_prompt_embeds, conditioning.prompt_embeds]).to(dtype)
-                out = self.unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), encoder_hidden_states=states).sample
+                out = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), encoder_hidden_states=states).sample
                 uncond, cond = out.float().chunk(2)
                 return uncond + guidance_scale * (cond - uncond)
             states = conditioning.prompt_embeds.to(dtype)
-            return self.unet(x.to(dtype), t, encoder_hidden_states=states).sample.float()
+            return unet(x.to(dtype), t, encoder_hidden_states=states).sample.float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images in ``[0, 1]`` (float32, ``[B, 3, H, W]``)."""
@@ -154,12 +142,13 @@ class StableDiffusionPolicy(TrainableUNetPolicy):
         gradient_checkpointing: bool = False,
         stop_after_step: int | None = None,
         progress: bool = False,
+        sde_steps: Sequence[bool] | None = None,
     ) -> SampleResult:
         """Sample a batch: one image per prompt (``prompts`` or precomputed ``conditioning``).
 
         ``generator`` drives every random draw: the initial noise and the noise of each step.
-        See :func:`diffrl.pipelines.chain.run_chain` for ``grad_steps``, ``gradient_checkpointing`` and
-        ``stop_after_step``.
+        See :func:`diffrl.pipelines.chain.run_chain` for ``grad_steps``, ``gradient_checkpointing``,
+        ``stop_after_step`` and ``sde_steps``.
         """
         if conditioning is None:
             if prompts is None:
@@ -170,17 +159,10 @@ class StableDiffusionPolicy(TrainableUNetPolicy):
         if batch_size is not None and batch_size != batch:
             raise ValueError(f"batch_size={batch_size} but {batch} prompts were given; pass one prompt per image.")
         prompts = list(prompts) if prompts is not None else [""] * batch
-        x_T = latents.to(self.device, torch.float32) if latents is not None else self.initial_noise(batch, generator, height, width)
-        return run_chain(self, x_T, conditioning, prompts, num_inference_steps=num_inference_steps,
-                         guidance_scale=guidance_scale, eta=eta, generator=generator, grad_steps=grad_steps,
-                         gradient_checkpointing=gradient_checkpointing, stop_after_step=stop_after_step,
-                         progress=progress)
-
-    def step_log_prob(self, latents, timesteps, prev_timesteps, next_latents, conditioning, *, eta=1.0,
-                      guidance_scale=5.0) -> StepOutput:
-        """Recompute the transition ``latents -> next_latents`` under the current weights, with gradients."""
-        out = self.predict(latents, timesteps, conditioning, guidance_scale)
-        return self.schedule.step(out, latents, timesteps, prev_timesteps, eta=eta, prev_sample=next_latents)
+        return self._run(conditioning, prompts, batch, latents, generator, height, width,
+                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
+                         grad_steps=grad_steps, gradient_checkpointing=gradient_checkpointing,
+                         stop_after_step=stop_after_step, progress=progress, sde_steps=sde_steps)
 
     # ----------------------------------------------------------------- saving
     def save_pretrained(self, directory: str | os.PathLike) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,20 +16,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffrl.algorithms.truncation import trl_plan
 from diffrl.pipelines.ddpm import DDPMPolicy
 from diffrl.pipelines.lora import LoraSettings
 from diffrl.pipelines.stable_diffusion import StableDiffusionPolicy
-from diffrl.pipelines.types import SampleResult, TextConditioning
+from diffrl.pipelines.stable_diffusion_xl import StableDiffusionXLPolicy
+from diffrl.pipelines.types import DiffusionPolicy, SampleResult, TextConditioning
 from diffrl.samplers import DeterministicStepError
 
 
-def _draw_step(low: int, high: int, generator) -> int:
-    """Uniform integer in ``[low, high]``: from ``generator`` (the first of a list) when given, else ``random``."""
+def _first_generator(generator) -> torch.Generator | None:
     if isinstance(generator, (list, tuple)):
-        generator = generator[0] if generator else None
-    if generator is None:
-        return random.randint(low, high)
-    return int(torch.randint(low, high + 1, (1,), generator=generator, device=generator.device))
+        return generator[0] if generator else None
+    return generator
 
 
 @dataclass
@@ -77,9 +75,14 @@ _IGNORED_ARGS = {"return_dict", "callback", "callback_steps", "cross_attention_k
 
 
 class DDPOStableDiffusionPipeline:
-    """The interface TRL's trainers accept; subclass it to plug in another model (as with TRL)."""
+    """The interface of TRL's ``DDPOStableDiffusionPipeline``, for code typed against it.
 
-    policy: StableDiffusionPolicy | DDPMPolicy
+    diffrl's trainers train the diffrl policy behind a pipeline (its ``policy`` attribute), not these
+    methods, so subclassing this class does not plug in another model: write a policy instead (a
+    :class:`~diffrl.pipelines.base.TrainableUNetPolicy` subclass) and pass it, or a pipeline over it, to the trainer.
+    """
+
+    policy: DiffusionPolicy
 
     def __call__(self, *args, **kwargs) -> DDPOPipelineOutput:
         raise NotImplementedError
@@ -133,7 +136,7 @@ class DDPOStableDiffusionPipeline:
 class _PolicyPipeline(DDPOStableDiffusionPipeline):
     """The TRL surface implemented once over any diffrl policy."""
 
-    def __init__(self, policy: StableDiffusionPolicy | DDPMPolicy) -> None:
+    def __init__(self, policy: DiffusionPolicy) -> None:
         self.policy = policy
         self.use_lora = policy.use_lora
         self._progress = False
@@ -153,7 +156,7 @@ class _PolicyPipeline(DDPOStableDiffusionPipeline):
         kwargs: dict[str, Any] = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
                                       generator=generator, latents=latents, grad_steps=grad_steps,
                                       gradient_checkpointing=gradient_checkpointing, progress=self._progress)
-        if isinstance(self.policy, DDPMPolicy):
+        if not self.policy.is_conditional:
             count = prompt_embeds.shape[0] if prompt_embeds is not None else (
                 1 if prompt is None or isinstance(prompt, str) else len(prompt))
             return self.policy.sample(batch_size=count * num_images_per_prompt, **kwargs)
@@ -187,21 +190,18 @@ class _PolicyPipeline(DDPOStableDiffusionPipeline):
                       truncated_backprop_rand: bool = True, gradient_checkpoint: bool = True,
                       truncated_backprop_timestep: int = 49, truncated_rand_backprop_minmax: tuple = (0, 50),
                       num_inference_steps: int = 50, **kwargs) -> DDPOPipelineOutput:
-        """Sample with gradients to the UNet weights at steps ``i >= k`` (TRL's truncated backprop: ``k`` fixed
-        or drawn uniformly from ``truncated_rand_backprop_minmax``, both ends included), differentiable images.
+        """Sample with gradients to the UNet weights at steps ``i >= k``, differentiable images.
 
-        With a ``generator``, ``k`` is drawn from it too, so a seed reproduces the whole call; without one, from
-        Python's global ``random`` as TRL did."""
-        if truncated_backprop:
-            low, high = truncated_rand_backprop_minmax
-            k = (_draw_step(low, high, kwargs.get("generator")) if truncated_backprop_rand
-                 else truncated_backprop_timestep)
-        else:
-            k = 0
-        grad_steps = [i >= k for i in range(num_inference_steps)]
-        if not any(grad_steps):
-            grad_steps[-1] = True  # TRL detached nothing past the last step either; keep the last one
-        result = self._sample(prompt, eta=eta, num_inference_steps=num_inference_steps, grad_steps=grad_steps,
+        ``k`` is TRL's: fixed, or drawn uniformly from ``truncated_rand_backprop_minmax`` with both ends
+        included (``random.randint``); the same plan as diffrl's AlignProp trainer
+        (:func:`diffrl.algorithms.truncation.trl_plan`). ``k`` is drawn from ``generator`` (the first of a
+        list), so a seed reproduces the whole call; without one, from torch's global generator."""
+        plan = trl_plan(num_inference_steps, truncated_backprop=truncated_backprop,
+                        truncated_backprop_rand=truncated_backprop_rand,
+                        truncated_backprop_timestep=truncated_backprop_timestep,
+                        truncated_rand_backprop_minmax=tuple(truncated_rand_backprop_minmax),
+                        generator=_first_generator(kwargs.get("generator")))
+        result = self._sample(prompt, eta=eta, num_inference_steps=num_inference_steps, grad_steps=plan.grad_steps,
                               gradient_checkpointing=gradient_checkpoint, **kwargs)
         return self._output(result, output_type, eta, with_grad=True)
 
@@ -265,11 +265,9 @@ class _PolicyPipeline(DDPOStableDiffusionPipeline):
         if self.use_lora:
             self.policy.load_lora_weights(input_dir)
         else:
-            from diffusers import UNet2DConditionModel, UNet2DModel
-
-            cls = UNet2DModel if isinstance(self.policy, DDPMPolicy) else UNet2DConditionModel
-            loaded = cls.from_pretrained(input_dir, subfolder="unet")
-            self.policy._unet.load_state_dict(loaded.state_dict())
+            unet = self.policy.trainable_module
+            loaded = type(unet).from_pretrained(input_dir, subfolder="unet")
+            unet.load_state_dict(loaded.state_dict())
         if models:
             models.pop()
 
@@ -294,3 +292,33 @@ class DefaultDDPODDPMPipeline(_PolicyPipeline):
                  lora: LoraSettings | None = None, **kwargs) -> None:
         super().__init__(DDPMPolicy.from_pretrained(
             pretrained_model_name, revision=pretrained_model_revision, use_lora=use_lora, lora=lora, **kwargs))
+
+
+class DefaultDDPOStableDiffusionXLPipeline(_PolicyPipeline):
+    """The same surface for Stable Diffusion XL, which TRL never had (TRL issue 1630):
+    ``DefaultDDPOStableDiffusionXLPipeline(name, pretrained_model_revision=..., use_lora=...)``.
+
+    Extra keyword arguments (``lora``, ``mixed_precision``, ``device``, ``vae``, ``original_size``, ...) go to
+    :meth:`StableDiffusionXLPolicy.from_pretrained`. Sampling takes prompts (SDXL also needs pooled embeddings and
+    ``add_time_ids``, which ``prompt_embeds`` alone do not carry).
+    """
+
+    def __init__(self, pretrained_model_name: str, *, pretrained_model_revision: str = "main", use_lora: bool = True,
+                 lora: LoraSettings | None = None, **kwargs) -> None:
+        super().__init__(StableDiffusionXLPolicy.from_pretrained(
+            pretrained_model_name, revision=pretrained_model_revision, use_lora=use_lora, lora=lora, **kwargs))
+
+    def _sample(self, prompt=None, **kwargs) -> SampleResult:
+        if kwargs.get("prompt_embeds") is not None:
+            raise ValueError("DefaultDDPOStableDiffusionXLPipeline samples from prompts (prompt=...); SDXL also needs "
+                             "pooled embeddings and add_time_ids, so for precomputed states call "
+                             "policy.sample(conditioning=policy.encode_prompts(prompts)).")
+        return super()._sample(prompt, **kwargs)
+
+    @property
+    def tokenizer_2(self):
+        return self.policy.pipeline.tokenizer_2
+
+    @property
+    def text_encoder_2(self):
+        return self.policy.pipeline.text_encoder_2

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Mapping, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from diffrl.pipelines.schedule import DenoisingSchedule
 from diffrl.samplers import StepOutput
 
 
 class TextConditioning(NamedTuple):
     """What a text-conditioned UNet needs for one batch (``L`` tokens, ``D`` embedding width).
+
+    Trainers treat conditioning opaquely through :meth:`index`, :meth:`concat` and :meth:`without_guidance`;
+    a policy with more conditioning (SDXL's pooled embeddings and time ids) has its own NamedTuple with the
+    same methods and the same ``prompt_embeds`` field.
 
     Attributes:
         prompt_embeds: ``[B, L, D]`` text-encoder states of the prompts.
@@ -22,8 +27,25 @@ class TextConditioning(NamedTuple):
     negative_prompt_embeds: torch.Tensor | None
 
     def index(self, idx: torch.Tensor | slice) -> "TextConditioning":
+        """The rows ``idx`` of every field."""
         neg = None if self.negative_prompt_embeds is None else self.negative_prompt_embeds[idx]
         return TextConditioning(self.prompt_embeds[idx], neg)
+
+    @classmethod
+    def concat(cls, items: Sequence["TextConditioning"]) -> "TextConditioning":
+        """Stack batches along the batch dimension; all or none of them must carry negative states."""
+        if not items:
+            raise ValueError("TextConditioning.concat needs at least one item.")
+        negs = [c.negative_prompt_embeds for c in items]
+        if any(n is None for n in negs) and not all(n is None for n in negs):
+            raise ValueError("TextConditioning.concat got batches with and without negative_prompt_embeds; "
+                             "encode them all with guidance or all without.")
+        neg = None if negs[0] is None else torch.cat(negs)
+        return cls(torch.cat([c.prompt_embeds for c in items]), neg)
+
+    def without_guidance(self) -> "TextConditioning":
+        """The same prompts with the negative states dropped: the policy then predicts without guidance."""
+        return self._replace(negative_prompt_embeds=None)
 
 
 class Trajectory(NamedTuple):
@@ -40,6 +62,9 @@ class Trajectory(NamedTuple):
             :func:`diffrl.samplers.gaussian_log_prob`); zeros when sampled with ``eta = 0``.
         conditioning: the text conditioning (``None`` for unconditional models).
         prompts: the ``B`` prompts (empty strings for unconditional models).
+        stochastic: ``[B, N]`` bool, whether each transition was stochastic (drawn with noise, exact
+            log-probability) or deterministic (``eta = 0``, log-probability recorded as 0); see ``sde_steps``
+            of :meth:`DiffusionPolicy.sample`. ``None`` in trajectories built without it (every step as sampled).
     """
 
     images: torch.Tensor
@@ -49,6 +74,7 @@ class Trajectory(NamedTuple):
     log_probs: torch.Tensor
     conditioning: TextConditioning | None
     prompts: list[str]
+    stochastic: torch.Tensor | None = None
 
 
 class SampleResult(NamedTuple):
@@ -61,17 +87,46 @@ class SampleResult(NamedTuple):
 
 @runtime_checkable
 class DiffusionPolicy(Protocol):
-    """A diffusion model seen as a policy over denoising trajectories.
+    """A diffusion model seen as a policy over denoising trajectories: the interface every trainer uses.
 
-    Implemented by :class:`~diffrl.pipelines.StableDiffusionPolicy` and :class:`~diffrl.pipelines.DDPMPolicy`.
+    Implemented by :class:`~diffrl.pipelines.StableDiffusionPolicy` and :class:`~diffrl.pipelines.DDPMPolicy`
+    (through :class:`~diffrl.pipelines.base.TrainableUNetPolicy`). Shapes: ``B`` batch, ``C, h, w`` latent (or
+    pixel) shape. ``params`` arguments are optional ``name -> tensor`` maps that replace trainable parameters
+    (names as in :meth:`trainable_state_dict`) for that one call: an EMA "old" policy, or the frozen
+    reference from :meth:`reference_params`.
     """
 
     is_conditional: bool
     unet: torch.nn.Module
+    """What forward passes call: :attr:`trainable_module`, or the wrapper given to :meth:`use_forward_module`."""
     num_train_timesteps: int
+    schedule: DenoisingSchedule
 
     @property
     def device(self) -> torch.device: ...
+
+    @property
+    def trainable_module(self) -> torch.nn.Module:
+        """The UNet itself (never a distributed wrapper): the module whose parameters are trained and saved."""
+        ...
+
+    def use_forward_module(self, module: torch.nn.Module) -> None:
+        """Make forward passes call ``module`` (e.g. accelerate's DDP wrapper of :attr:`trainable_module`)."""
+        ...
+
+    def trainable_parameters(self) -> Iterator[torch.nn.Parameter]: ...
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Detached CPU copies of the parameters that require grad (LoRA adapters or the whole UNet)."""
+        ...
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``state`` (from :meth:`trainable_state_dict`) in; a key mismatch is a ``ValueError`` naming it."""
+        ...
+
+    def reference_params(self) -> Mapping[str, torch.Tensor]:
+        """``params`` that make a forward pass the frozen pre-fine-tuning model (no gradients)."""
+        ...
 
     def sample(
         self,
@@ -82,8 +137,23 @@ class DiffusionPolicy(Protocol):
         guidance_scale: float = 5.0,
         eta: float = 1.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        sde_steps: Sequence[bool] | None = None,
         **kwargs: Any,
     ) -> SampleResult: ...
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, conditioning: Any, guidance_scale: float, *,
+                params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``[B, C, h, w]`` float32 model output (guided when the conditioning has negative states)."""
+        ...
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, conditioning: Any, guidance_scale: float = 1.0, *,
+                   params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``[B, C, h, w]`` the model's differentiable estimate of ``x_0`` (any prediction type)."""
+        ...
+
+    def noise_to(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The forward process: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``."""
+        ...
 
     def step_log_prob(
         self,
@@ -91,12 +161,13 @@ class DiffusionPolicy(Protocol):
         timesteps: torch.Tensor,
         prev_timesteps: torch.Tensor,
         next_latents: torch.Tensor,
-        conditioning: TextConditioning | None,
+        conditioning: Any,
         *,
         eta: float = 1.0,
         guidance_scale: float = 5.0,
+        params: Mapping[str, torch.Tensor] | None = None,
     ) -> StepOutput: ...
 
-    def trainable_parameters(self) -> Iterator[torch.nn.Parameter]: ...
+    def decode(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def save_pretrained(self, directory: str) -> None: ...

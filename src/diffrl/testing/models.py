@@ -7,11 +7,13 @@ runs in seconds on a CPU.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
     DDPMPipeline,
     DDPMScheduler,
     PNDMScheduler,
@@ -24,10 +26,26 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from diffrl.testing.tokenizer import make_clip_tokenizer
 
 
-def build_tiny_stable_diffusion(seed: int = 0, *, max_length: int = 16) -> StableDiffusionPipeline:
-    """A Stable Diffusion 1.x-shaped pipeline: 16x16 images, 8x8x4 latents, a 2-layer CLIP text encoder."""
+# The scheduler config Stable Diffusion 2.x (768-pixel ``stabilityai/stable-diffusion-2-1``) ships: DDIM,
+# SD's scaled-linear betas, velocity prediction (Salimans & Ho 2022).
+SD2_SCHEDULER_CONFIG = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, clip_sample=False,
+    prediction_type="v_prediction", set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, trained_betas=None,
+)
+
+
+def build_tiny_stable_diffusion(seed: int = 0, *, max_length: int = 16, version: int = 1) -> StableDiffusionPipeline:
+    """A Stable Diffusion-shaped pipeline: 16x16 images, 8x8x4 latents, a 2-layer CLIP text encoder.
+
+    ``version=1``: SD 1.x (PNDM config, epsilon prediction). ``version=2``: SD 2.x (v-prediction DDIM config
+    of :data:`SD2_SCHEDULER_CONFIG`, linear projections in the attention blocks and upcast attention, as
+    SD 2.1's UNet config has).
+    """
+    if version not in (1, 2):
+        raise ValueError(f"version={version!r}: the tiny Stable Diffusion comes in versions 1 and 2.")
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    sd2 = dict(use_linear_projection=True, upcast_attention=True) if version == 2 else {}
+    unet = UNet2DConditionModel(**sd2,
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -49,8 +67,6 @@ def build_tiny_stable_diffusion(seed: int = 0, *, max_length: int = 16) -> Stabl
         norm_num_groups=4,
         sample_size=16,
     )
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = make_clip_tokenizer(tmp, model_max_length=max_length)
     text_encoder = CLIPTextModel(
@@ -66,11 +82,13 @@ def build_tiny_stable_diffusion(seed: int = 0, *, max_length: int = 16) -> Stabl
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    # Stable Diffusion ships a PNDM config; diffrl samples with DDIM built from it.
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
-    )
+    if version == 2:
+        scheduler = DDIMScheduler(**SD2_SCHEDULER_CONFIG)
+    else:  # Stable Diffusion 1.x ships a PNDM config; diffrl samples with DDIM built from it.
+        scheduler = PNDMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+            set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+        )
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -94,10 +112,10 @@ def build_tiny_ddpm(seed: int = 0, *, channels: int = 3, sample_size: int = 8) -
     return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
 
 
-def save_tiny_stable_diffusion(directory: str | Path, seed: int = 0) -> Path:
-    """Build and ``save_pretrained`` a tiny Stable Diffusion pipeline; returns the folder."""
+def save_tiny_stable_diffusion(directory: str | Path, seed: int = 0, *, version: int = 1) -> Path:
+    """Build and ``save_pretrained`` a tiny Stable Diffusion pipeline (``version`` 1 or 2); returns the folder."""
     directory = Path(directory)
-    build_tiny_stable_diffusion(seed).save_pretrained(directory)
+    build_tiny_stable_diffusion(seed, version=version).save_pretrained(directory)
     return directory
 
 
