@@ -18,7 +18,7 @@ from diffrl.config import AlignPropConfig, ConfigError, DDPOConfig, load_config,
 TRL_DDPO_DEFAULTS = {
     "run_name": "", "seed": 0, "log_with": None, "tracker_kwargs": {}, "accelerator_kwargs": {},
     "project_kwargs": {}, "tracker_project_name": "trl", "logdir": "logs", "num_epochs": 100, "save_freq": 1,
-    "num_checkpoint_limit": 5, "mixed_precision": "fp16", "allow_tf32": True, "resume_from": "",
+    "num_checkpoint_limit": 5, "allow_tf32": True, "resume_from": "",
     "sample_num_steps": 50, "sample_eta": 1.0, "sample_guidance_scale": 5.0, "sample_batch_size": 1,
     "sample_num_batches_per_epoch": 2, "train_batch_size": 1, "train_use_8bit_adam": False,
     "train_learning_rate": 0.0003, "train_adam_beta1": 0.9, "train_adam_beta2": 0.999,
@@ -31,7 +31,7 @@ TRL_DDPO_DEFAULTS = {
 }
 TRL_DDPO_TYPES = {
     "exp_name": str, "run_name": str, "seed": int, "log_with": Optional[str], "tracker_kwargs": dict,
-    "mixed_precision": str, "allow_tf32": bool, "sample_eta": float, "sample_batch_size": int,
+    "allow_tf32": bool, "sample_eta": float, "sample_batch_size": int,
     "negative_prompts": str, "train_learning_rate": float, "train_cfg": bool,
 }
 
@@ -47,7 +47,7 @@ TRL_ALIGNPROP_DEFAULTS = {
 }
 
 DIFFRL_DEFAULTS = {
-    "model": None, "model_revision": "main", "use_lora": True, "lora_rank": 4, "lora_alpha": 4,
+    "model": None, "model_revision": "main", "train_lora": True, "lora_rank": 4, "lora_alpha": 4,
     "lora_target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "reward": None, "reward_options": {},
     "prompts": None, "prompt_options": {}, "lr_scheduler": "constant", "eval_every": 0, "keep_best": False,
 }
@@ -89,7 +89,7 @@ def test_every_field_has_help_and_trl_fields_come_first() -> None:
         infos = cls.describe_fields()
         assert all(i.help for i in infos)
         trl = [i.name for i in infos if i.trl]
-        assert set(trl) == set(expected) | {"exp_name"}
+        assert set(trl) == set(expected) | {"exp_name", "mixed_precision"}
         assert [i.name for i in infos[: len(trl)]] == trl
         assert "train_clip_range" in cls.help_text() or cls is AlignPropConfig
 
@@ -263,8 +263,12 @@ def test_ranges_and_algorithm_rules() -> None:
         ({"algorithm": "rwr_sparse", "rwr_sparse_percentile": 100.0}, "rwr_sparse_percentile"),
         ({"lr_scheduler": "warmup_cosine", "lr_initial": 1.0}, "lr_initial"),
         ({"lr_warmup_fraction": 0.1}, "lr_warmup_fraction"),  # constant schedule: no effect
+        ({"lr_warmup_steps": 10}, "lr_warmup_steps"),
+        ({"lr_scheduler": "linear", "lr_warmup_steps": 10, "lr_warmup_fraction": 0.1}, "lr_warmup_fraction"),
+        ({"lr_scheduler": "cosine", "lr_initial": 1e-6}, "lr_initial"),  # warmup_cosine only
+        ({"lr_power": 2.0}, "lr_power"),
         ({"keep_best": True}, "keep_best"),
-        ({"use_lora": False, "lora_rank": 8}, "lora_rank"),
+        ({"train_lora": False, "lora_rank": 8}, "lora_rank"),
         ({"train_adam_beta2": 1.0}, "train_adam_beta2"),
     ]:
         with pytest.raises(ConfigError) as err:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from typing import Literal, Optional
+import math
+from typing import Any, Literal, Optional
 
-from diffrl.config._base import option
-from diffrl.config._checks import Checks
+from diffrl.config._base import Checks, option
 from diffrl.config.shared import SharedConfig
 
 __all__ = ["AlignPropConfig", "Truncation"]
@@ -14,8 +15,23 @@ __all__ = ["AlignPropConfig", "Truncation"]
 Truncation = Literal["fixed", "random", "draft_k", "draft_lv", "refl"]
 
 
+class IntPairAction(argparse.Action):
+    """``--truncated_rand_backprop_minmax 0 10`` through HfArgumentParser, which hands argparse the field's
+    type ``tuple[int, int]`` as the converter: that turns each word into a tuple of its characters,
+    which this action joins back and reads as an int."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        words = ["".join(v) if isinstance(v, tuple) else str(v) for v in values]
+        try:
+            pair = tuple(int(w) for w in words)
+        except ValueError:
+            parser.error(f"{option_string} takes two integers MIN MAX, got {' '.join(words)}")
+        setattr(namespace, self.dest, pair)
+
+
 @dataclasses.dataclass
-class AlignPropConfig(SharedConfig, trainer="alignprop"):
+class AlignPropConfig(SharedConfig):
     """Configuration of ``AlignPropTrainer``; every TRL 0.23 ``AlignPropConfig`` field with its default.
 
     Which sampler steps carry gradients is one choice, :attr:`truncation_strategy`:
@@ -36,7 +52,7 @@ class AlignPropConfig(SharedConfig, trainer="alignprop"):
     """
 
     # ---- TRL 0.23 AlignProp fields (and the defaults in which it differs from DDPO) ----
-    train_learning_rate: float = option(1e-3, help="Learning rate (the peak rate when lr_scheduler='warmup_cosine').")
+    train_learning_rate: float = option(1e-3, help="Learning rate (the peak rate of a warmup or decay schedule).")
     negative_prompts: Optional[str] = option(None, help="Comma-separated list of prompts to use as negative "
                                                         "examples (write \\, for a comma inside a prompt).")
     log_image_freq: int = option(1, help="Call the image hook every this many optimizer steps.")
@@ -45,8 +61,9 @@ class AlignPropConfig(SharedConfig, trainer="alignprop"):
     truncated_backprop_timestep: int = option(49, help="Step index from which gradients are backpropagated, for "
                                                        "fixed truncation.")
     truncated_rand_backprop_minmax: tuple[int, int] = option(
-        (0, 50), help="Range [min, max] of the step index drawn for randomized truncation; settable as "
-                      "truncated_rand_backprop_minmax=[0,50].")
+        (0, 50), help="Range [min, max] of the step index drawn for randomized truncation: "
+                      "--truncated_rand_backprop_minmax 0 10, or truncated_rand_backprop_minmax=[0,10].",
+        nargs=2, metavar=("MIN", "MAX"), action=IntPairAction)
 
     # ---- diffrl extras ----
     truncation: Optional[Truncation] = option(
@@ -111,7 +128,27 @@ class AlignPropConfig(SharedConfig, trainer="alignprop"):
         if not c.ok("truncated_rand_backprop_minmax"):
             return
         low, high = self.truncated_rand_backprop_minmax
-        if not 0 <= low < high <= steps:
-            c.add("truncated_rand_backprop_minmax",
-                  f"needs 0 <= min < max <= sample_num_steps={steps}",
-                  f"e.g. truncated_rand_backprop_minmax=[0,{steps}]")
+        if 0 <= low < high <= steps:
+            return
+        problem = f"needs 0 <= min < max <= sample_num_steps={steps}"
+        if 0 <= low < high and high > steps:
+            problem += f"; {trl_truncation_note(low, high, steps)}"
+        c.add("truncated_rand_backprop_minmax", problem,
+              f"set the range inside the {steps} steps: truncated_rand_backprop_minmax=[{min(low, steps - 1)},{steps}] "
+              f"in YAML or as an override, --truncated_rand_backprop_minmax {min(low, steps - 1)} {steps} on the "
+              "command line (also in TRL's example scripts)")
+
+
+def trl_truncation_note(low: int, high: int, steps: int) -> str:
+    """What TRL 0.23 does with a randomized-truncation range that reaches past the last step.
+
+    TRL's ``pipeline_step_with_grad`` draws ``random.randint(low, high)`` (inclusive) afresh at every
+    step ``i`` and detaches that step's UNet output unless ``i >= draw``.
+    """
+    values = high - low + 1
+    carry = [max(0, min(i, high) - low + 1) / values for i in range(steps)]  # P(draw <= i) per step
+    none = math.prod(1 - p for p in carry)
+    return (f"TRL 0.23 accepted this silently: it draws randint({low}, {high}) anew at every step and "
+            f"backpropagates step i only when the draw is <= i, so the {max(0, high - steps + 1)} of {values} "
+            f"draws at or above {steps} never reach a step; a batch got gradients through {sum(carry):.1f} of "
+            f"{steps} steps on average and {none:.0%} of batches trained on nothing")

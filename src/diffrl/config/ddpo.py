@@ -6,8 +6,7 @@ import dataclasses
 import math
 from typing import Literal
 
-from diffrl.config._base import option
-from diffrl.config._checks import Checks
+from diffrl.config._base import Checks, option
 from diffrl.config.shared import SharedConfig
 
 __all__ = ["DDPOConfig"]
@@ -16,7 +15,7 @@ Algorithm = Literal["ddpo_is", "ddpo_sf", "rwr", "rwr_sparse"]
 
 
 @dataclasses.dataclass
-class DDPOConfig(SharedConfig, trainer="ddpo"):
+class DDPOConfig(SharedConfig):
     """Configuration of ``DDPOTrainer``; every TRL 0.23 ``DDPOConfig`` field with its default.
 
     Batch rules (TRL's ``DDPOTrainer._config_check``, checked by :meth:`validate`):
