@@ -83,7 +83,7 @@ def build_tiny_stable_diffusion(seed: int = 0, *, max_length: int = 16, version:
         )
     )
     if version == 2:
-        scheduler = DDIMScheduler(**SD2_SCHEDULER_CONFIG)
+        scheduler = DDIMScheduler.from_config(SD2_SCHEDULER_CONFIG)  # keeps the extra PNDM key as SD 2.1 does
     else:  # Stable Diffusion 1.x ships a PNDM config; diffrl samples with DDIM built from it.
         scheduler = PNDMScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
