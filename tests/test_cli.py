@@ -65,3 +65,93 @@ def test_invalid_values_are_reported_before_loading_a_model(tmp_path, capsys):
     assert main(["train", cfg]) == 2
     err = capsys.readouterr().err
     assert "sample_batch_size" in err and "not/here" not in err  # validation ran first
+
+
+# ---- the command line users type (issue 17 item 2; issue 12 item 5) -------------------------------------
+
+
+def _imports_torch(*args: str) -> tuple[bool, subprocess.CompletedProcess]:
+    code = ("import sys\nfrom diffrl.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "sys.stdout.flush()\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    return out.stderr.strip().endswith("\nTORCH") or out.stderr.strip() == "TORCH", out
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["sample", "--help"], ["evaluate", "--help"],
+                                  ["report", "--help"], ["--version"], []])
+def test_help_does_not_import_torch(args):
+    torch_loaded, out = _imports_torch(*args)
+    assert not torch_loaded, out.stderr
+    assert out.stdout.strip()
+
+
+@pytest.mark.xfail(strict=True, reason="rewards/server.py (another owner) defines serve-reward's parser in a module "
+                                       "that imports torch; it must move to a torch-free module (see report)")
+def test_serve_reward_help_does_not_import_torch():
+    torch_loaded, out = _imports_torch("serve-reward", "--help")
+    assert "--reward" in out.stdout and not torch_loaded
+
+
+def test_train_help_lists_every_field_of_every_trainer(capsys):
+    from diffrl.config import registry
+
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for name in registry.TRAINERS:
+        for info in registry.config_class(name).describe_fields():
+            assert f"  --{info.name} ({info.type}, default " in out
+            assert info.help.split(".")[0][:40] in out
+    assert "--truncated_rand_backprop_minmax 0 20" in out and "rwr_sparse" in out
+
+
+def test_hf_argument_parser_forms_reach_the_config(monkeypatch):
+    import diffrl.commands.quickstart as quickstart
+    import diffrl.commands.train as train
+
+    seen = {}
+    monkeypatch.setattr(train, "train_from_config", lambda path, overrides: seen.update(path=path, o=overrides) or 0)
+    monkeypatch.setattr(quickstart, "run_quickstart", lambda overrides: seen.update(quick=overrides) or 0)
+    config = "configs/alignprop_aesthetic.yaml"
+    assert main(["train", config, "--sample_num_steps=20", "--truncated_rand_backprop_minmax", "0", "20",
+                 "num_epochs=2", "--no_gradient_checkpointing", "--debug"]) == 0
+    assert seen == {"path": config, "o": ["sample_num_steps=20", "truncated_rand_backprop_minmax=[0, 20]",
+                                          "num_epochs=2", "gradient_checkpointing=false"]}
+    assert main(["train", "--trainer", "alignprop", "--num_epochs", "1"]) == 0
+    assert seen["quick"] == ["trainer=alignprop", "num_epochs=1"]
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["train", "missing.yaml"], "<file>='missing.yaml': does not exist"),
+    (["train", "configs"], "is a folder, not a YAML file"),
+    (["train", "--num_epoch", "3"], "num_epoch=3: unknown field of DDPOConfig. Fix: did you mean 'num_epochs'?"),
+    (["train", "--num_epochs", "many"], "num_epochs='many': expected int, got str"),
+    (["train", "--use_lora", "false"], "use_lora=False: was renamed to train_lora"),
+    (["train", "reward=x", "stray"], "'stray' is neither field=value nor --field value"),
+    (["train", "algorithm=ppo"], "algorithm='ppo': unknown algorithm"),
+])
+def test_config_mistakes_are_one_line_and_exit_2(args, needle, capsys):
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("diffrl train: error: "), captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_debug_shows_the_traceback():
+    from diffrl.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        main(["--debug", "train", "missing.yaml"])
+    with pytest.raises(ConfigError):
+        main(["train", "missing.yaml", "--debug"])
+
+
+def test_config_mistakes_are_reported_without_importing_torch(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: ddpo\nsample_batch_sise: 4\n")
+    code = ("import sys\nfrom diffrl.cli import main\nrc = main(sys.argv[1:])\n"
+            "print(rc, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, "train", str(bad)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.split() == ["2", "False"], out.stderr
+    assert "did you mean 'sample_batch_size'" in out.stderr

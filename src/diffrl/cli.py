@@ -1,67 +1,130 @@
-"""The ``diffrl`` command: ``train``, ``serve-reward``, ``sample``, ``evaluate``, ``report``; ``--help`` and ``--version`` load no models."""
+"""The ``diffrl`` command: ``train``, ``serve-reward``, ``sample``, ``evaluate``, ``report``.
+
+``diffrl --help`` and every subcommand's ``--help`` import neither torch nor diffusers: the
+subcommands other than ``train`` are listed from :data:`COMMANDS` and their parsers are built
+only when they run (from the module that owns them). ``diffrl train`` reads its config with
+:mod:`diffrl.config` (light) and reports every configuration mistake in one line per problem
+with exit status 2; ``--debug`` shows tracebacks instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from diffrl._version import __version__
+from diffrl.config import ConfigError, KeyValueError, from_cli_args, load_config, registry
+from diffrl.config.overrides import is_key_value
+from diffrl.presets import quickstart_preset
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+USAGE_ERROR = 2
 
 
-def _train(args: argparse.Namespace) -> int:
-    from diffrl.config import ConfigError
+class Command(NamedTuple):
+    """A subcommand whose parser lives in another module: ``module:function(subparsers)`` adds it."""
 
-    config_path, overrides = None, list(args.overrides)
-    if args.config is not None:
-        if "=" in args.config and not os.path.exists(args.config):
-            overrides.insert(0, args.config)
-        else:
-            config_path = args.config
-    try:
-        if config_path is None:
-            from diffrl.recipes.quickstart import run_quickstart
+    module: str
+    add_parser: str
+    help: str
 
-            return run_quickstart(overrides)
-        from diffrl.recipes.launch import train_from_config
 
-        return train_from_config(config_path, overrides)
-    except ConfigError as err:
-        print(f"diffrl train: invalid configuration\n{err}", file=sys.stderr)
-        return 2
+COMMANDS: dict[str, Command] = {
+    "serve-reward": Command("diffrl.rewards.server", "add_parser", "serve a registered reward over HTTP"),
+    "sample": Command("diffrl.evaluate.cli", "add_sample_parser",
+                      "generate images from a base model or a fine-tuned result"),
+    "evaluate": Command("diffrl.evaluate.cli", "add_evaluate_parser",
+                        "compare a base model and fine-tuned results on the same noise"),
+    "report": Command("diffrl.evaluate.cli", "add_report_parser", "write a self-contained HTML report for a run"),
+}
+
+TRAIN_HELP = """Train with a YAML config (presets in configs/) and overrides. Without a config file, runs the offline
+quickstart: DDPO on the project's 8x8 digits DDPM to generate more of one digit.
+
+Overrides take any of the forms TRL's scripts (HfArgumentParser) and diffrl accept:
+  field=value   --field=value   --field value   --field v1 v2 (a list)   --flag   --no_flag
+Values are YAML 1.2 (4, 1e-4, true, null, [0, 10]; `no` stays a string). trainer=NAME or algorithm=NAME
+picks the trainer ({trainers}). Unknown fields and wrong types are errors.
+
+examples:
+  diffrl train
+  diffrl train reward=jpeg_compressibility
+  diffrl train trainer=alignprop
+  diffrl train configs/ddpo_aesthetic.yaml --num_epochs 10 --log_with mlflow
+  diffrl train configs/alignprop_aesthetic.yaml --sample_num_steps 20 --truncated_rand_backprop_minmax 0 20
+"""
+
+
+def _train_help() -> str:
+    trainers = ", ".join(f"{name}: {', '.join(spec.algorithms)}" for name, spec in registry.TRAINERS.items())
+    sections = [TRAIN_HELP.format(trainers=trainers)]
+    for name in registry.TRAINERS:
+        sections.append(f"trainer={name}: " + registry.config_class(name).help_text())
+    return "\n\n".join(sections)
+
+
+def _split_train_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """The config file (the first word that is neither an option nor ``field=value``, or an existing path)
+    and the overrides in ``field=value`` form."""
+    args = list(args)
+    path = None
+    if args and not args[0].startswith("--") and (os.path.exists(args[0]) or not is_key_value(args[0])):
+        path = args.pop(0)
+    return path, from_cli_args(args)
+
+
+def _train(words: list[str]) -> int:
+    if any(w in ("-h", "--help") for w in words):
+        print(_train_help())
+        return 0
+    path, overrides = _split_train_args(words)
+    # Every configuration mistake surfaces here, before torch or any model loads.
+    load_config(path if path is not None else quickstart_preset(overrides), overrides)
+    if path is None:
+        from diffrl.commands.quickstart import run_quickstart  # heavy (torch): only when training
+
+        return run_quickstart(overrides)
+    from diffrl.commands.train import train_from_config  # heavy (torch): only when training
+
+    return train_from_config(path, overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser; subcommands of :data:`COMMANDS` appear by name and take their arguments later."""
     parser = argparse.ArgumentParser(
         prog="diffrl",
         description="Fine-tune diffusion models against reward functions with reinforcement learning "
         "(DDPO) and reward backpropagation (AlignProp, DRaFT, ReFL).",
     )
     parser.add_argument("--version", action="version", version=f"diffrl {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    train = sub.add_parser(
-        "train", help="fine-tune a model (no config: the offline digits quickstart)",
-        description="Train with a YAML config (presets in configs/) and field=value overrides. Without a config "
-        "file, runs the offline quickstart: DDPO on the project's 8x8 digits DDPM to generate more of one digit. "
-        "Unknown fields and wrong types are errors. Examples: `diffrl train`, `diffrl train reward=jpeg_compressibility`, "
-        "`diffrl train trainer=alignprop`, `diffrl train configs/ddpo_aesthetic.yaml num_epochs=10`.",
-    )
-    train.add_argument("config", nargs="?", help="YAML config file (optional)")
-    train.add_argument("overrides", nargs="*", help="field=value overrides, e.g. num_epochs=5 sample_batch_size=4")
-    train.set_defaults(func=_train)
-    try:
-        from diffrl.rewards import server
-    except ImportError:  # pragma: no cover - the server is part of the package
-        server = None
-    if server is not None:
-        server.add_parser(sub)
-    from diffrl.evaluate import cli as evaluate_cli
+    sub.add_parser("train", help="fine-tune a model (no config: the offline digits quickstart)", add_help=False)
+    for name, command in COMMANDS.items():
+        sub.add_parser(name, help=command.help, add_help=False)
+    return parser
 
-    evaluate_cli.add_sample_parser(sub)
-    evaluate_cli.add_evaluate_parser(sub)
-    evaluate_cli.add_report_parser(sub)
+
+def _split_argv(argv: Sequence[str]) -> tuple[list[str], str | None, list[str]]:
+    """(global options, the subcommand or None, the subcommand's own arguments)."""
+    for index, word in enumerate(argv):
+        if not word.startswith("-"):
+            return list(argv[:index]), word, list(argv[index + 1:])
+    return list(argv), None, []
+
+
+def _command_parser(name: str) -> argparse.ArgumentParser:
+    """The full parser of one subcommand, built by the module that owns it."""
+    command = COMMANDS[name]
+    parser = argparse.ArgumentParser(prog="diffrl")
+    sub = parser.add_subparsers(dest="command")
+    getattr(importlib.import_module(command.module), command.add_parser)(sub)
     return parser
 
 
@@ -74,14 +137,44 @@ class _TorchvisionFallbackFilter(logging.Filter):
         return "requires torchvision (not installed)" not in record.getMessage()
 
 
+def _is_user_error(err: Exception) -> bool:
+    """A user mistake: a config error, or a ``ValueError`` subclass that diffrl defines (``RewardError``,
+    ``ModelLoadError``, ...), whose message names the setting, the value and the fix by convention."""
+    if isinstance(err, (ConfigError, KeyValueError)):
+        return True
+    return isinstance(err, ValueError) and type(err) is not ValueError and type(err).__module__.startswith("diffrl.")
+
+
+def _report(command: str, err: Exception) -> int:
+    if isinstance(err, ConfigError) and err.violations:
+        for violation in err.violations:
+            print(f"diffrl {command}: error: {violation}", file=sys.stderr)
+    else:
+        print(f"diffrl {command}: error: {str(err).strip()}", file=sys.stderr)
+    return USAGE_ERROR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionFallbackFilter())
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options, command, rest = _split_argv(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
+    args = parser.parse_args(options + ([command] if command else []))  # --help, --version, unknown commands
+    if command is None:
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    debug = args.debug or "--debug" in rest
+    rest = [word for word in rest if word != "--debug"]
+    try:
+        if command == "train":
+            return _train(rest)
+        command_args = _command_parser(command).parse_args([command, *rest])
+        command_args.debug = debug
+        return int(command_args.func(command_args) or 0)
+    except Exception as err:
+        if debug or not _is_user_error(err):
+            raise
+        return _report(command, err)
 
 
 if __name__ == "__main__":  # pragma: no cover

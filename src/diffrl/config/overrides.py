@@ -19,7 +19,7 @@ from diffrl.config._errors import Violation
 from diffrl.config._types import accepts
 from diffrl.config._yaml import YAMLError, load_yaml
 
-__all__ = ["KeyValueError", "from_cli_args", "parse_key_value", "parse_value", "apply"]
+__all__ = ["KeyValueError", "apply", "from_cli_args", "is_key_value", "parse_key_value", "parse_value"]
 
 
 class KeyValueError(ValueError):
@@ -47,6 +47,11 @@ def parse_key_value(text: str) -> tuple[str, Any]:
 
 
 _PAIR = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def is_key_value(word: str) -> bool:
+    """Whether a command-line word is a ``key=value`` pair (a key is a dotted identifier)."""
+    return bool(_PAIR.match(word))
 
 
 class _Pair(NamedTuple):
