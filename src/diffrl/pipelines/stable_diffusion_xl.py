@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
@@ -234,9 +234,9 @@ class StableDiffusionXLPolicy(StableDiffusionPolicy):
         return SDXLConditioning(pos, neg, pooled, neg_pooled, ids)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, conditioning: SDXLConditioning | None,
-                guidance_scale: float, *, params=None) -> torch.Tensor:
+                guidance_scale: float, *, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """UNet output at ``x_t`` (float32), with classifier-free guidance when negative states are present;
-        ``params`` replace trainable weights for this call (see the base class's ``_network``)."""
+        ``params`` replace trainable weights for this call (see :meth:`reference_params`)."""
         if not isinstance(conditioning, SDXLConditioning):
             raise TypeError(f"Stable Diffusion XL needs SDXLConditioning (text states, pooled embeddings and "
                             f"add_time_ids), got {type(conditioning).__name__}; build it with encode_prompts, and "
@@ -253,8 +253,7 @@ class StableDiffusionXLPolicy(StableDiffusionPolicy):
             states, pooled, ids = c.prompt_embeds, c.pooled_prompt_embeds, c.add_time_ids
         added = {"text_embeds": pooled.to(dtype), "time_ids": ids.to(dtype)}
         with self.autocast():
-            net = self.unet if params is None else self._network(params)
-            out = net(x.to(dtype), t, encoder_hidden_states=states.to(dtype), added_cond_kwargs=added).sample
+            out = self._network(params)(x.to(dtype), t, encoder_hidden_states=states.to(dtype), added_cond_kwargs=added).sample
         out = out.float()
         if not guided:
             return out
