@@ -88,7 +88,7 @@ def child(args) -> None:
     from diffrl.digits import digit_shares, load_digit_classifier
     from diffrl.presets import preset_path
     from diffrl.recipes.evaluation import evaluate
-    from diffrl.recipes.launch import make_trainer
+    from diffrl.commands.train import make_trainer
 
     with tempfile.TemporaryDirectory() as logdir:
         preset, overrides = _overrides(args.algorithm, args.seed, logdir)
@@ -406,7 +406,7 @@ def _grid(runs: list[dict], path: Path, seed: int) -> None:
     """Base model, then each algorithm's final samples for ``seed``: the same evaluation noise in every row."""
     import torch
 
-    from diffrl.recipes.artifacts import image_grid
+    from diffrl.evaluate.plots import image_grid
 
     mine = [r for r in runs if r["seed"] == seed and Path(r["images"]).is_file()]
     if not mine:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from diffrl.evaluate.metrics import MeanSE, diversity, mean_se, paired_difference, pairwise_distances
+from diffrl.metrics import MeanSE, diversity, mean_se, paired_difference, pairwise_distances
 
 
 def test_mean_se_by_hand():

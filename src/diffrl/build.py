@@ -1,33 +1,50 @@
-"""From a config to the objects a trainer takes: policy, reward function and prompt function."""
+"""From a config to the objects a trainer takes: policy, reward function and prompt function.
+
+Shared by ``diffrl train`` and by ``diffrl sample / evaluate / report``, which rebuild a run's base model, LoRA
+settings and reward from its ``config.yaml``.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from diffrl import prompts, rewards
 from diffrl.config import SharedConfig
+from diffrl.digits import load_digits_ddpm_path
 from diffrl.pipelines import LoraSettings
 from diffrl.pipelines.auto import load_policy
 
 
 def default_model() -> str:
     """The project's own 8x8 digits DDPM, shipped with the package (the offline default)."""
-    from diffrl.digits import load_digits_ddpm_path
-
     return str(load_digits_ddpm_path())
 
 
-def build_policy(config: SharedConfig):
-    lora = LoraSettings(rank=config.lora_rank, alpha=config.lora_alpha,
-                        target_modules=tuple(config.lora_target_modules)) if config.use_lora else None
-    return load_policy(config.model or default_model(), revision=config.model_revision, use_lora=config.use_lora,
-                       lora=lora)
+def base_model(config: SharedConfig) -> str:
+    """The model a run fine-tunes: ``model``, or the digits DDPM when unset."""
+    return config.model or default_model()
+
+
+def uses_lora(config: SharedConfig) -> bool:
+    return bool(config.train_lora)
+
+
+def lora_settings(config: SharedConfig) -> LoraSettings | None:
+    """The run's LoRA settings, or ``None`` for full fine-tuning."""
+    if not uses_lora(config):
+        return None
+    return LoraSettings(rank=config.lora_rank, alpha=config.lora_alpha, target_modules=tuple(config.lora_target_modules))
+
+
+def build_policy(config: SharedConfig, **kwargs: Any):
+    """The run's policy (``kwargs``: ``device``, ``mixed_precision`` for loading outside a trainer)."""
+    return load_policy(base_model(config), revision=config.model_revision, use_lora=uses_lora(config),
+                       lora=lora_settings(config), **kwargs)
 
 
 def build_reward(config: SharedConfig) -> Callable:
     """The registered reward named by ``config.reward``; with none (and no ``model``), the ``digit`` reward:
     the digit classifier's log-probability of ``reward_options.digit`` — the offline default model's reward."""
-    from diffrl import rewards
-
     options: dict[str, Any] = dict(config.reward_options)
     if config.reward is None:
         if config.model is not None:
@@ -38,8 +55,6 @@ def build_reward(config: SharedConfig) -> Callable:
 
 
 def build_prompt_fn(config: SharedConfig, conditional: bool) -> Callable:
-    from diffrl import prompts
-
     if config.prompts is None:
         if conditional:
             raise ValueError("config.prompts is not set; a text-to-image model needs a prompt source "

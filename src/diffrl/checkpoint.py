@@ -40,6 +40,9 @@ __all__ = [
     "save_atomically",
     "save_rng_state",
     "temp_dir_for",
+    "remove_stale_temporaries",
+    "write_folder_atomically",
+    "write_text_atomically",
 ]
 
 MARKER = "diffrl_state.json"
@@ -143,16 +146,18 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def commit(tmp_dir: str | os.PathLike[str], target_dir: str | os.PathLike[str],
-           state: Mapping[str, Any] | None = None) -> Path:
-    """Finish a save: write the marker into ``tmp_dir``, flush it all, rename it to ``target_dir``.
+           state: Mapping[str, Any] | None = None, *, marker: bool = True) -> Path:
+    """Finish a save: write the marker into ``tmp_dir`` (unless ``marker=False``: a plain folder such as a
+    saved model, which must not look resumable), flush it all, rename it to ``target_dir``.
 
     An existing ``target_dir`` is replaced: swapped atomically where the OS can, otherwise
     moved aside to a hidden name first (a crash between the two renames then leaves the
     old checkpoint under ``.<name>.old-<pid>``, never a partial one under the real name).
     """
     tmp, target = Path(tmp_dir), Path(target_dir)
-    marker = {"format": FORMAT, "version": FORMAT_VERSION, "state": dict(state or {})}
-    (tmp / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if marker:
+        data = {"format": FORMAT, "version": FORMAT_VERSION, "state": dict(state or {})}
+        (tmp / MARKER).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     _fsync_tree(tmp)
     if target.exists():
         if _exchange(tmp, target):
@@ -173,7 +178,8 @@ def commit(tmp_dir: str | os.PathLike[str], target_dir: str | os.PathLike[str],
 
 
 def save_atomically(target_dir: str | os.PathLike[str], write_fn: Callable[[Path], Any],
-                    state: Mapping[str, Any] | None = None, *, tag: str | int | None = None) -> Path:
+                    state: Mapping[str, Any] | None = None, *, tag: str | int | None = None,
+                    marker: bool = True) -> Path:
     """Save a checkpoint so that a crash never leaves a partial one where resume looks.
 
     ``write_fn(tmp_dir)`` writes the checkpoint's files into a fresh hidden sibling
@@ -190,10 +196,51 @@ def save_atomically(target_dir: str | os.PathLike[str], write_fn: Callable[[Path
     tmp.mkdir()
     try:
         write_fn(tmp)
-        return commit(tmp, target, state)
+        return commit(tmp, target, state, marker=marker)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_folder_atomically(target_dir: str | os.PathLike[str], write_fn: Callable[[Path], Any]) -> Path:
+    """Write a folder that is not a checkpoint (a saved model, an evaluation's images) so that it appears only
+    when complete: ``write_fn(tmp)`` fills a hidden sibling, which then replaces ``target_dir`` atomically."""
+    return save_atomically(target_dir, write_fn, marker=False)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - alive, someone else's
+        return True
+    return True
+
+
+_HIDDEN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|del|old)-(?P<tag>\d+)$")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the hidden ``.<name>.tmp-<pid>`` / ``.del-<pid>`` / ``.old-<pid>`` leftovers of processes that no
+    longer run (a save or a rotation killed midway). Leftovers of live processes are kept. Returns the removed
+    paths."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in root.iterdir():
+        match = _HIDDEN.match(path.name)
+        if match is None or _pid_alive(int(match["tag"])):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:

@@ -10,7 +10,7 @@ from diffrl.evaluate.compare import ModelSource, evaluate_models
 from diffrl.evaluate.inputs import HELDOUT, TRAIN, EvaluationError, PromptItem
 from diffrl.evaluate.sample import SampleSettings, generate, make_jobs
 from diffrl.pipelines.auto import load_policy
-from diffrl.recipes.run import generator_for
+from diffrl.seeding import generator_for
 
 SETTINGS = SampleSettings(num_inference_steps=2, guidance_scale=5.0, eta=1.0, batch_size=4)
 PROMPTS = [PromptItem("a cat", {}, TRAIN), PromptItem("a dog", {}, TRAIN), PromptItem("a horse", {}, HELDOUT)]

@@ -7,7 +7,7 @@ import torch
 
 from diffrl import AlignPropConfig, AlignPropTrainer, DefaultDDPODDPMPipeline, DefaultDDPOStableDiffusionPipeline
 from diffrl.config import ConfigError, load_config
-from diffrl.recipes.rewards import RewardError
+from diffrl.rewards import RewardError
 
 from .helpers import logged_metrics, trainable_weights
 
@@ -169,7 +169,7 @@ def _fixed_seed_brightness(trainer, seed=1234):
 
 
 def test_reward_rises_on_a_differentiable_reward(tiny_ddpm_path, tmp_path):
-    trainer = AlignPropTrainer(_config(tmp_path, num_epochs=4, sample_num_steps=3, train_batch_size=4, use_lora=False,
+    trainer = AlignPropTrainer(_config(tmp_path, num_epochs=4, sample_num_steps=3, train_batch_size=4, train_lora=False,
                                        truncation="draft_k", draft_k=3, train_learning_rate=1e-2, save_freq=10,
                                        reward_coefficient=2.0),
                                brightness, lambda: ("", {}), DefaultDDPODDPMPipeline(tiny_ddpm_path, use_lora=False))

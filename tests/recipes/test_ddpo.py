@@ -6,7 +6,7 @@ import torch
 
 from diffrl import DDPOConfig, DDPOTrainer, DefaultDDPODDPMPipeline, DefaultDDPOStableDiffusionPipeline
 from diffrl.config import ConfigError
-from diffrl.recipes.rewards import RewardError
+from diffrl.rewards import RewardError
 
 from .helpers import logged_metrics, trainable_weights
 
@@ -173,7 +173,7 @@ def test_push_to_hub_uploads_the_result_and_never_shows_the_token(tiny_ddpm_path
         def __init__(self, token=None):
             self.token = token
 
-        def create_repo(self, repo_id, exist_ok=False):
+        def create_repo(self, repo_id, exist_ok=False, private=None):
             uploads.append(("create", repo_id, self.token))
 
         def upload_folder(self, folder_path, repo_id, commit_message):

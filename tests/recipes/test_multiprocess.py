@@ -18,7 +18,7 @@ def _free_port() -> int:
 
 def _launch(trainer, model, logdir, *overrides, timeout=400):
     # On a machine without GPUs, accelerate's multi-process launcher plus diffrl's gloo fallback (see
-    # diffrl.recipes.run.use_cpu_processes_without_gpus) gives two CPU processes.
+    # diffrl.recipes.accelerator.use_cpu_processes_without_gpus) gives two CPU processes.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), str(JOB), trainer, model, str(logdir), *overrides]

@@ -3,7 +3,7 @@ import json
 import torch
 from PIL import Image
 
-from diffrl.recipes.quickstart import run_quickstart
+from diffrl.commands.quickstart import run_quickstart
 
 REDUCED = ["num_epochs=1", "sample_num_steps=4", "eval_num_samples=16", "save_freq=1"]
 

@@ -1,10 +1,10 @@
 """The offline main job: fine-tune the shipped digits DDPM toward one digit, and show what changed.
 
-Leaves in the run folder: ``grid_before_after.png`` (same noise, before and after), ``reward_curve.png``,
-``metrics.jsonl``, ``final/`` (a ``DDPMPipeline`` folder; LoRA runs also get ``final_merged/``),
-``summary.json``, ``report.html`` (what ``diffrl report`` writes: samples of the base and the fine-tuned model from
-the same noise, the metric table, the training curves and the config); prints a one-screen summary ending with
-the run folder.
+Leaves in the run folder: ``grid_before_after.png`` (same noise, base model and fine-tuned), ``reward_curve.png``,
+``metrics.jsonl``, ``final/`` (a ``DDPMPipeline`` folder; LoRA runs also get ``final_merged/``), ``summary.json``,
+``report.html`` (what ``diffrl report`` writes: samples of the base and the fine-tuned model from the same noise,
+the metric table, the training curves and the config); prints a one-screen summary ending with the run folder.
+"Before" figures always come from the base model, also when the run resumed from a checkpoint.
 """
 
 from __future__ import annotations
@@ -16,98 +16,90 @@ from typing import Sequence
 
 import torch
 
+from diffrl import build
 from diffrl.checkpoint import write_text_atomically
-from diffrl.config import load_config
+from diffrl.commands.train import make_trainer
+from diffrl.config import ConfigError, Violation, load_config, registry
+from diffrl.digits import digit_shares
+from diffrl.evaluate.plots import image_grid, reward_curve
+from diffrl.evaluate.report import write_report
+from diffrl.evaluate.runs import compare_run
+from diffrl.pipelines.lora import merged_unet
 from diffrl.presets import preset_path
-from diffrl.recipes.artifacts import image_grid, reward_curve
-from diffrl.recipes.evaluation import evaluate
-from diffrl.recipes.launch import make_trainer
-
-_BACKPROP = {"alignprop", "draft_k", "draft_lv", "refl"}
+from diffrl.recipes.evaluation import EvalResult, evaluate
 
 
-def _preset_for(overrides: Sequence[str]) -> str:
-    """``quickstart_alignprop`` when the overrides ask for reward backpropagation, else ``quickstart`` (DDPO)."""
+def preset_for(overrides: Sequence[str]) -> str:
+    """The quickstart preset of the trainer the overrides choose (``trainer=`` / ``algorithm=``), else DDPO's."""
+    chosen = {}
     for item in overrides:
         key, _, value = item.partition("=")
-        if key.strip() in ("trainer", "algorithm") and value.strip() in _BACKPROP:
-            return "quickstart_alignprop"
-    return "quickstart"
+        if key.strip() in registry.SELECTOR_KEYS:
+            chosen[key.strip()] = value.strip()
+    spec, _, _ = registry.select(chosen)
+    spec = spec or registry.get(registry.DEFAULT_TRAINER)
+    if spec.quickstart_preset is None:
+        raise ConfigError([Violation("trainer", spec.name, "has no offline quickstart preset",
+                                     "give a config file: diffrl train CONFIG.yaml")])
+    return spec.quickstart_preset
 
 
 def _target_share(images: torch.Tensor, target: int) -> float:
-    from diffrl.digits import digit_shares
-
     return float(digit_shares(images)[target])
 
 
 def run_quickstart(overrides: Sequence[str] = ()) -> int:
     start = time.perf_counter()
-    config = load_config(preset_path(_preset_for(overrides)), overrides)
+    config = load_config(preset_path(preset_for(overrides)), overrides)
     trainer = make_trainer(config)
     acc, policy = trainer.accelerator, trainer.policy
     target = int(config.reward_options.get("digit", 3)) if config.reward in (None, "digit") else None
     eta = config.sample_eta if config.sample_eta > 0 else 1.0
 
-    def measure():
-        return evaluate(policy, trainer.reward_fn, [""] * config.eval_num_samples, seed=config.eval_seed,
+    def measure(model) -> EvalResult:
+        return evaluate(model, trainer.reward_fn, [""] * config.eval_num_samples, seed=config.eval_seed,
                         num_inference_steps=config.sample_num_steps, guidance_scale=1.0, eta=eta, batch_size=128)
 
-    before = measure() if acc.is_main_process else None
+    resumed = trainer.first_epoch > 0
+    before = None
+    if acc.is_main_process:  # the base model, also after a resume (the trainer's policy then holds trained weights)
+        before = measure(build.build_policy(config, device=acc.device) if resumed else policy)
     trainer.train()
     acc.wait_for_everyone()
-    final = Path(trainer.run_dir) / "final"
-    trainer.save_pretrained(str(final))
+    run_dir = Path(trainer.run_dir)
+    trainer.save_pretrained(str(run_dir / "final"))
     if not acc.is_main_process:
         return 0
-    after = measure()
-    run_dir = Path(trainer.run_dir)
-    if policy.use_lora:
+    after = measure(policy)
+    if build.uses_lora(config):
         _save_merged(policy, run_dir / "final_merged")
-    image_grid([before.images[:16], after.images[:16]], run_dir / "grid_before_after.png",
-               labels=["before", "after"])
+    image_grid([before.images[:16], after.images[:16]], run_dir / "grid_before_after.png", labels=["base", "tuned"])
     reward_curve(run_dir / "metrics.jsonl", run_dir / "reward_curve.png")
-    report = _write_report(run_dir, str(acc.device))
-    seconds = time.perf_counter() - start
+    evaluation = compare_run(run_dir, seeds=range(config.eval_seed, config.eval_seed + 16), device=str(acc.device),
+                             batch_size=16)
+    report = write_report(run_dir / "report.html", evaluation=evaluation, runs={run_dir.name: run_dir},
+                          title=f"diffrl quickstart: {run_dir.name}")
     summary = {
         "trainer": type(trainer).__name__, "reward": config.reward or f"digit {target} log-probability",
         "target_digit": target, "eval_samples": config.eval_num_samples, "eval_seed": config.eval_seed,
         "reward_before": before.reward_mean, "reward_after": after.reward_mean,
         "target_share_before": _target_share(before.images, target) if target is not None else None,
         "target_share_after": _target_share(after.images, target) if target is not None else None,
-        "epochs": config.num_epochs, "seconds": round(seconds, 1), "run_dir": str(run_dir),
-        "model": str(final), "report": str(report),
+        "epochs": config.num_epochs, "seconds": round(time.perf_counter() - start, 1), "run_dir": str(run_dir),
+        "model": str(run_dir / "final"), "report": str(report), "resumed": resumed,
     }
     write_text_atomically(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     _print_summary(summary)
+    if config.push_to_hub:
+        print(f"pushed to {trainer.push_to_hub()}", flush=True)
     return 0
-
-
-def _write_report(run_dir: Path, device: str) -> Path:
-    """``report.html``: the base and the fine-tuned model on 16 shared seeds, scored, with the run's curves."""
-    from diffrl.evaluate.report import write_report
-    from diffrl.evaluate.runs import compare_run
-
-    evaluation = compare_run(run_dir, seeds=range(16), device=device, batch_size=16)
-    return write_report(run_dir / "report.html", evaluation=evaluation, runs={run_dir.name: run_dir},
-                        title=f"diffrl quickstart: {run_dir.name}")
 
 
 def _save_merged(policy, directory: Path) -> None:
     """A plain ``DDPMPipeline`` folder with the LoRA update merged into the UNet weights."""
-    import copy
-
     from diffusers import DDPMPipeline
-    from peft.tuners.lora import LoraModel  # noqa: F401  (peft's merge lives on the injected layers)
 
-    unet = copy.deepcopy(policy._unet).float()
-    for module in unet.modules():
-        if hasattr(module, "merge") and hasattr(module, "lora_A"):
-            module.merge()
-    state = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k}
-    clean = type(policy._unet).from_config(policy._unet.config)
-    clean.load_state_dict(state)
-    DDPMPipeline(unet=clean, scheduler=policy.pipeline.scheduler).save_pretrained(directory)
+    DDPMPipeline(unet=merged_unet(policy.trainable_module), scheduler=policy.pipeline.scheduler).save_pretrained(directory)
 
 
 def _print_summary(s: dict) -> None:

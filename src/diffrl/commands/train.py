@@ -1,55 +1,84 @@
-"""``diffrl train CONFIG.yaml [field=value ...]``: config -> validated -> models -> trainer -> result."""
+"""``diffrl train CONFIG.yaml [field=value ...]``: config -> checked -> models -> trainer -> result -> report -> push.
+
+Everything that can be checked before a model loads is checked first (:func:`preflight`).
+"""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from diffrl.config import AlignPropConfig, DDPOConfig, load_config
+from accelerate import PartialState
+
+from diffrl import build, prompts, rewards
+from diffrl import checkpoint as ckpt
+from diffrl.config import SharedConfig, load_config, registry
+from diffrl.evaluate.report import write_report
+from diffrl.recipes.accelerator import use_cpu_processes_without_gpus
 
 
-def make_trainer(config: DDPOConfig | AlignPropConfig, image_samples_hook=None):
-    """Validate (before any model loads), then build policy, reward and prompts, then the trainer."""
-    from accelerate import PartialState
+class PreflightError(ValueError):
+    """A setting that would fail later, found before any model loads; the message names it and the fix."""
 
-    from diffrl.recipes.build import build_policy, build_prompt_fn, build_reward
-    from diffrl.recipes.run import use_cpu_processes_without_gpus
 
+def preflight(config: SharedConfig) -> None:
+    """Check the reward and prompt names, ``resume_from`` and that ``logdir`` is writable, before models load."""
+    if config.reward is not None and config.reward not in rewards.available():
+        raise PreflightError(f"reward={config.reward!r} is not a known reward; use one of "
+                             f"{', '.join(rewards.available())} (or register your own with diffrl.rewards.register)")
+    if config.prompts is not None and config.prompts not in prompts.available():
+        raise PreflightError(f"prompts={config.prompts!r} is not a known prompt source; use one of "
+                             f"{', '.join(prompts.available())}")
+    if config.resume_from:
+        try:
+            ckpt.find_latest(config.resume_from)
+        except ckpt.NoCheckpointError as err:
+            raise PreflightError(f"resume_from={config.resume_from!r}: {err}") from None
+    logdir = Path(config.logdir)
+    try:
+        logdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=logdir, prefix=".diffrl-write-test-"):
+            pass
+    except OSError as err:
+        raise PreflightError(f"logdir={config.logdir!r} is not writable ({err.strerror}); set logdir to a folder "
+                             "you can write to") from None
+
+
+def make_trainer(config: SharedConfig, image_samples_hook=None):
+    """Validate and preflight (before any model loads), then build policy, reward and prompts, then the trainer
+    the config's registry entry names."""
     use_cpu_processes_without_gpus()
     config.validate(num_processes=PartialState().num_processes)
-    reward = build_reward(config)
-    if isinstance(config, AlignPropConfig) and getattr(reward, "differentiable", True) is False:
-        raise ValueError(f"reward '{config.reward}' is not differentiable, so it cannot be backpropagated "
-                         "(AlignProp/DRaFT/ReFL). Use a differentiable reward, or trainer=ddpo.")
-    policy = build_policy(config)
-    prompt_fn = build_prompt_fn(config, policy.is_conditional)
-    if isinstance(config, AlignPropConfig):
-        from diffrl.recipes.alignprop import AlignPropTrainer as Trainer
-    else:
-        from diffrl.recipes.ddpo import DDPOTrainer as Trainer
-    return Trainer(config, reward, prompt_fn, policy, image_samples_hook=image_samples_hook)
+    preflight(config)
+    spec = registry.spec_of(type(config))
+    trainer_cls = registry.resolve(spec.trainer)
+    reward = build.build_reward(config)
+    policy = build.build_policy(config)
+    prompt_fn = build.build_prompt_fn(config, policy.is_conditional)
+    return trainer_cls(config, reward, prompt_fn, policy, image_samples_hook=image_samples_hook)
 
 
 def train_from_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> int:
+    """Train, save ``final/``, write ``report.html``, then push (a failed push leaves everything local intact)."""
     config = load_config(path, overrides)
     trainer = make_trainer(config)
     trainer.train()
     final = Path(trainer.run_dir) / "final"
     trainer.save_pretrained(str(final))
-    if config.push_to_hub:
-        url = trainer.push_to_hub(repo_id=trainer.run_name)
-        trainer.accelerator.print(f"pushed to {url}")
     if trainer.accelerator.is_main_process:
-        _write_curves_report(Path(trainer.run_dir))
+        write_curves_report(Path(trainer.run_dir))
     trainer.accelerator.print(f"run folder: {trainer.run_dir}\nfine-tuned model: {final}")
+    if config.push_to_hub:
+        url = trainer.push_to_hub()
+        trainer.accelerator.print(f"pushed to {url}")
     return 0
 
 
-def _write_curves_report(run_dir: Path) -> None:
+def write_curves_report(run_dir: Path) -> Path:
     """``report.html`` with the run's curves, metrics and config (no sampling, so it costs nothing); ``diffrl report
     RUN_DIR`` adds base and fine-tuned samples from the same noise."""
-    from diffrl.evaluate.report import write_report
-
     path = write_report(run_dir / "report.html", runs={run_dir.name: run_dir}, title=f"Training run {run_dir.name}")
     print(f"report: {path} (with samples of the base and fine-tuned model: diffrl report {run_dir})")
+    return path

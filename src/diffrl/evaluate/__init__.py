@@ -3,7 +3,7 @@
 - :mod:`~diffrl.evaluate.sample`: generation where every image's noise depends on its seed alone;
 - :mod:`~diffrl.evaluate.compare`: :func:`~diffrl.evaluate.compare.evaluate_models` scores every model with every
   reward and measures per-prompt diversity, returning an :class:`~diffrl.evaluate.compare.Evaluation`;
-- :mod:`~diffrl.evaluate.metrics`: mean ± standard error, paired differences, diversity;
+- :mod:`~diffrl.metrics`: mean ± standard error, paired differences, diversity;
 - :mod:`~diffrl.evaluate.report`: :func:`~diffrl.evaluate.report.write_report`, one self-contained HTML file;
 - :mod:`~diffrl.evaluate.cli`: ``diffrl sample``, ``diffrl evaluate``, ``diffrl report``.
 

@@ -115,7 +115,7 @@ def _sample(args: argparse.Namespace) -> int:
     from diffrl.evaluate.inputs import EvaluationError, collect_prompts
     from diffrl.evaluate.loading import load_model
     from diffrl.evaluate.sample import check_prompts_fit, generate, make_jobs, thumbnails, write_images, write_index
-    from diffrl.recipes.artifacts import image_grid
+    from diffrl.evaluate.plots import image_grid
 
     settings = _settings(args)
     prompts = collect_prompts(args.prompts, args.prompt_source, args.num,

@@ -13,11 +13,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from diffrl._version import __version__
 from diffrl.evaluate.features import ImageFeatures, PixelFeatures
 from diffrl.evaluate.inputs import SPLITS, EvaluationError, PromptItem
-from diffrl.evaluate.metrics import MeanSE, diversity, mean_se, paired_difference
+from diffrl.metrics import MeanSE, diversity, mean_se, paired_difference
 from diffrl.evaluate.sample import SampleBatch, SampleSettings, check_prompts_fit, generate, make_jobs, thumbnails
-from diffrl.recipes.rewards import RewardError, score
+from diffrl.rewards import RewardError, score
 
 BatchHook = Callable[[str, SampleBatch, dict[str, torch.Tensor]], None]
 """``hook(model_name, batch, rewards)``, called after each batch is scored (``rewards``: name -> ``[B]``)."""
@@ -114,7 +115,6 @@ class Evaluation:
     def to_dict(self, files: Mapping[str, Sequence[str | None]] | None = None) -> dict[str, Any]:
         """``results.json``: settings, models, rewards, prompts, the summary, the paired differences, per-prompt rows
         and every image's rewards (with its file when ``files[model]`` lists them in (prompt, seed) order)."""
-        from diffrl._version import __version__
 
         def stats(table: Mapping[str, Mapping[str, Mapping[str, MeanSE]]]) -> dict:
             return {m: {s: {k: v.to_dict() for k, v in by_metric.items()} for s, by_metric in by_split.items()}

@@ -6,7 +6,10 @@ from typing import Any, Mapping, Protocol
 
 import torch
 
-from diffrl.evaluate.metrics import DistanceMetric
+from diffrl.rewards.preprocess import ImageTransform
+from diffrl.rewards.aesthetic import AestheticScore
+from diffrl.rewards.clip import ClipSimilarity
+from diffrl.metrics import DistanceMetric
 
 
 class FeatureError(ValueError):
@@ -53,7 +56,6 @@ class ClipFeatures:
     def _load(self) -> None:
         from transformers import AutoImageProcessor, CLIPModel
 
-        from diffrl.rewards.preprocess import ImageTransform
 
         try:
             clip = CLIPModel.from_pretrained(self.model)
@@ -86,8 +88,6 @@ PIXELS = "pixels"
 def reward_clip(rewards: Mapping[str, Any]) -> tuple[str, str, str] | None:
     """``(reward name, CLIP model, image processor)`` of the first evaluated reward built on a CLIP model
     (``aesthetic``: its ``clip_model``; ``clip_score``/``pickscore``: their ``model`` and ``processor``)."""
-    from diffrl.rewards.aesthetic import AestheticScore
-    from diffrl.rewards.clip import ClipSimilarity
 
     for name, reward in rewards.items():
         if isinstance(reward, AestheticScore):

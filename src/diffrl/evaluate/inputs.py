@@ -7,6 +7,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, NamedTuple
 
+from diffrl import prompts
+from diffrl import rewards
 TRAIN = "train"
 HELDOUT = "heldout"
 SPLITS = (TRAIN, HELDOUT)
@@ -43,7 +45,6 @@ def draw_prompts(source: str, num: int, options: Mapping[str, Any] | None = None
 
     Sources draw with replacement from their own seeded RNG, so the same options give the same prompts.
     """
-    from diffrl import prompts
 
     if num < 1:
         raise EvaluationError(f"--num={num} must be at least 1 (the number of distinct prompts to draw from {source})")
@@ -120,7 +121,6 @@ def reward_options(names: Sequence[str], items: Sequence[str]) -> dict[str, dict
 def build_rewards(names: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None
                   ) -> dict[str, Callable]:
     """Build each named reward with its options (checked now; reward models load on first use)."""
-    from diffrl import rewards
 
     if not names:
         raise EvaluationError(f"no reward to score with; add --reward NAME (known: {', '.join(rewards.available())})")

@@ -7,10 +7,16 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from diffrl.evaluate.inputs import EvaluationError
+from safetensors.torch import load_file
 
-RESULT_FOLDERS = ("final", "best")
-"""Where a training run folder keeps its models; a run folder given as a model means its ``final/``."""
+from diffrl import build
+from diffrl import checkpoint as ckpt
+from diffrl.config import load_config
+from diffrl.evaluate.inputs import EvaluationError
+from diffrl.pipelines import LoraSettings
+from diffrl.pipelines.auto import load_policy
+from diffrl.pipelines.saved import read_model_info
+from diffrl.run_folder import RESULT_FOLDERS, TRAINABLE_FILE
 
 
 class LoadedModel(NamedTuple):
@@ -38,9 +44,6 @@ def resolve_model_path(source: str) -> str:
 def checkpoint_run(source: str) -> Path | None:
     """The run folder of a training checkpoint (``<run>/checkpoints/checkpoint_<epoch>``), or ``None`` when
     ``source`` is not one."""
-    from diffrl import checkpoint as ckpt
-    from diffrl.recipes.run import TRAINABLE_FILE
-
     path = Path(source).expanduser()
     if not (path.is_dir() and ckpt.is_complete(path) and (path / TRAINABLE_FILE).is_file()):
         return None
@@ -78,9 +81,6 @@ def load_model(source: str, *, revision: str = "main", base: str | None = None, 
       With ``strict_base``, ``base`` is an error here (there is no adapter to put on it); without, it is unused
       (``diffrl evaluate`` passes its baseline model, which only LoRA results build on).
     """
-    from diffrl.pipelines import LoraSettings
-    from diffrl.pipelines.auto import load_policy
-    from diffrl.pipelines.saved import read_model_info
 
     source = resolve_model_path(os.fspath(source))
     common: dict[str, Any] = {"device": device, "mixed_precision": mixed_precision}
@@ -117,25 +117,16 @@ def _load_checkpoint(source: str, run: Path, base: str | None, base_revision: st
                      common: dict[str, Any]) -> LoadedModel:
     """A training checkpoint: the run's base model (or ``base``, when the recorded one has moved) with the run's
     LoRA settings, then the checkpoint's trainable weights."""
-    from diffrl import checkpoint as ckpt
-    from diffrl.config import load_config
-    from diffrl.pipelines import LoraSettings
-    from diffrl.pipelines.auto import load_policy
-    from diffrl.recipes.build import default_model
-    from diffrl.recipes.run import load_trainable_weights
-
     config = load_config(run / "config.yaml")
-    recorded = config.model or default_model()
+    recorded = build.base_model(config)
     base_model = base or recorded
     if base and not _same_model(base, recorded):
         print(f"note: loading the checkpoint '{source}' (trained on '{recorded}') onto --base '{base}'",
               file=sys.stderr)
-    lora = LoraSettings(rank=config.lora_rank, alpha=config.lora_alpha,
-                        target_modules=tuple(config.lora_target_modules)) if config.use_lora else None
     policy = load_policy(base_model, revision=base_revision if base else config.model_revision,
-                         use_lora=config.use_lora, lora=lora, **common)
-    load_trainable_weights(policy, Path(source))
+                         use_lora=build.uses_lora(config), lora=build.lora_settings(config), **common)
+    policy.load_trainable_state_dict(load_file(Path(source) / TRAINABLE_FILE))
     kind = "ddpm" if not policy.is_conditional else "stable_diffusion"
     epoch = ckpt.read_state(source).get("epoch")
-    return LoadedModel(policy, {"source": source, "kind": kind, "lora": bool(config.use_lora),
+    return LoadedModel(policy, {"source": source, "kind": kind, "lora": build.uses_lora(config),
                                 "base_model": base_model, "checkpoint_epoch": epoch})

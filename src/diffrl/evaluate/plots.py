@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from diffrl.run_folder import read_metrics
 
 
 def image_grid(rows: Sequence[torch.Tensor], path: Path, *, cell: int = 48, labels: Sequence[str] = ()) -> Path:
@@ -27,12 +28,6 @@ def image_grid(rows: Sequence[torch.Tensor], path: Path, *, cell: int = 48, labe
             canvas.paste(tile, (label_w + j * (cell + 2), i * (cell + 2)))
     canvas.save(path)
     return path
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def line_plot(xs: Sequence[float], ys: Sequence[float], path: Path, *, title: str, xlabel: str = "epoch",

@@ -3,7 +3,7 @@
 Images are embedded as base64 PNG data URIs and the style sheet is inline. Sections: side-by-side grids of
 the baseline and fine-tuned samples from the same noise, the metric tables (mean ± standard error, the
 paired difference to the baseline), per-prompt tables, training curves from a run's ``metrics.jsonl``
-(drawn with Pillow by :func:`diffrl.recipes.artifacts.line_plot`), and the configuration.
+(drawn with Pillow by :func:`diffrl.evaluate.plots.line_plot`), and the configuration.
 """
 
 from __future__ import annotations
@@ -24,10 +24,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from diffrl._version import __version__
+from diffrl.checkpoint import write_text_atomically
 from diffrl.evaluate.compare import Evaluation
 from diffrl.evaluate.inputs import HELDOUT
-from diffrl.evaluate.metrics import MeanSE
-from diffrl.recipes.artifacts import line_plot, read_metrics
+from diffrl.metrics import MeanSE
+from diffrl.evaluate.plots import line_plot
+from diffrl.run_folder import read_metrics
 
 CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 24px; color: #1b1f24; background: #fff; }
@@ -251,7 +254,6 @@ def config_section(configs: Mapping[str, str]) -> Section:
 
 def render_html(title: str, sections: Sequence[Section], subtitle: str = "") -> str:
     """The whole page: inline CSS, then each section."""
-    from diffrl._version import __version__
 
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     meta = html.escape(f"{subtitle + ' · ' if subtitle else ''}diffrl {__version__} · {stamp}")
@@ -308,7 +310,6 @@ def write_report(path: str | os.PathLike, *, evaluation: Evaluation | None = Non
                  title: str | None = None, config: str | Mapping[str, Any] | None = None) -> Path:
     """Write :func:`build_report`'s page to ``path`` (its folder is created, the file replaced atomically);
     returns the path."""
-    from diffrl.checkpoint import write_text_atomically
 
     return write_text_atomically(path, build_report(evaluation=evaluation, runs=runs, title=title, config=config))
 

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from diffrl import build
+from diffrl.config import load_config
 from diffrl.evaluate.compare import Evaluation, ModelSource, evaluate_models
 from diffrl.evaluate.inputs import TRAIN, EvaluationError, PromptItem, draw_prompts
 from diffrl.evaluate.loading import load_model
@@ -25,9 +27,6 @@ def compare_run(run_dir: str | os.PathLike, *, model: str | os.PathLike | None =
     fine-tuned ``model`` (default ``run_dir/final``) from the same noise, on ``num_prompts`` prompts of the run's
     prompt source, and score them with the run's reward. Steps, guidance and eta default to the run's
     ``sample_*`` settings."""
-    from diffrl.config import load_config
-    from diffrl.recipes.build import build_reward, default_model
-
     run = Path(run_dir)
     tuned = Path(model) if model is not None else run / "final"
     if not tuned.exists():
@@ -36,7 +35,7 @@ def compare_run(run_dir: str | os.PathLike, *, model: str | os.PathLike | None =
     if not (run / "config.yaml").is_file():
         raise EvaluationError(f"'{run}' has no config.yaml to read the base model and reward from; use --no-samples")
     config = load_config(run / "config.yaml")
-    base = config.model or default_model()
+    base = build.base_model(config)
     reward_name = config.reward or "digit"
     if config.prompts:
         drawn = draw_prompts(config.prompts, num_prompts, config.prompt_options, setting="the run's prompts")
@@ -54,6 +53,6 @@ def compare_run(run_dir: str | os.PathLike, *, model: str | os.PathLike | None =
 
     models = [ModelSource("base", loader(base, None), {"source": base, "role": "base"}),
               ModelSource(tuned.name, loader(str(tuned), base), {"source": str(tuned), "role": "fine-tuned"})]
-    return evaluate_models(models, {reward_name: build_reward(config)}, prompts, list(seeds), settings,
+    return evaluate_models(models, {reward_name: build.build_reward(config)}, prompts, list(seeds), settings,
                            trained_reward=reward_name, reward_options={reward_name: dict(config.reward_options)},
                            preview_prompts=num_prompts, preview_seeds=len(seeds), log=log)

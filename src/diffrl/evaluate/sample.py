@@ -1,7 +1,7 @@
 """Generation on fixed seeds: every image has its own generator, seeded by its seed alone.
 
 Image ``(prompt, seed)`` draws its initial noise ``x_T`` and then the noise of every denoising step from
-``generator_for(seed)``, so it is the same whatever the batch size or the position in the batch, and two
+``generator_for(seed)`` (:mod:`diffrl.seeding`, the rule training-time evaluation uses too), so it is the same whatever the batch size or the position in the batch, and two
 models with the same latent shape start from the same ``x_T`` and receive the same per-step noise.
 """
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffrl.evaluate.inputs import EvaluationError, PromptItem
-from diffrl.recipes.run import generator_for
+from diffrl.seeding import sample_on_seeds
 
 
 @dataclass(frozen=True)
@@ -83,17 +83,15 @@ def check_prompts_fit(policy: Any, prompts: Sequence[PromptItem], model: str) ->
                               "given; drop --prompts/--prompt-source/--heldout-* and use more --seeds for more samples")
 
 
-@torch.no_grad()
 def generate(policy: Any, jobs: Sequence[SampleJob], settings: SampleSettings) -> Iterator[SampleBatch]:
-    """Sample ``jobs`` in batches of ``settings.batch_size``; yields each batch as soon as it is made."""
-    for start in range(0, len(jobs), settings.batch_size):
-        chunk = list(jobs[start:start + settings.batch_size])
-        generators = [generator_for(job.seed) for job in chunk]
-        x_T = policy.initial_noise(len(chunk), generators)
-        out = policy.sample([job.prompt.text for job in chunk], batch_size=len(chunk),
-                            num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
-                            eta=settings.eta, generator=generators, latents=x_T)
-        yield SampleBatch(out.trajectory.images.float(), chunk, tuple(x_T.shape[1:]))
+    """Sample ``jobs`` in batches of ``settings.batch_size`` by :func:`diffrl.seeding.sample_on_seeds`'s rule (each
+    image from its own seed); yields each batch as soon as it is made."""
+    jobs = list(jobs)
+    for batch in sample_on_seeds(policy, [job.prompt.text for job in jobs], [job.seed for job in jobs],
+                                 num_inference_steps=settings.num_inference_steps,
+                                 guidance_scale=settings.guidance_scale, eta=settings.eta,
+                                 batch_size=settings.batch_size):
+        yield SampleBatch(batch.images, [jobs[i] for i in batch.indices], batch.noise_shape)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -75,3 +76,16 @@ def load_lora_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor],
             f"LoRA weights in '{source}' do not fit this model's adapter (rank/targets differ?): "
             f"unexpected {unexpected[:5]}, missing {missing[:5]}."
         )
+
+
+def merged_unet(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain copy of ``model`` (same class, same config) with its LoRA updates merged into the base weights,
+    so it loads with diffusers alone (no PEFT)."""
+    unet = copy.deepcopy(model).float()
+    for module in unet.modules():
+        if hasattr(module, "merge") and hasattr(module, "lora_A"):
+            module.merge()
+    state = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k}
+    clean = type(model).from_config(model.config)
+    clean.load_state_dict(state)
+    return clean

@@ -1,18 +1,26 @@
-"""Evaluation on fixed seeds: the same initial and per-step noise every time, so runs and epochs compare."""
+"""Training-time evaluation on fixed seeds (``eval_every``), with keep-best.
+
+Image ``i`` of every evaluation is sampled from seed ``eval_seed + i`` by the one fixed-seed rule of
+:mod:`diffrl.seeding`, which ``diffrl sample`` and ``diffrl evaluate`` use too: the numbers a run logs as
+``eval/...`` are those ``diffrl evaluate --seeds eval_seed ... eval_seed+n-1`` computes for the same model.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
-from diffrl.recipes.rewards import score
-from diffrl.recipes.run import generator_for
+from diffrl.metrics import diversity
+from diffrl.pipelines.types import DiffusionPolicy
+from diffrl.rewards import score
+from diffrl.seeding import sample_on_seeds
 
 
 class EvalResult(NamedTuple):
-    """``images``: ``[n, 3, H, W]`` in ``[0, 1]``; ``rewards``: ``[n]``; ``metadata``: one reward metadata per batch."""
+    """``images``: ``[n, 3, H, W]`` in ``[0, 1]`` (CPU); ``rewards``: ``[n]``; ``metadata``: per batch."""
 
     images: torch.Tensor
     rewards: torch.Tensor
@@ -24,21 +32,46 @@ class EvalResult(NamedTuple):
         return float(self.rewards.mean())
 
 
-@torch.no_grad()
-def evaluate(policy, reward_fn: Callable, prompts: Sequence[str], *, seed: int, num_inference_steps: int,
-             guidance_scale: float, eta: float, batch_size: int = 64) -> EvalResult:
-    """Sample one image per prompt with seeds derived from ``seed`` only and score them."""
-    images, rewards, meta = [], [], []
+def evaluate(policy: DiffusionPolicy, reward_fn: Callable, prompts: Sequence[str], *, seed: int,
+             num_inference_steps: int, guidance_scale: float, eta: float, batch_size: int = 64) -> EvalResult:
+    """Sample image ``i`` for ``prompts[i]`` from seed ``seed + i`` and score it."""
     prompts = list(prompts)
-    for b, start in enumerate(range(0, len(prompts), batch_size)):
-        chunk = prompts[start:start + batch_size]
-        traj = policy.sample(chunk, batch_size=len(chunk), num_inference_steps=num_inference_steps,
-                             guidance_scale=guidance_scale, eta=eta, generator=generator_for(seed, b)).trajectory
-        r, m = score(reward_fn, traj.images, chunk, [{} for _ in chunk])
-        images.append(traj.images.cpu())
+    images, rewards, meta = [], [], []
+    for batch in sample_on_seeds(policy, prompts, [seed + i for i in range(len(prompts))],
+                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
+                                 batch_size=batch_size):
+        chunk = [prompts[i] for i in batch.indices]
+        r, m = score(reward_fn, batch.images, chunk, [{} for _ in chunk])
+        images.append(batch.images.cpu())
         rewards.append(r)
         meta.append(m)
     return EvalResult(torch.cat(images), torch.cat(rewards), prompts, meta)
+
+
+def prompt_diversity(images: torch.Tensor, prompts: Sequence[str]) -> float:
+    """``diffrl evaluate``'s pixel diversity (mean pairwise RMS distance), averaged over the prompts that have at
+    least two images; 0 means every prompt's images are one image (mode collapse)."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p, []).append(i)
+    values = [diversity(images[idx].flatten(1)) for idx in groups.values() if len(idx) > 1]
+    return float(sum(values) / len(values)) if values else math.nan
+
+
+def metadata_means(metadata: Sequence[Any]) -> dict[str, float]:
+    """The mean of every numeric value a reward returned as metadata (``target_share`` of the digit reward...),
+    over the batches, as ``eval/<key>``."""
+    sums: dict[str, list[float]] = {}
+    for item in metadata:
+        if not isinstance(item, Mapping):
+            continue
+        for key, value in item.items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype == torch.bool:
+                value = float(value)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or str(key).startswith("_"):
+                continue
+            sums.setdefault(str(key), []).append(float(value))
+    return {f"eval/{k}": sum(v) / len(v) for k, v in sums.items()}
 
 
 class BestKeeper:
@@ -48,7 +81,7 @@ class BestKeeper:
         self.path = run_dir / "best"
         self.best: float | None = None
 
-    def update(self, policy, reward: float, epoch: int) -> bool:
+    def update(self, policy: DiffusionPolicy, reward: float, epoch: int) -> bool:
         if self.best is not None and reward <= self.best:
             return False
         self.best = reward
@@ -65,25 +98,33 @@ class BestKeeper:
 
 class PeriodicEvaluator:
     """``eval_every``/``eval_num_samples``/``eval_seed``/``keep_best`` for any trainer: evaluates on the main
-    process every ``eval_every`` epochs, logs ``eval/reward_mean``, and keeps the best policy."""
+    process every ``eval_every`` epochs, logs ``eval/reward_mean``, ``eval/reward_std``, ``eval/diversity`` and
+    every numeric reward-metadata value as ``eval/<key>``, and keeps the best policy."""
 
-    def __init__(self, config, policy, reward_fn: Callable, prompt_fn: Callable, run_dir: Path, accelerator) -> None:
+    def __init__(self, config, policy: DiffusionPolicy, reward_fn: Callable, prompt_fn: Callable, run_dir: Path,
+                 accelerator) -> None:
         self.config, self.policy, self.reward_fn, self.accelerator = config, policy, reward_fn, accelerator
         self.enabled = config.eval_every > 0
         # Drawn once, up front, so every evaluation scores the same prompts with the same noise.
         self.prompts = [prompt_fn()[0] for _ in range(config.eval_num_samples)] if self.enabled else []
         self.best = BestKeeper(run_dir) if config.keep_best else None
 
+    def run(self) -> EvalResult:
+        c = self.config
+        return evaluate(self.policy, self.reward_fn, self.prompts, seed=c.eval_seed,
+                        num_inference_steps=getattr(c, "eval_num_steps", None) or c.sample_num_steps,
+                        guidance_scale=c.sample_guidance_scale, eta=c.sample_eta if c.sample_eta > 0 else 1.0,
+                        batch_size=max(getattr(c, "sample_batch_size", c.train_batch_size), 16))
+
     def maybe_run(self, epoch: int) -> dict[str, float]:
         if not self.enabled or (epoch + 1) % self.config.eval_every:
             return {}
         metrics: dict[str, float] = {}
         if self.accelerator.is_main_process:
-            c = self.config
-            result = evaluate(self.policy, self.reward_fn, self.prompts, seed=c.eval_seed,
-                              num_inference_steps=c.sample_num_steps, guidance_scale=c.sample_guidance_scale,
-                              eta=c.sample_eta if c.sample_eta > 0 else 1.0, batch_size=max(getattr(c, "sample_batch_size", c.train_batch_size), 16))
-            metrics = {"eval/reward_mean": result.reward_mean, "eval/reward_std": float(result.rewards.std())}
+            result = self.run()
+            metrics = {"eval/reward_mean": result.reward_mean, "eval/reward_std": float(result.rewards.std()),
+                       "eval/diversity": prompt_diversity(result.images, result.prompts),
+                       **metadata_means(result.metadata)}
             if self.best is not None:
                 metrics["eval/is_best"] = float(self.best.update(self.policy, result.reward_mean, epoch))
         self.accelerator.wait_for_everyone()

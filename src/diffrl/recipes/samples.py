@@ -34,9 +34,7 @@ class EpochSamples(NamedTuple):
         lat = torch.cat([t.latents for t in trajectories])
         cond = None
         if trajectories[0].conditioning is not None:
-            negs = [t.conditioning.negative_prompt_embeds for t in trajectories]
-            cond = TextConditioning(torch.cat([t.conditioning.prompt_embeds for t in trajectories]),
-                                    None if negs[0] is None else torch.cat(negs))
+            cond = type(trajectories[0].conditioning).concat([t.conditioning for t in trajectories])
         return cls(lat[:, :-1], lat[:, 1:], lat[:, -1], torch.cat([t.timesteps for t in trajectories]),
                    torch.cat([t.prev_timesteps for t in trajectories]), torch.cat([t.log_probs for t in trajectories]),
                    cond)

@@ -15,6 +15,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from diffrl.digits import DigitReward
 from diffrl.rewards.aesthetic import AestheticScore
 from diffrl.rewards.alignment import AlignmentReward
 from diffrl.rewards.base import Reward, RewardError
@@ -24,10 +25,13 @@ from diffrl.rewards.clip import clip_score, pickscore
 from diffrl.rewards.combine import WeightedSum, combined
 from diffrl.rewards.jpeg import jpeg_compressibility, jpeg_incompressibility
 from diffrl.rewards.remote import RemoteReward, RemoteRewardError
+from diffrl.rewards.scoring import require_differentiable, score
 
 __all__ = [
     "Reward",
     "RewardError",
+    "score",
+    "require_differentiable",
     "RemoteRewardError",
     "WeightedSum",
     "available",
@@ -40,11 +44,14 @@ RewardFactory = Callable[..., Reward]
 def digit(digit: int = 3, kind: str = "log_prob") -> Reward:
     """The offline quickstart's reward: the shipped digit classifier's log-probability (or probability) of
     ``digit`` (see :mod:`diffrl.digits`). Differentiable."""
-    from diffrl.digits import DigitReward
-
     reward = DigitReward(target=digit, kind=kind)
     reward.name = "digit"
     return reward
+
+
+def _combined(*, components: Any) -> WeightedSum:
+    """``combined``: a weighted sum of registered rewards (:func:`diffrl.rewards.combine.combined`)."""
+    return combined(components=components, load=load)
 
 
 _REGISTRY: dict[str, RewardFactory] = {
@@ -58,7 +65,7 @@ _REGISTRY: dict[str, RewardFactory] = {
     "over50": over50,
     "alignment": AlignmentReward,
     "remote": RemoteReward,
-    "combined": combined,
+    "combined": _combined,
 }
 
 

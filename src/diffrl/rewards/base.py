@@ -157,5 +157,5 @@ def as_float_rewards(values: torch.Tensor, device: torch.device) -> torch.Tensor
 
 
 def reward_name(reward: Any) -> str:
-    """``reward.name``, or its class name for callables that do not set one."""
-    return str(getattr(reward, "name", type(reward).__name__))
+    """``reward.name``; for callables that do not set one, the function's qualified name or the class name."""
+    return str(getattr(reward, "name", None) or getattr(reward, "__qualname__", None) or type(reward).__name__)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -52,9 +52,7 @@ class WeightedSum:
         return total, {"components": parts, "weights": weights, "metadata": metadata}
 
 
-def _component(entry: Any, index: int) -> tuple[str, Reward, float]:
-    from diffrl.rewards import load
-
+def _component(entry: Any, index: int, load: Callable[..., Reward]) -> tuple[str, Reward, float]:
     if isinstance(entry, (tuple, list)) and len(entry) == 2:
         entry = {"reward": entry[0], "weight": entry[1]}
     if not isinstance(entry, Mapping):
@@ -88,12 +86,13 @@ def _component(entry: Any, index: int) -> tuple[str, Reward, float]:
     return str(entry.get("key", reward_name(reward))), reward, float(weight)
 
 
-def combined(*, components: Sequence[Any]) -> WeightedSum:
-    """Weighted sum of ``components``: mappings ``{reward, weight=1, options={}, key=reward name}`` or pairs.
+def combined(*, components: Sequence[Any], load: Callable[..., Reward]) -> WeightedSum:
+    """Weighted sum of ``components``: mappings ``{reward, weight=1, options={}, key=reward name}`` or pairs;
+    ``load(name, **options)`` builds the components given by name (the registry passes its own).
 
     Example: ``load("combined", components=[{"reward": "aesthetic", "weight": 1.0},
     {"reward": "jpeg_compressibility", "weight": 0.05}])``.
     """
     if isinstance(components, (str, Mapping)) or not isinstance(components, Sequence):
         raise RewardError(f"reward 'combined': option components={components!r} must be a list of components")
-    return WeightedSum([_component(entry, index) for index, entry in enumerate(components)])
+    return WeightedSum([_component(entry, index, load) for index, entry in enumerate(components)])

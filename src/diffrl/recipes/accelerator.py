@@ -1,0 +1,61 @@
+"""The accelerator and the run's name: the process-level setup every trainer starts with."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+
+from diffrl.config import SharedConfig
+
+
+def use_cpu_processes_without_gpus() -> None:
+    """Several processes on a machine without GPUs: tell accelerate to join them over gloo on the CPU.
+
+    ``accelerate launch --multi_gpu --num_processes 2`` (or torchrun) on a CPU-only machine starts the processes,
+    but accelerate only forms a CPU process group when asked to; without this each process would train alone.
+    Must run before the first ``PartialState``/``Accelerator``.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
+def project_configuration(config: SharedConfig) -> ProjectConfiguration:
+    """accelerate's project settings: the run's ``logdir`` unless ``project_kwargs`` names its own
+    ``project_dir`` (TRL's examples set it, with ``automatic_checkpoint_naming`` and ``total_limit``)."""
+    kwargs = dict(config.project_kwargs)
+    kwargs.setdefault("project_dir", config.logdir)
+    kwargs.setdefault("automatic_checkpoint_naming", False)
+    return ProjectConfiguration(**kwargs)
+
+
+def make_accelerator(config: SharedConfig) -> Accelerator:
+    """An accelerator with TRL's settings, but the run folder wired in (TRL's saving crashed without it)."""
+    use_cpu_processes_without_gpus()
+    accelerator = Accelerator(log_with=config.log_with, mixed_precision=config.mixed_precision,
+                              project_config=project_configuration(config), **config.accelerator_kwargs)
+    if config.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def choose_run_name(config: SharedConfig, accelerator: Accelerator, resume_checkpoint: Path | None) -> str:
+    """``run_name``, else the resumed run's folder, else ``<exp_name>_<timestamp>`` agreed by all processes."""
+    if config.run_name:
+        return config.run_name
+    if resume_checkpoint is not None:
+        return resume_checkpoint.parent.parent.name
+    name = [f"{config.exp_name}_{_dt.datetime.now().strftime('%Y.%m.%d_%H.%M.%S')}"]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(name, from_process=0)
+    return name[0]
+
+
+def seed_processes(seed: int) -> None:
+    """Seed Python, NumPy and torch; each process gets its own stream, reproducibly (accelerate's
+    ``device_specific``). diffrl's own draws use :func:`diffrl.seeding.generator_for` and do not depend on it."""
+    set_seed(seed, device_specific=True)

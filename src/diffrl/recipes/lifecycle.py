@@ -1,0 +1,258 @@
+"""The lifecycle every diffrl trainer shares, so that a trainer is only its epoch body.
+
+:class:`Trainer` owns the accelerator, the run folder and its records, resume, periodic evaluation, the divergence
+guard, checkpoints, metrics, and ``save_pretrained``/``push_to_hub``. A trainer subclass supplies
+:meth:`Trainer.run_epoch` (sample -> score -> advantages/weights -> updates, readable top to bottom in its own
+file) and, where it needs them, :meth:`Trainer.prepare`, :meth:`Trainer.trainer_state` and
+:meth:`Trainer.load_trainer_state`.
+
+TRL's trainers fixed here, for every trainer: saving works with the defaults, the image hook never indexes a
+missing tracker, resume continues exactly (epoch, step, optimizer, schedule, statistics, RNG), saving cannot
+deadlock several processes, and a diverging run stops instead of saving NaN.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, ClassVar, NamedTuple
+
+import torch
+import yaml
+
+from diffrl import checkpoint as ckpt
+from diffrl.config import SharedConfig
+from diffrl.pipelines.types import DiffusionPolicy
+from diffrl.recipes.accelerator import choose_run_name, make_accelerator, seed_processes
+from diffrl.recipes.checkpoints import load_checkpoint, save_checkpoint
+from diffrl.recipes.evaluation import PeriodicEvaluator
+from diffrl.recipes.guard import DivergenceGuard
+from diffrl.recipes.optim import build_lr_scheduler, build_optimizer, set_learning_rate
+from diffrl.recipes.records import MetricsLogger, config_differences, write_config_record
+from diffrl.recipes.results import model_card, push_result, save_result
+from diffrl.run_folder import CONFIG_FILE
+
+
+class EpochResult(NamedTuple):
+    """What :meth:`Trainer.run_epoch` returns: the global step after the epoch, its metrics (namespaced), and how
+    many reward evaluations it made (all processes together)."""
+
+    global_step: int
+    metrics: dict[str, float]
+    reward_queries: int
+
+
+def resolve_policy(sd_pipeline: Any) -> DiffusionPolicy:
+    """The diffrl policy behind a TRL-style pipeline object (or the policy itself)."""
+    policy = getattr(sd_pipeline, "policy", sd_pipeline)
+    if not isinstance(policy, DiffusionPolicy):
+        raise TypeError(
+            f"sd_pipeline of type {type(sd_pipeline).__name__} is not a diffrl policy. Pass "
+            "DefaultDDPOStableDiffusionPipeline / DefaultDDPODDPMPipeline, or a diffrl policy "
+            "(StableDiffusionPolicy, DDPMPolicy, ...).")
+    return policy
+
+
+def call_image_hook(hook: Callable | None, data: Any, global_step: int, accelerator) -> None:
+    """TRL's hook contract, with the tracker or ``None`` (no IndexError without a tracker or off the main process)."""
+    if hook is None:
+        return
+    tracker = accelerator.trackers[0] if accelerator.trackers else None
+    hook(data, global_step, tracker)
+
+
+def peak_memory_metrics(device: torch.device) -> dict[str, float]:
+    """``perf/peak_memory_mb``: the accelerator's peak allocated memory since the last reset (CUDA only;
+    an empty dict elsewhere), then resets the peak so each epoch reports its own."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 2**20
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"perf/peak_memory_mb": peak}
+
+
+class Timer:
+    """Seconds between calls of :meth:`lap`."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.start = now - self.start, now
+        return elapsed
+
+
+class Trainer:
+    """``Trainer(config, reward_function, prompt_function, sd_pipeline, image_samples_hook=None)``, TRL's signature.
+
+    ``sd_pipeline`` is a TRL-style pipeline (:class:`~diffrl.DefaultDDPOStableDiffusionPipeline`, ...) or a diffrl
+    policy. Metrics: ``perf/wall_s`` is the cumulative time spent in epochs (evaluation and checkpoints excluded)
+    and ``perf/reward_queries`` the cumulative number of reward evaluations, both continued across a resume.
+    """
+
+    trainer_name: ClassVar[str] = "diffrl"
+    config_class: ClassVar[type] = SharedConfig
+
+    def __init__(self, config: SharedConfig, reward_function: Callable, prompt_function: Callable, sd_pipeline: Any,
+                 image_samples_hook: Callable | None = None) -> None:
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}.")
+        self.config = config
+        self.reward_fn, self.prompt_fn, self.image_samples_callback = reward_function, prompt_function, image_samples_hook
+        self.sd_pipeline = sd_pipeline
+        self.check_inputs()
+        self.accelerator = acc = make_accelerator(config)
+        config.validate(num_processes=acc.num_processes)
+        self.policy = resolve_policy(sd_pipeline)
+        resume = ckpt.find_latest(config.resume_from) if config.resume_from else None
+        self.run_name = choose_run_name(config, acc, resume)
+        self.run_dir = Path(config.logdir) / self.run_name
+        self.checkpoints_dir = ckpt.checkpoint_dir(config.logdir, self.run_name)
+        resume_state = ckpt.read_state(resume) if resume is not None else None
+        changed = self._resume_changes(resume_state) if resume is not None else {}
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for folder in (self.run_dir, self.checkpoints_dir):
+                ckpt.remove_stale_temporaries(folder)
+            write_config_record(self.run_dir, config.to_yaml(),
+                                None if resume_state is None else int(resume_state["epoch"]))
+        acc.wait_for_everyone()
+        seed_processes(config.seed)
+        self.policy.to(acc.device, config.mixed_precision)
+        if config.log_with:
+            acc.init_trackers(config.tracker_project_name, config=config.to_flat_dict(), init_kwargs=config.tracker_kwargs)
+        self.metrics = MetricsLogger(acc, self.run_dir)
+        self.guard = DivergenceGuard(self.checkpoints_dir)
+        self._params = list(self.policy.trainable_parameters())
+        optimizer = build_optimizer(config, self._params)
+        self.lr_scheduler = build_lr_scheduler(config, optimizer, self.total_optimizer_steps())
+        self.optimizer = self.prepare(optimizer)
+        self.evaluator = PeriodicEvaluator(config, self.policy, reward_function, prompt_function, self.run_dir, acc)
+        self.first_epoch, self.global_step, self.last_metrics = 0, 0, {}
+        self.wall_s, self.reward_queries = 0.0, 0
+        if resume is not None:
+            self._resume(resume, changed)
+
+    # ------------------------------------------------------------------ what a trainer supplies
+    def check_inputs(self) -> None:
+        """Refuse unusable inputs before any work (e.g. a non-differentiable reward for reward backpropagation)."""
+
+    def total_optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run (the learning-rate schedule's length)."""
+        return self.config.num_epochs
+
+    def prepare(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Hand the trained module and the optimizer to accelerate (DDP, mixed precision); returns the optimizer."""
+        module, optimizer = self.accelerator.prepare(self.policy.trainable_module, optimizer)
+        self.policy.use_forward_module(module)
+        return optimizer
+
+    def run_epoch(self, epoch: int, global_step: int) -> EpochResult:
+        raise NotImplementedError
+
+    def trainer_state(self) -> dict[str, Any]:
+        """The trainer's own JSON state saved in every checkpoint (e.g. per-prompt statistics)."""
+        return {}
+
+    def load_trainer_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`trainer_state` from a checkpoint's state."""
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, epochs: int | None = None) -> None:
+        """Train from the first (or resumed) epoch up to ``epochs`` (default ``config.num_epochs``)."""
+        last = epochs if epochs is not None else self.config.num_epochs
+        for epoch in range(self.first_epoch, last):
+            self.global_step = self.step(epoch, self.global_step)
+        self.first_epoch = max(self.first_epoch, last)
+        if self.config.log_with:
+            self.accelerator.end_training()
+
+    def step(self, epoch: int, global_step: int) -> int:
+        """One epoch, then evaluation, checkpoint and the metrics line (written after the checkpoint commits);
+        returns the global step."""
+        started = time.perf_counter()
+        result = self.run_epoch(epoch, global_step)
+        global_step = result.global_step
+        self.wall_s += time.perf_counter() - started
+        self.reward_queries += result.reward_queries
+        metrics = {"epoch": epoch, **result.metrics, "train/lr": self.lr_scheduler.get_last_lr()[0],
+                   **peak_memory_metrics(self.accelerator.device),
+                   "perf/wall_s": self.wall_s, "perf/reward_queries": float(self.reward_queries)}
+        metrics.update(self.evaluator.maybe_run(epoch))
+        self.last_metrics = metrics
+        if (epoch + 1) % self.config.save_freq == 0 or epoch + 1 == self.config.num_epochs:
+            self.guard.check_weights(self._params, epoch, global_step, self.config.train_learning_rate)
+            state = {"global_step": global_step, "metrics": metrics, "wall_s": self.wall_s,
+                     "reward_queries": self.reward_queries, "evaluation": self.evaluator.state_dict(),
+                     **self.trainer_state()}
+            save_checkpoint(self.accelerator, self.checkpoints_dir, epoch, self.config.num_checkpoint_limit,
+                            self.policy, self.optimizer, self.lr_scheduler, state)
+        self.metrics.log(metrics, step=global_step)
+        return global_step
+
+    # ------------------------------------------------------------------ resume
+    def _resume_changes(self, resume_state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Settings that differ from the resumed run's ``config.yaml``; refuses those that cannot change mid-run."""
+        saved_file = self.run_dir / CONFIG_FILE
+        if not saved_file.is_file():
+            return {}
+        old = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+        new = yaml.safe_load(self.config.to_yaml()) or {}
+        changed = config_differences(old, new)
+        for key in ("resume_from", "run_name"):
+            changed.pop(key, None)
+        return changed
+
+    def _resume(self, path: Path, changed: dict[str, tuple[Any, Any]]) -> None:
+        state = load_checkpoint(self.accelerator, path, self.policy, self.optimizer, self.lr_scheduler)
+        self.first_epoch, self.global_step = int(state["epoch"]) + 1, int(state["global_step"])
+        self.wall_s, self.reward_queries = float(state.get("wall_s", 0.0)), int(state.get("reward_queries", 0))
+        self.load_trainer_state(state)
+        self.evaluator.load_state_dict(state.get("evaluation"))
+        if "train_learning_rate" in changed:
+            set_learning_rate(self.optimizer, self.lr_scheduler, self.config.train_learning_rate)
+        dropped = self.metrics.truncate_after(int(state["epoch"]))
+        note = f"; dropped {dropped} metrics line(s) of epochs after it" if dropped else ""
+        changes = "".join(f"\n  {k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        self.accelerator.print(f"resumed from {path}: continuing at epoch {self.first_epoch}, global step "
+                               f"{self.global_step}{note}" + (f"; settings changed:{changes}" if changes else ""))
+
+    # ------------------------------------------------------------------ results
+    def _check_finite_weights(self) -> None:
+        self.guard.check_weights(self._params, self.first_epoch, self.global_step, self.config.train_learning_rate)
+
+    def save_pretrained(self, save_directory: str) -> None:
+        """Write the fine-tuned model (LoRA weights or a full pipeline) and a model card; all processes call it."""
+        self._check_finite_weights()
+        save_result(self.accelerator, self.policy, self.config, self.last_metrics, self.trainer_name, save_directory)
+
+    def create_model_card(self, path: str | None = None, model_name: str | None = None,
+                          dataset_name: str | None = None, tags: list[str] | None = None):
+        """TRL's method: the model card of this run (written to ``<path>/README.md`` when ``path`` is given)."""
+        card = model_card(self.config, self.last_metrics, self.trainer_name, self.policy.base_model,
+                          dataset_name=dataset_name)
+        if tags:
+            card.data.tags = list(card.data.tags or []) + list(tags)
+        if model_name:
+            card.text = card.text.replace(card.text.splitlines()[0], f"# {model_name}", 1)
+        if path is not None and self.accelerator.is_main_process:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            card.save(Path(path) / "README.md")
+        return card
+
+    def push_to_hub(self, repo_id: str | None = None, commit_message: str | None = None, *,
+                    private: bool | None = None, dataset_name: str | None = None, **_: Any) -> str | None:
+        """Save to a temporary folder and upload it (token from ``HF_TOKEN`` or the login cache, never logged).
+
+        ``repo_id`` defaults to ``config.hub_model_id``, then the run name."""
+        self._check_finite_weights()
+        repo = repo_id or getattr(self.config, "hub_model_id", None) or self.run_name
+        private = private if private is not None else getattr(self.config, "hub_private", None)
+        return push_result(self.accelerator, self.policy, self.config, self.last_metrics, self.trainer_name, repo,
+                           commit_message or f"diffrl {self.trainer_name} fine-tune", private)
+
+    def _save_pretrained(self, save_directory: str) -> None:  # TRL's private name, kept for old scripts
+        self.save_pretrained(save_directory)
+
+    save_model = save_pretrained
