@@ -162,3 +162,58 @@ def test_help_is_plain_text(capsys):
     text = capsys.readouterr().out
     assert "--body-timeout" in text and "POST /reward" in text
     assert ":class:" not in text and ":mod:" not in text and "``" not in text
+
+
+class _Recording:
+    """Per-image JPEG size, plus the batch sizes it was called with and a batch-level metadata value."""
+
+    name = "recording"
+    differentiable = False
+
+    def __init__(self, fail_above: int | None = None) -> None:
+        self.inner, self.batches, self.gate = load("jpeg_incompressibility"), [], threading.Event()
+        self.fail_above = fail_above
+
+    def __call__(self, images, prompts=None, prompt_metadata=None):
+        self.gate.wait(10)  # the first call waits until every request is queued
+        self.batches.append(images.shape[0])
+        if self.fail_above is not None and images.shape[0] > self.fail_above:
+            raise RuntimeError("out of memory")
+        values, metadata = self.inner(images)
+        return values, {**metadata, "prompts": list(prompts), "batch": images.shape[0]}
+
+
+@pytest.mark.parametrize("fail_above", [None, 2], ids=["merged", "merged-call-fails"])
+def test_batching_merges_waiting_requests_and_splits_the_answers(fail_above):
+    reward = _Recording(fail_above)
+    batches = [torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    results: list[object] = [None] * len(batches)
+
+    def client(i: int) -> None:
+        body = json.dumps({"protocol": 1, "images": encode_images(batches[i], "float32"),
+                           "prompts": [f"p{i}a", f"p{i}b"]}).encode()
+        results[i] = _post(host, port, body)
+
+    with make_server(reward, device="cpu", max_batch_images=8) as server:
+        host, port = server.server_address
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(batches))]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)  # all six requests reach the queue while the first call waits
+        reward.gate.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    merged = [size for size in reward.batches if size > 2]
+    assert merged and max(merged) <= 8, reward.batches  # waiting requests were merged, within the limit
+    if fail_above is None:
+        assert sum(reward.batches) == 12
+    else:  # each merged call that failed was retried request by request
+        assert sum(size for size in reward.batches if size <= 2) == 12
+    for i, (status, answer) in enumerate(results):
+        values, metadata = reward.inner(batches[i])
+        assert status == 200 and answer["rewards"] == pytest.approx(values.tolist(), rel=1e-6)
+        assert answer["metadata"]["jpeg_kb"] == pytest.approx(metadata["jpeg_kb"].tolist(), rel=1e-6)
+        assert answer["metadata"]["prompts"] == [f"p{i}a", f"p{i}b"]  # per-image metadata split by request
+        assert answer["metadata"]["batch"] in reward.batches  # batch-level values are copied
+        if fail_above is not None:
+            assert answer["metadata"]["batch"] == 2

@@ -9,10 +9,12 @@ images as base64 raw arrays, never pickle; see diffrl/rewards/_wire.py). It bind
 127.0.0.1 unless told otherwise. With a token (--token or $DIFFRL_REWARD_TOKEN) POST
 /reward needs "Authorization: Bearer <token>" (401 without it, 403 when wrong).
 Connections are handled concurrently by one event loop; the reward itself runs on one
-worker thread, one request at a time, in arrival order (reward models are not
-thread-safe). Requests over the size limit get 413; a client that stops sending its
-body for --body-timeout seconds gets 408 and is disconnected. One log line per request
-(client, method, path, status, bytes in/out, latency); headers and tokens are never logged.
+worker thread, one call at a time, in arrival order (reward models are not thread-safe);
+--max-batch-images N merges requests that wait at the same time into one call.
+Requests over the size limit get 413; a client that stops sending its body for
+--body-timeout seconds gets 408 and is disconnected, and one that has not finished its
+headers by then is disconnected. One log line per request (client, method, path,
+status, bytes in/out, latency); headers and tokens are never logged.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import h11
+import numpy as np
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
@@ -75,31 +78,102 @@ class ServerStartError(RuntimeError):
     """The server cannot start (port in use, bad address, bad setting); the message says the fix."""
 
 
-class _Worker:
-    """One daemon thread that runs submitted calls in order, so reward calls never overlap."""
+_STOP = object()
 
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Future, Callable[[], Any]] | None] = queue.SimpleQueue()
+
+class _Scorer:
+    """Scores requests on one daemon thread, in arrival order, so reward calls never overlap.
+
+    With ``max_batch_images > 1`` the requests already waiting when the thread frees up (same image size,
+    same prompts/metadata presence, at most that many images in all) go to the reward as one call, and the
+    answer is split back: rewards and per-image metadata (first dimension = all images) by request, other
+    metadata values are copied to each. If the merged call fails, each request is scored on its own.
+    """
+
+    def __init__(self, reward: Reward, device: torch.device, max_batch_images: int = 0) -> None:
+        self.reward, self.device, self.max_batch_images = reward, device, max_batch_images
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="diffrl-reward-worker", daemon=True)
         self._thread.start()
 
-    def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            future, call = job
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(call())
-            except BaseException as error:  # handed to the waiting request
-                future.set_exception(error)
-
-    async def run(self, call: Callable[[], Any]) -> Any:
+    async def run(self, request: RewardRequest) -> dict[str, Any]:
+        """The encoded answer for ``request`` (raises what the reward raised)."""
         future: Future = Future()
-        self._jobs.put((future, call))
+        self._jobs.put((future, request))
         return await asyncio.wrap_future(future)
 
     def close(self) -> None:
-        self._jobs.put(None)
+        self._jobs.put(_STOP)
+
+    def _score(self, request: RewardRequest) -> tuple[list[float], Any]:
+        name, count = reward_name(self.reward), request.images.shape[0]
+        with torch.no_grad():
+            rewards, metadata = self.reward(request.images.to(self.device), request.prompts, request.prompt_metadata)
+        values = rewards.detach().float().cpu().reshape(-1).tolist()
+        if len(values) != count:
+            raise RuntimeError(f"reward '{name}' returned {len(values)} rewards for {count} images")
+        if not all(math.isfinite(value) for value in values):
+            raise RuntimeError(f"reward '{name}' returned non-finite rewards {values[:5]}")
+        return values, metadata
+
+    def _loop(self) -> None:
+        waiting = None
+        while (job := waiting or self._jobs.get()) is not _STOP:
+            group, waiting = [job], None
+            while self.max_batch_images > 1:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is _STOP or not _fits([request for _, request in group] + [job[1]], self.max_batch_images):
+                    waiting = job
+                    break
+                group.append(job)
+            group = [(future, request) for future, request in group if future.set_running_or_notify_cancel()]
+            if len(group) > 1 and self._score_merged(group):
+                continue
+            for future, request in group:
+                try:
+                    future.set_result(encode_response(*self._score(request)))
+                except BaseException as error:  # handed to the waiting request
+                    future.set_exception(error)
+
+    def _score_merged(self, group: list[tuple[Future, RewardRequest]]) -> bool:
+        requests = [request for _, request in group]
+        sizes = [request.images.shape[0] for request in requests]
+        join = (lambda field: None if field[0] is None else [item for part in field for item in part])
+        merged = RewardRequest(torch.cat([r.images for r in requests]), join([r.prompts for r in requests]),
+                               join([r.prompt_metadata for r in requests]))
+        try:
+            values, metadata = self._score(merged)
+        except Exception:  # score each alone, so each request gets its own answer or error
+            return False
+        offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        for i, ((future, _), part) in enumerate(zip(group, _split(metadata, offsets))):
+            future.set_result(encode_response(values[offsets[i] : offsets[i + 1]], part))
+        return True
+
+
+def _fits(requests: list[RewardRequest], max_images: int) -> bool:
+    first = requests[0]
+    return sum(r.images.shape[0] for r in requests) <= max_images and all(
+        r.images.shape[1:] == first.images.shape[1:]
+        and (r.prompts is None) == (first.prompts is None)
+        and (r.prompt_metadata is None) == (first.prompt_metadata is None)
+        for r in requests
+    )
+
+
+def _split(value: Any, offsets: list[int]) -> list[Any]:
+    """Metadata of a merged call -> one value per request: per-image sequences sliced, anything else copied."""
+    count, total = len(offsets) - 1, offsets[-1]
+    if isinstance(value, dict):
+        columns = {key: _split(item, offsets) for key, item in value.items()}
+        return [{key: column[i] for key, column in columns.items()} for i in range(count)]
+    per_image = isinstance(value, (list, tuple)) or (isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim > 0)
+    if per_image and len(value) == total:
+        return [value[offsets[i] : offsets[i + 1]] for i in range(count)]
+    return [value] * count
 
 
 class _AccessLog:
@@ -162,22 +236,11 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes | No
 
 
 def create_app(
-    reward: Reward, *, token: str | None, max_request_bytes: int, body_timeout: float, device: torch.device,
-    worker: _Worker,
+    reward: Reward, *, token: str | None, max_request_bytes: int, body_timeout: float, scorer: _Scorer,
 ) -> Any:
     """The ASGI application for ``reward`` (wrapped in the access log)."""
     app = FastAPI(title="diffrl reward server", docs_url=None, redoc_url=None, openapi_url=None)
     name = reward_name(reward)
-
-    def score(request: RewardRequest) -> dict[str, Any]:
-        with torch.no_grad():
-            rewards, metadata = reward(request.images.to(device), request.prompts, request.prompt_metadata)
-        values = rewards.detach().float().cpu().reshape(-1).tolist()
-        if len(values) != request.images.shape[0]:
-            raise RuntimeError(f"reward '{name}' returned {len(values)} rewards for {request.images.shape[0]} images")
-        if not all(math.isfinite(value) for value in values):
-            raise RuntimeError(f"reward '{name}' returned non-finite rewards {values[:5]}")
-        return encode_response(values, metadata)
 
     @app.exception_handler(HTTPException)
     async def _no_endpoint(request: Request, error: HTTPException) -> JSONResponse:
@@ -191,6 +254,7 @@ def create_app(
         return {
             "status": "ok", "protocol": PROTOCOL, "reward": name, "differentiable": bool(reward.differentiable),
             "max_request_bytes": max_request_bytes, "token_required": token is not None,
+            "max_batch_images": scorer.max_batch_images,
         }
 
     @app.post("/reward")
@@ -221,7 +285,7 @@ def create_app(
             return _error(413, f"request body is over this server's limit of {max_request_bytes} bytes", close=True)
         try:
             decoded = await run_in_threadpool(decode_request, body)
-            return JSONResponse(await worker.run(lambda: score(decoded)))
+            return JSONResponse(await scorer.run(decoded))
         except (WireError, RewardError) as error:
             return _error(400, str(error))
         except Exception as error:  # the reward itself failed: report it to the client, keep serving
@@ -302,18 +366,20 @@ class RewardServer:
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_batch_images: int = 0,
         device: str | torch.device | None = None,
     ) -> None:
-        for setting, value in (("max_request_bytes", max_request_bytes), ("max_connections", max_connections)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ServerStartError(f"{setting}={value!r} must be a positive integer")
+        for setting, value, low in (("max_request_bytes", max_request_bytes, 1),
+                                    ("max_connections", max_connections, 1), ("max_batch_images", max_batch_images, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ServerStartError(f"{setting}={value!r} must be an integer >= {low}")
         if not isinstance(body_timeout, (int, float)) or body_timeout <= 0:
             raise ServerStartError(f"body_timeout={body_timeout!r} must be a positive number of seconds")
         self.reward, self.token, self.max_request_bytes = reward, token or None, max_request_bytes
         self.device = torch.device(device) if device is not None else _default_device()
-        self._worker = _Worker()
+        self._scorer = _Scorer(reward, self.device, max_batch_images)
         app = create_app(reward, token=self.token, max_request_bytes=max_request_bytes,
-                         body_timeout=float(body_timeout), device=self.device, worker=self._worker)
+                         body_timeout=float(body_timeout), scorer=self._scorer)
         self.socket = _bind(host, port)
         protocol = type("_Protocol", (_HeaderDeadline,), {"header_timeout": float(body_timeout)})
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", http=protocol,
@@ -353,7 +419,7 @@ class RewardServer:
             self._thread.join(timeout=10)
 
     def server_close(self) -> None:
-        self._worker.close()
+        self._scorer.close()
         self.socket.close()
 
     def __enter__(self) -> RewardServer:
@@ -381,7 +447,8 @@ def _is_loopback(host: str) -> bool:
 def make_server(reward: Reward | str, host: str = "127.0.0.1", port: int = 0, **settings: Any) -> RewardServer:
     """Bind a :class:`RewardServer` (port 0 picks a free one; see ``.url``) without serving yet.
 
-    ``settings``: ``token``, ``max_request_bytes``, ``body_timeout``, ``max_connections``, ``device``.
+    ``settings``: ``token``, ``max_request_bytes``, ``body_timeout``, ``max_connections``, ``max_batch_images``,
+    ``device``.
     """
     if isinstance(reward, str):
         reward = load(reward)
@@ -436,6 +503,9 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="seconds a client may stall mid-body before it gets 408 (default: %(default)g)")
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                         help="connections served at once; more get 503 (default: %(default)d)")
+    parser.add_argument("--max-batch-images", type=int, default=0,
+                        help="merge requests waiting at once into one reward call of at most this many images "
+                        "(default 0: one call per request)")
     parser.add_argument("--device", default=None, help="device the images are moved to (default: cuda if available)")
     parser.set_defaults(func=_serve)
     return parser
@@ -448,7 +518,7 @@ def _serve(args: argparse.Namespace) -> int:
         server = make_server(
             reward, args.host, args.port, token=args.token or os.environ.get(TOKEN_ENV) or None,
             max_request_bytes=max(1, int(args.max_request_mb * 2**20)), body_timeout=args.body_timeout,
-            max_connections=args.max_connections, device=args.device,
+            max_connections=args.max_connections, max_batch_images=args.max_batch_images, device=args.device,
         )
     except (RewardError, ServerStartError) as error:
         print(f"diffrl serve-reward: {error}", file=sys.stderr)
