@@ -74,8 +74,8 @@ def test_mismatched_trainable_state_names_keys_and_fix(tiny_sd_path):
     lora_state = _sd(tiny_sd_path, True).trainable_state_dict()
     full = StableDiffusionPolicy.from_pretrained(tiny_sd_path, use_lora=False)
     with pytest.raises(ValueError, match=r"missing.*unexpected.*same model, use_lora and LoRA settings") as err:
-        full.load_trainable_state_dict(lora_state)
-    assert "lora_A" in str(err.value)
+        full.load_trainable_state_dict(lora_state, source="ckpt/trainable.safetensors")
+    assert "lora_A" in str(err.value) and "ckpt/trainable.safetensors" in str(err.value)
 
 
 def test_params_override_the_trainable_weights_for_one_call(tiny_sd_path):
@@ -92,7 +92,8 @@ def test_params_override_the_trainable_weights_for_one_call(tiny_sd_path):
     assert all(p.grad is None for p in a.trainable_parameters())
     assert sum(float(v.grad.abs().sum()) for v in b_params.values()) > 0
     # ... and without params they reach the trainable weights as before.
-    a.step_log_prob(x, t, torch.tensor([600, 200]), x * 0.9, cond, eta=1.0, guidance_scale=4.0).log_prob.sum().backward()
+    step = a.step_log_prob(x, t, torch.tensor([600, 200]), x * 0.9, cond, eta=1.0, guidance_scale=4.0)
+    step.log_prob.sum().backward()
     assert all(p.grad is not None for p in a.trainable_parameters())
 
 

@@ -1,5 +1,6 @@
 """Policies: diffusion models that sample trajectories with log-probabilities and recompute them with gradients."""
 
+from diffrl.pipelines.base import TrainableUNetPolicy
 from diffrl.pipelines.ddpm import DDPMPolicy
 from diffrl.pipelines.loading import ModelLoadError, load_pipeline
 from diffrl.pipelines.lora import LoraSettings
@@ -19,6 +20,7 @@ __all__ = [
     "StableDiffusionPolicy",
     "StableDiffusionXLPolicy",
     "TextConditioning",
+    "TrainableUNetPolicy",
     "Trajectory",
     "load_pipeline",
 ]

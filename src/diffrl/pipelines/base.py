@@ -142,16 +142,18 @@ class TrainableUNetPolicy:
         return {n: p.detach().to("cpu", copy=True).contiguous()
                 for n, p in self._unet.named_parameters() if p.requires_grad}
 
-    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor], *, source: str | None = None) -> None:
         """Copy ``state`` (from :meth:`trainable_state_dict`) into the trainable parameters, keeping their device
-        and dtype. The keys must be exactly the trainable parameters' names, else ``ValueError``."""
+        and dtype. The keys must be exactly the trainable parameters' names, else ``ValueError`` (naming
+        ``source``, e.g. the checkpoint file, when given)."""
         params = {n: p for n, p in self._unet.named_parameters() if p.requires_grad}
         missing = sorted(set(params) - set(state))
         unexpected = sorted(set(state) - set(params))
         if missing or unexpected:
             mode = f"LoRA {self.lora.to_dict()}" if self.use_lora else "full fine-tuning"
+            origin = f"the weights in {source}" if source else "these weights"
             raise ValueError(
-                f"these weights do not match this policy's trainable parameters ({mode}, base model "
+                f"{origin} do not match this policy's trainable parameters ({mode}, base model "
                 f"{self.base_model!r}): {len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
                 f"(e.g. {unexpected[:3]}). Build the policy with the same model, use_lora and LoRA settings "
                 "(rank, target modules) as the run that saved them.")
@@ -159,7 +161,8 @@ class TrainableUNetPolicy:
             for name, value in state.items():
                 target = params[name]
                 if tuple(value.shape) != tuple(target.shape):
-                    raise ValueError(f"weight {name!r} has shape {tuple(value.shape)}, this policy's has "
+                    where = f" in {source}" if source else ""
+                    raise ValueError(f"weight {name!r}{where} has shape {tuple(value.shape)}, this policy's has "
                                      f"{tuple(target.shape)}; use the same model and LoRA rank as the saved run.")
                 target.copy_(value.to(target.device, target.dtype))
 
@@ -197,7 +200,8 @@ class TrainableUNetPolicy:
 
     def _network(self, params: Params | None) -> Callable[..., Any]:
         """The UNet call of one forward pass: :attr:`unet`, or the unwrapped UNet with ``params`` substituted
-        (``torch.func.functional_call``; gradients then flow into ``params``, not the module's own weights)."""
+        (``torch.func.functional_call``; gradients then flow into ``params``, not the module's own weights, and
+        no distributed wrapper syncs them: the old and reference policies are not trained)."""
         if params is None:
             return self.unet
 

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from diffrl.pipelines.schedule import DenoisingSchedule
-from diffrl.pipelines.types import SampleResult, TextConditioning, Trajectory
-
-
-class _Denoiser(Protocol):
-    schedule: DenoisingSchedule
-
-    def predict(self, x: torch.Tensor, t: torch.Tensor, conditioning: TextConditioning | None,
-                guidance_scale: float) -> torch.Tensor: ...
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor: ...
+from diffrl.pipelines.types import DiffusionPolicy, SampleResult, Trajectory
 
 
 def run_chain(
-    policy: _Denoiser,
+    policy: DiffusionPolicy,
     x_T: torch.Tensor,
-    conditioning: TextConditioning | None,
+    conditioning: Any,
     prompts: list[str],
     *,
     num_inference_steps: int,

@@ -109,7 +109,8 @@ class DenoisingSchedule:
         """The forward process ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (Ho et al. 2020, eq. 4)."""
         return self.scheduler.add_noise(x0, noise, timesteps)
 
-    def training_pair(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_pair(self, x0: torch.Tensor, noise: torch.Tensor,
+                      timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_t, target)`` for the denoising loss: ``x_t`` from :meth:`add_noise` and the regression target of
         the model's prediction type (noise, velocity or ``x0``)."""
         x_t = self.add_noise(x0, noise, timesteps)
