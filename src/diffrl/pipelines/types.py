@@ -6,6 +6,7 @@ from typing import Any, Iterator, Mapping, NamedTuple, Protocol, Sequence, runti
 
 import torch
 
+from diffrl.algorithms.truncation import GradientPlan
 from diffrl.pipelines.schedule import DenoisingSchedule
 from diffrl.samplers import StepOutput
 
@@ -124,6 +125,10 @@ class DiffusionPolicy(Protocol):
         """Copy ``state`` (from :meth:`trainable_state_dict`) in; a key mismatch is a ``ValueError`` naming it."""
         ...
 
+    def snapshot_reference(self, device: torch.device | str | None = None) -> None:
+        """Full fine-tuning: freeze a copy of the current weights as the reference (LoRA: nothing to do)."""
+        ...
+
     def reference_params(self) -> Mapping[str, torch.Tensor]:
         """``params`` that make a forward pass the frozen pre-fine-tuning model (no gradients)."""
         ...
@@ -167,6 +172,11 @@ class DiffusionPolicy(Protocol):
         guidance_scale: float = 5.0,
         params: Mapping[str, torch.Tensor] | None = None,
     ) -> StepOutput: ...
+
+    def sample_for_plan(self, prompts: Sequence[str] | None, plan: GradientPlan, *,
+                        gradient_checkpointing: bool = False, **sample_kwargs: Any) -> torch.Tensor:
+        """Differentiable images for a reward-backpropagation plan (truncated suffix, ReFL, DRaFT-LV)."""
+        ...
 
     def decode(self, x: torch.Tensor) -> torch.Tensor: ...
 
