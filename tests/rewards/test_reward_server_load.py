@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from diffrl.rewards import load
+from diffrl.rewards import RewardError, load
 from diffrl.rewards._wire import encode_images
 from diffrl.rewards.server import main, make_server
 
@@ -217,3 +217,12 @@ def test_batching_merges_waiting_requests_and_splits_the_answers(fail_above):
         assert answer["metadata"]["batch"] in reward.batches  # batch-level values are copied
         if fail_above is not None:
             assert answer["metadata"]["batch"] == 2
+
+
+def test_remote_takes_the_token_from_the_environment_and_never_shows_it(monkeypatch):
+    monkeypatch.setenv("DIFFRL_REWARD_TOKEN", "env-secret-42")
+    remote = load("remote", url="http://127.0.0.1:1")  # no token option needed
+    assert remote.token == "env-secret-42" and "env-secret-42" not in repr(remote)
+    with pytest.raises(RewardError) as info:
+        load("remote", url="http://user:hunter2@127.0.0.1:8000")
+    assert "hunter2" not in str(info.value) and "***@127.0.0.1:8000" in str(info.value)

@@ -41,7 +41,8 @@ class _Retryable(Exception):
 class RemoteReward:
     """Call a reward hosted by ``diffrl serve-reward`` at ``url`` (e.g. ``http://127.0.0.1:8000``).
 
-    Options: ``token`` (default ``$DIFFRL_REWARD_TOKEN``), ``timeout`` (seconds per
+    Options: ``token`` (default ``$DIFFRL_REWARD_TOKEN``; never printed, logged or part of the repr),
+    ``timeout`` (seconds per
     network operation), ``retries`` (extra attempts after the first), ``backoff``
     (seconds before the first retry, doubling), ``batch_size`` (images per request),
     ``encoding`` (``"uint8"``: 4x smaller, quantised like any saved image;
@@ -65,6 +66,12 @@ class RemoteReward:
         encoding: str = "uint8",
     ) -> None:
         parsed = urllib.parse.urlparse(url) if isinstance(url, str) else None
+        if parsed is not None and "@" in parsed.netloc:  # user-info is a credential: never echo it
+            shown = parsed._replace(netloc="***@" + parsed.netloc.rsplit("@", 1)[1]).geturl()
+            raise RewardError(
+                f"reward 'remote': option url={shown!r} holds a user name or password; the server takes a "
+                f"token instead: give url=http://HOST:PORT and option token or ${TOKEN_ENV}"
+            )
         if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise RewardError(f"reward 'remote': option url={url!r} must look like http://HOST:PORT")
         check_positive(timeout, reward=self.name, setting="timeout")

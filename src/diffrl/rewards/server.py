@@ -24,7 +24,6 @@ import asyncio
 import errno
 import hmac
 import ipaddress
-import json
 import logging
 import math
 import os
@@ -48,6 +47,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from diffrl.config.overrides import KeyValueError, parse_key_value
 from diffrl.rewards import load
 from diffrl.rewards._wire import PROTOCOL, TOKEN_ENV, RewardRequest, WireError, decode_request, encode_response
 from diffrl.rewards.base import Reward, RewardError, reward_name
@@ -474,23 +474,19 @@ def run_server(reward: Reward | str, host: str = "127.0.0.1", port: int = 8000, 
         server.server_close()
 
 
-def parse_option(text: str) -> tuple[str, Any]:
-    """``key=value`` -> ``(key, value)``, the value read as JSON when it parses (numbers, lists, true/false, null)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"--option {text!r} must look like key=value")
+def _option(text: str) -> tuple[str, Any]:
+    """``--option key=value`` with the project's one key=value reading (YAML 1.2 values)."""
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip(), value
+        return parse_key_value(text)
+    except KeyValueError as error:
+        raise argparse.ArgumentTypeError(f"--option {error}") from None
 
 
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--reward", required=True, help="registered reward name, e.g. aesthetic or alignment")
     parser.add_argument(
-        "--option", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
-        help="reward option, repeatable; values are read as JSON when they parse (e.g. classes=[6,7,8])",
+        "--option", action="append", default=[], type=_option, metavar="KEY=VALUE",
+        help="reward option, repeatable; values are read as YAML (e.g. classes=[6,7,8], differentiable=false)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
@@ -507,12 +503,16 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="merge requests waiting at once into one reward call of at most this many images "
                         "(default 0: one call per request)")
     parser.add_argument("--device", default=None, help="device the images are moved to (default: cuda if available)")
-    parser.set_defaults(func=_serve)
+    parser.set_defaults(func=serve_from_args)
     return parser
 
 
-def _serve(args: argparse.Namespace) -> int:
-    """Build the reward (cheap: models load on the first request), bind, serve; user errors exit 2 in one line."""
+def serve_from_args(args: argparse.Namespace) -> int:
+    """Build the reward (cheap: models load on the first request), bind, serve; user errors exit 2 in one line.
+
+    Logs (one line per request) go to stderr at INFO unless the caller configured logging.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         reward = load(args.reward, **dict(args.option))
         server = make_server(
@@ -546,7 +546,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m diffrl.rewards.server --reward NAME ...``"""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = _configure(argparse.ArgumentParser(prog="diffrl serve-reward", description=_DESCRIPTION,
                                                 formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
