@@ -20,6 +20,7 @@ from diffrl.config.accelerate_settings import Precision
 from diffrl.config.alignprop import AlignPropConfig
 from diffrl.config.ddpo import DDPOConfig
 from diffrl.config.loading import load_config, read_config_file, trainer_from_overrides
+from diffrl.config.nft import NFTConfig
 from diffrl.config.overrides import KeyValueError, from_cli_args, parse_key_value
 from diffrl.config.resume import ResumeChange, ResumeDiff, diff_for_resume
 from diffrl.config.schedule import LRSchedule
@@ -33,6 +34,7 @@ __all__ = [
     "FieldInfo",
     "KeyValueError",
     "LRSchedule",
+    "NFTConfig",
     "Precision",
     "ResumeChange",
     "ResumeDiff",

@@ -55,6 +55,7 @@ TRAINERS: Mapping[str, TrainerSpec] = MappingProxyType({s.name: s for s in (
     _spec("alignprop", "diffrl.config.alignprop:AlignPropConfig", "diffrl.recipes.alignprop:AlignPropTrainer",
           {"alignprop": {}, "draft_k": {"truncation": "draft_k"}, "draft_lv": {"truncation": "draft_lv"},
            "refl": {"truncation": "refl"}}, "quickstart_alignprop"),
+    _spec("nft", "diffrl.config.nft:NFTConfig", "diffrl.recipes.nft:NFTTrainer", {"nft": {}}, "quickstart_nft"),
 )})
 """Trainer name -> :class:`TrainerSpec`, in the order ``--help`` lists them."""
 
