@@ -48,3 +48,10 @@ def test_old_records_load_and_old_user_files_name_the_new_field(tmp_path) -> Non
     assert load_config(path, recorded=True).train_lora is False
     with pytest.raises(ConfigError, match=r"use_lora=False: was renamed to train_lora .*Fix: write train_lora: False"):
         load_config(path)
+
+
+def test_the_old_keyword_names_the_new_one() -> None:
+    with pytest.raises(ConfigError, match=r"use_lora=False: was renamed to train_lora .*train_lora=False"):
+        DDPOConfig(use_lora=False)
+    assert "use_lora" not in {f.name for f in dataclasses.fields(AlignPropConfig)}
+    assert dataclasses.replace(DDPOConfig(), seed=2).seed == 2

@@ -15,7 +15,7 @@ from typing import Optional
 
 from diffrl.config import registry
 from diffrl.config._base import Checks, ConfigBase, option
-from diffrl.config._errors import Violation
+from diffrl.config._errors import ConfigError, Violation
 from diffrl.config._types import suggest
 from diffrl.config.accelerate_settings import (
     MIXED_PRECISION,
@@ -143,15 +143,21 @@ class SharedConfig(ConfigBase):
                                                                "(user/name). null: the run name.")
     hub_private: bool = option(False, trl=False, help="Create the Hub repo as private.")
 
+    use_lora: dataclasses.InitVar[Optional[bool]] = None
+    """Not a field: ``use_lora`` was renamed to ``train_lora``; passing it raises an error naming the new name."""
+
     may_be_infinite = frozenset({"train_max_grad_norm"})
+
+    def __post_init__(self, use_lora: Optional[bool] = None) -> None:
+        if use_lora is not None:
+            raise ConfigError([_renamed("use_lora", use_lora)], type(self).__name__)
+        super().__post_init__()
 
     # ---- the trainer choice (diffrl.config.registry) ----
 
     @classmethod
     def _select(cls, data: dict) -> tuple[dict, list[Violation]]:
-        violations = [Violation(old, data[old], f"was renamed to {new} (TRL's example scripts have their own "
-                                                f"--{old})", f"write {new}: {data[old]!r} instead")
-                      for old, new in RENAMED.items() if old in data]
+        violations = [_renamed(old, data[old]) for old in RENAMED if old in data]
         for old in RENAMED:
             data.pop(old, None)
         spec, rest, more = registry.select(data)
@@ -312,6 +318,12 @@ class SharedConfig(ConfigBase):
             by = "" if precision.source == "config" else " (set by accelerate: $ACCELERATE_MIXED_PRECISION)"
             c.add("mixed_precision", f"fp16{by} on a machine without a GPU: fp16 autocast on a CPU ran 8-17x "
                   "slower per epoch", "set mixed_precision=no (or bf16) on a CPU, or run on a GPU", value="fp16")
+
+
+def _renamed(old: str, value: object) -> Violation:
+    new = RENAMED[old]
+    return Violation(old, value, f"was renamed to {new} (TRL's example scripts have their own --{old})",
+                     f"write {new}: {value!r} (or {new}={value!r}) instead")
 
 
 def _installed(module: str) -> bool:
