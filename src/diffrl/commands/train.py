@@ -10,13 +10,11 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from accelerate import PartialState
-
 from diffrl import build, prompts, rewards
 from diffrl import checkpoint as ckpt
 from diffrl.config import SharedConfig, load_config, registry
 from diffrl.evaluate.report import write_report
-from diffrl.recipes.accelerator import use_cpu_processes_without_gpus
+from diffrl.recipes.accelerator import process_state
 
 
 class PreflightError(ValueError):
@@ -49,8 +47,7 @@ def preflight(config: SharedConfig) -> None:
 def make_trainer(config: SharedConfig, image_samples_hook=None):
     """Validate and preflight (before any model loads), then build policy, reward and prompts, then the trainer
     the config's registry entry names."""
-    use_cpu_processes_without_gpus()
-    config.validate(num_processes=PartialState().num_processes)
+    config.validate(num_processes=process_state().num_processes)
     preflight(config)
     spec = registry.spec_of(type(config))
     trainer_cls = registry.resolve(spec.trainer)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 
 from diffrl.config import SharedConfig
@@ -24,33 +24,33 @@ def use_cpu_processes_without_gpus() -> None:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
-def project_configuration(config: SharedConfig) -> ProjectConfiguration:
-    """accelerate's project settings: the run's ``logdir`` unless ``project_kwargs`` names its own
-    ``project_dir`` (TRL's examples set it, with ``automatic_checkpoint_naming`` and ``total_limit``)."""
-    kwargs = dict(config.project_kwargs)
-    kwargs.setdefault("project_dir", config.logdir)
-    kwargs.setdefault("automatic_checkpoint_naming", False)
-    return ProjectConfiguration(**kwargs)
-
-
-def make_accelerator(config: SharedConfig) -> Accelerator:
-    """An accelerator with TRL's settings, but the run folder wired in (TRL's saving crashed without it)."""
+def process_state() -> PartialState:
+    """accelerate's process group, before the accelerator: CPU processes over gloo when there are no GPUs
+    (``PartialState`` must be told ``cpu=True`` for that; the ``Accelerator`` reads the same flag)."""
     use_cpu_processes_without_gpus()
-    accelerator = Accelerator(log_with=config.log_with, mixed_precision=config.mixed_precision,
-                              project_config=project_configuration(config), **config.accelerator_kwargs)
+    return PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+
+
+def make_accelerator(config: SharedConfig, mixed_precision: str, run_dir: Path) -> Accelerator:
+    """An accelerator with TRL's settings, the precision in force, and accelerate's project folders (its
+    checkpoints and tracker event files) inside the run folder unless ``project_kwargs`` names others."""
+    use_cpu_processes_without_gpus()
+    project = ProjectConfiguration(**config.project_configuration_kwargs(run_dir))
+    accelerator = Accelerator(log_with=config.log_with, mixed_precision=mixed_precision, project_config=project,
+                              **config.accelerator_kwargs)
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
 
 
-def choose_run_name(config: SharedConfig, accelerator: Accelerator, resume_checkpoint: Path | None) -> str:
+def choose_run_name(config: SharedConfig, num_processes: int, resume_checkpoint: Path | None) -> str:
     """``run_name``, else the resumed run's folder, else ``<exp_name>_<timestamp>`` agreed by all processes."""
     if config.run_name:
         return config.run_name
     if resume_checkpoint is not None:
         return resume_checkpoint.parent.parent.name
     name = [f"{config.exp_name}_{_dt.datetime.now().strftime('%Y.%m.%d_%H.%M.%S')}"]
-    if accelerator.num_processes > 1:
+    if num_processes > 1:
         broadcast_object_list(name, from_process=0)
     return name[0]
 

@@ -13,22 +13,23 @@ deadlock several processes, and a diverging run stops instead of saving NaN.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
-import yaml
 
 from diffrl import checkpoint as ckpt
-from diffrl.config import SharedConfig
+from diffrl.config import SharedConfig, diff_for_resume, load_config
+from diffrl.config.accelerate_settings import resolve_mixed_precision
 from diffrl.pipelines.types import DiffusionPolicy
-from diffrl.recipes.accelerator import choose_run_name, make_accelerator, seed_processes
+from diffrl.recipes.accelerator import choose_run_name, make_accelerator, process_state, seed_processes
 from diffrl.recipes.checkpoints import load_checkpoint, save_checkpoint
 from diffrl.recipes.evaluation import PeriodicEvaluator
 from diffrl.recipes.guard import DivergenceGuard
-from diffrl.recipes.optim import build_lr_scheduler, build_optimizer, set_learning_rate
-from diffrl.recipes.records import MetricsLogger, config_differences, write_config_record
+from diffrl.recipes.optim import apply_optimizer_settings, build_lr_scheduler, build_optimizer
+from diffrl.recipes.records import MetricsLogger, write_config_record
 from diffrl.recipes.results import model_card, push_result, save_result
 from diffrl.run_folder import CONFIG_FILE
 
@@ -102,24 +103,27 @@ class Trainer:
         self.reward_fn, self.prompt_fn, self.image_samples_callback = reward_function, prompt_function, image_samples_hook
         self.sd_pipeline = sd_pipeline
         self.check_inputs()
-        self.accelerator = acc = make_accelerator(config)
-        config.validate(num_processes=acc.num_processes)
+        processes = process_state()
+        config.validate(num_processes=processes.num_processes)
+        self.precision = resolve_mixed_precision(config.mixed_precision)
         self.policy = resolve_policy(sd_pipeline)
         resume = ckpt.find_latest(config.resume_from) if config.resume_from else None
-        self.run_name = choose_run_name(config, acc, resume)
+        self.run_name = choose_run_name(config, processes.num_processes, resume)
         self.run_dir = Path(config.logdir) / self.run_name
         self.checkpoints_dir = ckpt.checkpoint_dir(config.logdir, self.run_name)
+        record = dataclasses.replace(config, mixed_precision=self.precision.value)  # the precision in force
         resume_state = ckpt.read_state(resume) if resume is not None else None
-        changed = self._resume_changes(resume_state) if resume is not None else {}
+        changed = self._resume_changes(record, resume_state) if resume is not None else {}
+        self.accelerator = acc = make_accelerator(config, self.precision.value, self.run_dir)
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             for folder in (self.run_dir, self.checkpoints_dir):
                 ckpt.remove_stale_temporaries(folder)
-            write_config_record(self.run_dir, config.to_yaml(),
+            write_config_record(self.run_dir, record.to_yaml(),
                                 None if resume_state is None else int(resume_state["epoch"]))
         acc.wait_for_everyone()
         seed_processes(config.seed)
-        self.policy.to(acc.device, config.mixed_precision)
+        self.policy.to(acc.device, self.precision.value)
         if config.log_with:
             acc.init_trackers(config.tracker_project_name, config=config.to_flat_dict(), init_kwargs=config.tracker_kwargs)
         self.metrics = MetricsLogger(acc, self.run_dir)
@@ -192,17 +196,16 @@ class Trainer:
         return global_step
 
     # ------------------------------------------------------------------ resume
-    def _resume_changes(self, resume_state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-        """Settings that differ from the resumed run's ``config.yaml``; refuses those that cannot change mid-run."""
-        saved_file = self.run_dir / CONFIG_FILE
-        if not saved_file.is_file():
+    def _resume_changes(self, record: SharedConfig, resume_state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Settings that differ from the resumed run's newest config record; those that cannot change mid-run
+        are refused (a ConfigError naming each, before any model moves), the others returned to be applied."""
+        records = sorted(self.run_dir.glob("config.resume-*.yaml"), key=lambda p: int(p.stem.rpartition("-")[2]))
+        recorded_file = records[-1] if records else self.run_dir / CONFIG_FILE
+        if not recorded_file.is_file():
             return {}
-        old = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
-        new = yaml.safe_load(self.config.to_yaml()) or {}
-        changed = config_differences(old, new)
-        for key in ("resume_from", "run_name"):
-            changed.pop(key, None)
-        return changed
+        diff = diff_for_resume(load_config(recorded_file), record)
+        diff.raise_if_refused(f"checkpoint epoch {resume_state['epoch']}")
+        return {c.field: (c.old, c.new) for c in diff.applied}
 
     def _resume(self, path: Path, changed: dict[str, tuple[Any, Any]]) -> None:
         state = load_checkpoint(self.accelerator, path, self.policy, self.optimizer, self.lr_scheduler)
@@ -210,8 +213,7 @@ class Trainer:
         self.wall_s, self.reward_queries = float(state.get("wall_s", 0.0)), int(state.get("reward_queries", 0))
         self.load_trainer_state(state)
         self.evaluator.load_state_dict(state.get("evaluation"))
-        if "train_learning_rate" in changed:
-            set_learning_rate(self.optimizer, self.lr_scheduler, self.config.train_learning_rate)
+        apply_optimizer_settings(self.optimizer, self.lr_scheduler, self.config, changed)
         dropped = self.metrics.truncate_after(int(state["epoch"]))
         note = f"; dropped {dropped} metrics line(s) of epochs after it" if dropped else ""
         changes = "".join(f"\n  {k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 import torch
 from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
 
 from diffrl.config import SharedConfig
 
@@ -26,17 +28,18 @@ def build_optimizer(config: SharedConfig, params: list[torch.nn.Parameter]) -> t
 
 
 def build_lr_scheduler(config: SharedConfig, optimizer, total_steps: int):
-    """Constant, or ddpo-celebahq's linear warmup from ``lr_initial`` to the peak, then cosine decay to 0."""
-    peak = config.train_learning_rate
-    if config.lr_scheduler == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    warmup = int(round(config.lr_warmup_fraction * total_steps))
-    start = config.lr_initial / peak
+    """The config's schedule: a diffusers name through ``diffusers.optimization.get_scheduler``, or
+    ddpo-celebahq's ``warmup_cosine`` (linear warmup from ``lr_initial`` to the peak, then cosine decay to 0)."""
+    plan = config.lr_schedule(total_steps)
+    if plan.diffusers:
+        return get_scheduler(plan.name, optimizer, num_warmup_steps=plan.warmup_steps,
+                             num_training_steps=plan.total_steps, num_cycles=plan.num_cycles, power=plan.power)
+    warmup, start = plan.warmup_steps, plan.initial_factor
 
     def factor(step: int) -> float:
         if step < warmup:
             return start + (1 - start) * step / max(1, warmup)
-        progress = (step - warmup) / max(1, total_steps - warmup)
+        progress = (step - warmup) / max(1, plan.total_steps - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -52,6 +55,20 @@ def set_learning_rate(optimizer, lr_scheduler, lr: float) -> None:
     for group, factor in zip(optimizer.param_groups, factors):
         group["lr"] = lr * factor
     lr_scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def apply_optimizer_settings(optimizer, lr_scheduler, config: SharedConfig, changed: Mapping[str, Any]) -> None:
+    """After a resume with changed settings: the restored optimizer takes the new learning rate, betas, weight
+    decay and epsilon for real (they live in its param groups, which ``load_state_dict`` restored)."""
+    if "train_learning_rate" in changed:
+        set_learning_rate(optimizer, lr_scheduler, config.train_learning_rate)
+    for group in optimizer.param_groups:
+        if "train_adam_beta1" in changed or "train_adam_beta2" in changed:
+            group["betas"] = (config.train_adam_beta1, config.train_adam_beta2)
+        if "train_adam_weight_decay" in changed:
+            group["weight_decay"] = config.train_adam_weight_decay
+        if "train_adam_epsilon" in changed:
+            group["eps"] = config.train_adam_epsilon
 
 
 def average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:

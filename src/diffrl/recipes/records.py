@@ -64,16 +64,3 @@ def write_config_record(run_dir: Path, config_yaml: str, resumed_epoch: int | No
     name = CONFIG_FILE if resumed_epoch is None else f"config.resume-{resumed_epoch}.yaml"
     return write_text_atomically(run_dir / name, config_yaml)
 
-
-def config_differences(old: Mapping, new: Mapping, prefix: str = "") -> dict[str, tuple]:
-    """``{field: (old, new)}`` for every setting that differs between two rendered configs (nested options are
-    compared key by key, as ``reward_options.digit``)."""
-    out: dict[str, tuple] = {}
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        name = f"{prefix}{key}"
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out.update(config_differences(a, b, prefix=f"{name}."))
-        elif a != b:
-            out[name] = (a, b)
-    return out
