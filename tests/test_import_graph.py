@@ -15,7 +15,7 @@ PACKAGE = Path(diffrl.__file__).parent
 
 # Lower number = lower layer. A module may import its own layer's other groups only where listed in PEERS.
 LAYERS: dict[str, int] = {
-    "_version": 0, "samplers": 0, "seeding": 0, "metrics": 0, "run_folder": 0, "checkpoint": 0,
+    "_version": 0, "samplers": 0, "seeding": 0, "metrics": 0, "run_folder": 0, "checkpoint": 0, "registry": 0,
     "algorithms": 1, "config": 1, "digits": 1,
     "pipelines": 2, "rewards": 2, "prompts": 2, "presets": 2,
     "models": 3, "build": 3, "testing": 3,

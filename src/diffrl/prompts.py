@@ -15,13 +15,13 @@ give each process its own (e.g. ``seed + process_index``). Build sources by name
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import random
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from diffrl.registry import Registry
 
 __all__ = [
     "PromptError",
@@ -238,7 +238,7 @@ def empty() -> PromptFn:
     return lambda: ("", {})
 
 
-_REGISTRY: dict[str, Callable[..., PromptFn]] = {
+SOURCES: Registry[PromptFn] = Registry("prompt source", "known sources", PromptError, {
     "simple_animals": simple_animals,
     "imagenet_animals": imagenet_animals,
     "imagenet_all": imagenet_all,
@@ -247,41 +247,10 @@ _REGISTRY: dict[str, Callable[..., PromptFn]] = {
     "from_file": from_file,
     "fixed": fixed,
     "empty": empty,
-}
+})
+"""The prompt-source names ``load`` knows; ``register`` adds one (a factory taking keyword options)."""
+_REGISTRY = SOURCES.factories
 
-
-def available() -> list[str]:
-    """The registered prompt-source names, sorted."""
-    return sorted(_REGISTRY)
-
-
-def register(name: str, factory: Callable[..., PromptFn], *, overwrite: bool = False) -> None:
-    """Make ``load(name, **options)`` call ``factory(**options)``; a taken name needs ``overwrite=True``."""
-    if not isinstance(name, str) or not name:
-        raise PromptError(f"a prompt-source name must be a non-empty string, got {name!r}")
-    if name in _REGISTRY and not overwrite:
-        raise PromptError(f"prompt source '{name}' is already registered; pass overwrite=True to replace it")
-    _REGISTRY[name] = factory
-
-
-def load(name: str, **options: Any) -> PromptFn:
-    """Build the prompt source registered as ``name`` with ``options`` (unknown options are errors)."""
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise PromptError(f"unknown prompt source {name!r}{hint}; known sources: {', '.join(available())}")
-    factory = _REGISTRY[name]
-    parameters = inspect.signature(factory).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        for option in options:
-            if option not in parameters:
-                close = difflib.get_close_matches(option, parameters, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise PromptError(
-                    f"prompt source '{name}' has no option '{option}'{hint}; its options are: "
-                    f"{', '.join(parameters) or 'none'}"
-                )
-        missing = [n for n, p in parameters.items() if p.default is inspect.Parameter.empty and n not in options]
-        if missing:
-            raise PromptError(f"prompt source '{name}' needs option(s) {', '.join(missing)}")
-    return factory(**options)
+available = SOURCES.available
+register = SOURCES.register
+load = SOURCES.load

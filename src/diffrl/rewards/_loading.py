@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from diffrl.rewards.base import RewardError
+from diffrl.rewards.base import ImageReward, RewardError, resolve_device, resolve_dtype
 
 
 def from_pretrained(cls: Any, name_or_path: str, *, reward: str, setting: str, dtype: torch.dtype | None = None) -> Any:
@@ -30,6 +30,31 @@ def from_pretrained(cls: Any, name_or_path: str, *, reward: str, setting: str, d
             f"reward '{reward}': could not load option {setting}={name_or_path!r} with {cls.__name__} ({error}). "
             "Give a Hub id you can download, or a local directory written by save_pretrained"
         ) from error
+
+
+class ModelReward(ImageReward):
+    """An :class:`~diffrl.rewards.base.ImageReward` whose models load once, on the first call.
+
+    ``device``/``dtype`` options (checked when the reward is built) say where the models run; left unset they
+    follow the images. A subclass sets ``name`` before calling ``__init__``, implements ``_load(dtype)`` and
+    starts :meth:`score_images` with ``device, dtype = self._prepare(images)``.
+    """
+
+    def __init__(self, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> None:
+        self.device = resolve_device(device, reward=self.name)
+        self.dtype = resolve_dtype(dtype, reward=self.name)
+        self._loaded = False
+
+    def _load(self, dtype: torch.dtype) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement _load")
+
+    def _prepare(self, images: torch.Tensor) -> tuple[torch.device, torch.dtype]:
+        """Where the models run for ``images``; loads them the first time."""
+        device, dtype = target(images, self.device, self.dtype)
+        if not self._loaded:
+            self._load(dtype)
+            self._loaded = True
+        return device, dtype
 
 
 def target(

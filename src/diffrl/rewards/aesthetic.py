@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffrl.rewards._loading import freeze, from_pretrained, place, target
-from diffrl.rewards.base import RewardError, check_images, resolve_device, resolve_dtype
+from diffrl.rewards._loading import ModelReward, freeze, from_pretrained, place
+from diffrl.rewards.base import PromptMetadata, Prompts, RewardError, RewardOutput
 from diffrl.rewards.preprocess import ImageTransform, to_uint8_arrays
 
 __all__ = ["AestheticMLP", "AestheticScore", "load_aesthetic_mlp"]
@@ -112,7 +112,7 @@ def _resolve_mlp_file(mlp: str, mlp_file: str) -> Path:
         ) from error
 
 
-class AestheticScore:
+class AestheticScore(ModelReward):
     """LAION aesthetic score of each image (about 1-10; higher is prettier).
 
     ``differentiable=True`` preprocesses with torch ops (:class:`ImageTransform`) so
@@ -138,8 +138,7 @@ class AestheticScore:
             raise RewardError(f"reward 'aesthetic': option differentiable={differentiable!r} must be true or false")
         self.clip_model, self.mlp, self.mlp_file = clip_model, mlp, mlp_file
         self.differentiable = differentiable
-        self.device = resolve_device(device, reward=self.name)
-        self.dtype = resolve_dtype(dtype, reward=self.name)
+        super().__init__(device=device, dtype=dtype)
         self._clip: Any = None
         self._head: AestheticMLP | None = None
         self._processor: Any = None
@@ -160,16 +159,8 @@ class AestheticScore:
         self._clip, self._head = freeze(clip), freeze(head)
         self._processor, self._transform = processor, ImageTransform.from_processor(processor)
 
-    def __call__(
-        self,
-        images: torch.Tensor,
-        prompts: Sequence[str] | None = None,
-        prompt_metadata: Sequence[Mapping[str, Any]] | None = None,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        check_images(images, self.name)
-        device, dtype = target(images, self.device, self.dtype)
-        if self._clip is None:
-            self._load(dtype)
+    def score_images(self, images: torch.Tensor, prompts: Prompts, prompt_metadata: PromptMetadata) -> RewardOutput:
+        device, dtype = self._prepare(images)
         clip, head = place(self._clip, device, dtype), place(self._head, device, dtype)
         if self.differentiable:
             pixels = self._transform(images.to(device), dtype)

@@ -15,20 +15,12 @@ layer 17, no idf weighting, no baseline rescaling). Not differentiable.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from diffrl.rewards._loading import freeze, from_pretrained, place, target
-from diffrl.rewards.base import (
-    RewardError,
-    check_images,
-    check_positive,
-    check_prompts,
-    resolve_device,
-    resolve_dtype,
-)
+from diffrl.rewards._loading import ModelReward, freeze, from_pretrained, place
+from diffrl.rewards.base import PromptMetadata, Prompts, RewardError, RewardOutput, check_positive
 from diffrl.rewards.preprocess import to_uint8_arrays
 
 __all__ = ["AlignmentReward", "bertscore_recall"]
@@ -63,7 +55,7 @@ def _to(value: Any, like: torch.Tensor) -> Any:
     return value.to(like.device, like.dtype) if value.is_floating_point() else value.to(like.device)
 
 
-class AlignmentReward:
+class AlignmentReward(ModelReward):
     """BERTScore recall of a VLM's description of each image against "The image contains {prompt}".
 
     Options: ``vlm`` (a Hub id or local path loadable by ``AutoProcessor`` and
@@ -75,6 +67,7 @@ class AlignmentReward:
 
     name = "alignment"
     differentiable = False
+    needs_prompts = True
 
     def __init__(
         self,
@@ -98,8 +91,7 @@ class AlignmentReward:
         self.vlm, self.bert, self.bert_layer = vlm, bert, bert_layer
         self.question, self.reference = question, reference
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.device = resolve_device(device, reward=self.name)
-        self.dtype = resolve_dtype(dtype, reward=self.name)
+        super().__init__(device=device, dtype=dtype)
         self._models: tuple[Any, Any, Any, Any] | None = None
 
     def _load(self, dtype: torch.dtype) -> None:
@@ -152,17 +144,8 @@ class AlignmentReward:
         layer = hidden[self.bert_layer] if self.bert_layer is not None else hidden[-1]
         return layer, tokens["attention_mask"].bool() & ~special
 
-    def __call__(
-        self,
-        images: torch.Tensor,
-        prompts: Sequence[str] | None = None,
-        prompt_metadata: Sequence[Mapping[str, Any]] | None = None,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        check_images(images, self.name)
-        prompts = check_prompts(prompts, images.shape[0], self.name)
-        device, dtype = target(images, self.device, self.dtype)
-        if self._models is None:
-            self._load(dtype)
+    def score_images(self, images: torch.Tensor, prompts: Prompts, prompt_metadata: PromptMetadata) -> RewardOutput:
+        device, dtype = self._prepare(images)
         place(self._models[1], device, dtype)
         place(self._models[3], device, dtype)
         references = [self.reference.format(prompt=prompt) for prompt in prompts]

@@ -17,7 +17,11 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 __all__ = [
+    "ImageReward",
+    "PromptMetadata",
+    "Prompts",
     "Reward",
+    "RewardOutput",
     "RewardError",
     "check_images",
     "check_prompts",
@@ -44,6 +48,14 @@ class RewardError(ValueError):
     """Bad input to, or bad configuration of, a reward; the message names the reward and the fix."""
 
 
+Prompts = Sequence[str] | None
+"""One prompt per image, or None (the rewards that ignore prompts accept None)."""
+PromptMetadata = Sequence[Mapping[str, Any]] | None
+"""One metadata mapping per image (from the prompt source), or None."""
+RewardOutput = tuple[torch.Tensor, dict[str, Any]]
+"""``(rewards [B] float32 on the images' device, metadata)``."""
+
+
 @runtime_checkable
 class Reward(Protocol):
     """A batched reward function (the TRL ``reward_function`` signature)."""
@@ -53,14 +65,33 @@ class Reward(Protocol):
     differentiable: bool
     """True when gradients flow from the rewards back to the input images."""
 
-    def __call__(
-        self,
-        images: torch.Tensor,
-        prompts: Sequence[str] | None = None,
-        prompt_metadata: Sequence[Mapping[str, Any]] | None = None,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    def __call__(self, images: torch.Tensor, prompts: Prompts = None, prompt_metadata: PromptMetadata = None
+                 ) -> RewardOutput:
         """Score ``images`` ``[B, 3, H, W]`` in ``[0, 1]``; return ``(rewards [B] float32, metadata)``."""
         ...
+
+
+class ImageReward:
+    """What diffrl's own rewards share: ``__call__`` checks the inputs, then calls :meth:`score_images`.
+
+    A subclass sets ``name`` and ``differentiable``, sets ``needs_prompts`` when it reads the prompts (they
+    then arrive as a checked list of one string per image), and implements :meth:`score_images` only.
+    """
+
+    name: str
+    differentiable: bool
+    needs_prompts: bool = False
+
+    def __call__(self, images: torch.Tensor, prompts: Prompts = None, prompt_metadata: PromptMetadata = None
+                 ) -> RewardOutput:
+        check_images(images, self.name)
+        if self.needs_prompts:
+            prompts = check_prompts(prompts, images.shape[0], self.name)
+        return self.score_images(images, prompts, prompt_metadata)
+
+    def score_images(self, images: torch.Tensor, prompts: Prompts, prompt_metadata: PromptMetadata) -> RewardOutput:
+        """Score checked images (finite, ``[B, 3, H, W]`` in ``[0, 1]``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement score_images")
 
 
 def check_images(images: Any, reward: str) -> None:

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from diffrl.rewards._loading import freeze, from_pretrained, place, target
-from diffrl.rewards.base import RewardError, check_choice, check_images, resolve_device, resolve_dtype
+from diffrl.rewards._loading import ModelReward, freeze, from_pretrained, place
+from diffrl.rewards.base import PromptMetadata, Prompts, RewardError, RewardOutput, check_choice
 from diffrl.rewards.preprocess import ImageTransform
 
 __all__ = ["ClassifierReward", "classifier", "over50"]
@@ -24,7 +24,7 @@ __all__ = ["ClassifierReward", "classifier", "over50"]
 OUTPUTS = ("logits", "probabilities")
 
 
-class ClassifierReward:
+class ClassifierReward(ModelReward):
     """Sum over ``classes`` of a classifier's logits (``output="logits"``) or probabilities.
 
     ``classes`` are indices or label names (from the checkpoint's ``id2label``),
@@ -55,8 +55,7 @@ class ClassifierReward:
                 raise RewardError(f"reward '{name}': option classes has {entry!r}; use class indices or label names")
         self.name, self.model, self.processor = name, model, processor or model
         self.classes, self.output = list(classes), output
-        self.device = resolve_device(device, reward=name)
-        self.dtype = resolve_dtype(dtype, reward=name)
+        super().__init__(device=device, dtype=dtype)
         self._classifier: Any = None
         self._indices: list[int] = []
         self._transform: ImageTransform | None = None
@@ -85,16 +84,8 @@ class ClassifierReward:
         self._transform = ImageTransform.from_processor(image_processor)
         self._classifier = freeze(model)
 
-    def __call__(
-        self,
-        images: torch.Tensor,
-        prompts: Sequence[str] | None = None,
-        prompt_metadata: Sequence[Mapping[str, Any]] | None = None,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        check_images(images, self.name)
-        device, dtype = target(images, self.device, self.dtype)
-        if self._classifier is None:
-            self._load(dtype)
+    def score_images(self, images: torch.Tensor, prompts: Prompts, prompt_metadata: PromptMetadata) -> RewardOutput:
+        device, dtype = self._prepare(images)
         model = place(self._classifier, device, dtype)
         logits = model(pixel_values=self._transform(images.to(device), dtype)).logits.float()
         chosen = torch.tensor(self._indices, device=device)

@@ -16,19 +16,18 @@ Images are preprocessed in torch ops, so both are differentiable.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from diffrl.rewards._loading import freeze, from_pretrained, place, target
-from diffrl.rewards.base import RewardError, check_images, check_prompts, resolve_device, resolve_dtype
+from diffrl.rewards._loading import ModelReward, freeze, from_pretrained, place
+from diffrl.rewards.base import PromptMetadata, Prompts, RewardError, RewardOutput
 from diffrl.rewards.preprocess import ImageTransform
 
 __all__ = ["ClipSimilarity", "clip_score", "pickscore"]
 
 
-class ClipSimilarity:
+class ClipSimilarity(ModelReward):
     """``scale * cos(image_embedding, prompt_embedding)`` per image, under a transformers ``CLIPModel``.
 
     ``scale`` is a number, or ``"logit_scale"`` for the model's learned temperature
@@ -37,6 +36,7 @@ class ClipSimilarity:
     """
 
     differentiable = True
+    needs_prompts = True
 
     def __init__(
         self,
@@ -52,8 +52,7 @@ class ClipSimilarity:
             raise RewardError(f"reward '{name}': option scale={scale!r} must be a number or 'logit_scale'")
         self.name, self.model, self.processor = name, model, processor or model
         self.scale = scale
-        self.device = resolve_device(device, reward=name)
-        self.dtype = resolve_dtype(dtype, reward=name)
+        super().__init__(device=device, dtype=dtype)
         self._clip: Any = None
         self._tokenizer: Any = None
         self._transform: ImageTransform | None = None
@@ -66,17 +65,8 @@ class ClipSimilarity:
         image_processor = from_pretrained(AutoImageProcessor, self.processor, reward=self.name, setting="processor")
         self._transform = ImageTransform.from_processor(image_processor)
 
-    def __call__(
-        self,
-        images: torch.Tensor,
-        prompts: Sequence[str] | None = None,
-        prompt_metadata: Sequence[Mapping[str, Any]] | None = None,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        check_images(images, self.name)
-        prompts = check_prompts(prompts, images.shape[0], self.name)
-        device, dtype = target(images, self.device, self.dtype)
-        if self._clip is None:
-            self._load(dtype)
+    def score_images(self, images: torch.Tensor, prompts: Prompts, prompt_metadata: PromptMetadata) -> RewardOutput:
+        device, dtype = self._prepare(images)
         clip = place(self._clip, device, dtype)
         pixels = self._transform(images.to(device), dtype)
         image_embeddings = clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)

@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
-from diffrl.rewards.base import Reward, RewardError, reward_name
+from diffrl.rewards.base import ImageReward, PromptMetadata, Prompts, Reward, RewardError, RewardOutput, reward_name
 
 __all__ = ["WeightedSum", "combined"]
 
 
-class WeightedSum:
+class WeightedSum(ImageReward):
     """``sum_k weight_k * reward_k(images, prompts, metadata)``.
 
     Differentiable only if every component is. Metadata: ``components`` maps each key to
@@ -34,12 +34,7 @@ class WeightedSum:
         self.components = list(components)
         self.differentiable = all(reward.differentiable for _, reward, _ in self.components)
 
-    def __call__(
-        self,
-        images: torch.Tensor,
-        prompts: Sequence[str] | None = None,
-        prompt_metadata: Sequence[Mapping[str, Any]] | None = None,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    def score_images(self, images: torch.Tensor, prompts: Prompts, prompt_metadata: PromptMetadata) -> RewardOutput:
         total: torch.Tensor | None = None
         parts: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}

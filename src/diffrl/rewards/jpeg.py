@@ -8,12 +8,10 @@ negative. It needs no model and is not differentiable.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 
-from diffrl.rewards.base import RewardError, check_images
+from diffrl.rewards.base import ImageReward, PromptMetadata, Prompts, RewardError, RewardOutput
 
 __all__ = ["JpegSize", "jpeg_compressibility", "jpeg_incompressibility", "jpeg_kilobytes"]
 
@@ -31,7 +29,7 @@ def jpeg_kilobytes(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.float32)
 
 
-class JpegSize:
+class JpegSize(ImageReward):
     """``sign * kB`` of each image as a JPEG: ``sign=-1`` rewards compressibility, ``+1`` incompressibility."""
 
     differentiable = False
@@ -45,13 +43,7 @@ class JpegSize:
         self.sign = float(sign)
         self.quality = quality
 
-    def __call__(
-        self,
-        images: torch.Tensor,
-        prompts: Sequence[str] | None = None,
-        prompt_metadata: Sequence[Mapping[str, Any]] | None = None,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        check_images(images, self.name)
+    def score_images(self, images: torch.Tensor, prompts: Prompts, prompt_metadata: PromptMetadata) -> RewardOutput:
         kilobytes = jpeg_kilobytes(images, self.quality).to(images.device)
         return self.sign * kilobytes, {"jpeg_kb": kilobytes}
 

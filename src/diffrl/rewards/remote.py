@@ -17,13 +17,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from diffrl.rewards._wire import ENCODINGS, PROTOCOL, TOKEN_ENV, encode_images, jsonable
-from diffrl.rewards.base import RewardError, check_choice, check_images, check_positive
+from diffrl.rewards.base import (ImageReward, PromptMetadata, Prompts, RewardError, RewardOutput, check_choice,
+                                 check_positive)
 
 __all__ = ["RemoteReward", "RemoteRewardError"]
 
@@ -38,7 +38,7 @@ class _Retryable(Exception):
     """A failure worth another attempt; carries the message for the final error."""
 
 
-class RemoteReward:
+class RemoteReward(ImageReward):
     """Call a reward hosted by ``diffrl serve-reward`` at ``url`` (e.g. ``http://127.0.0.1:8000``).
 
     Options: ``token`` (default ``$DIFFRL_REWARD_TOKEN``; never printed, logged or part of the repr),
@@ -93,13 +93,7 @@ class RemoteReward:
         """The server's ``GET /health`` answer (reward name, protocol, request limit)."""
         return self._request("GET", "/health", None)
 
-    def __call__(
-        self,
-        images: torch.Tensor,
-        prompts: Sequence[str] | None = None,
-        prompt_metadata: Sequence[Mapping[str, Any]] | None = None,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        check_images(images, self.name)
+    def score_images(self, images: torch.Tensor, prompts: Prompts, prompt_metadata: PromptMetadata) -> RewardOutput:
         prompts = list(prompts) if prompts is not None else None
         prompt_metadata = list(prompt_metadata) if prompt_metadata is not None else None
         for field, value in (("prompts", prompts), ("prompt_metadata", prompt_metadata)):
