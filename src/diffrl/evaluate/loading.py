@@ -102,13 +102,13 @@ def load_model(source: str, *, revision: str = "main", base: str | None = None, 
         revision_used = base_revision if base else info.get("revision", "main")
         policy = load_policy(base_model, revision=revision_used, use_lora=True, lora=settings, lora_weights=source,
                              **common)
-        kind = "ddpm" if not policy.is_conditional else "stable_diffusion"
+        kind = policy.kind  # "ddpm", "stable_diffusion" or "sdxl"
         return LoadedModel(policy, {"source": source, "kind": kind, "lora": True, "base_model": base_model})
     if base is not None and strict_base:
         raise EvaluationError(f"--base {base!r} was given but '{source}' is not a diffrl LoRA result (it has no "
                               "diffrl_model.json with LoRA settings): it loads on its own, so drop --base")
     policy = load_policy(source, revision=revision, use_lora=False, **common)
-    kind = "ddpm" if not policy.is_conditional else "stable_diffusion"
+    kind = policy.kind  # "ddpm", "stable_diffusion" or "sdxl"
     return LoadedModel(policy, {"source": source, "kind": kind, "lora": False,
                                 "base_model": (info or {}).get("base_model")})
 
@@ -126,7 +126,7 @@ def _load_checkpoint(source: str, run: Path, base: str | None, base_revision: st
     policy = load_policy(base_model, revision=base_revision if base else config.model_revision,
                          use_lora=build.uses_lora(config), lora=build.lora_settings(config), **common)
     policy.load_trainable_state_dict(load_file(Path(source) / TRAINABLE_FILE))
-    kind = "ddpm" if not policy.is_conditional else "stable_diffusion"
+    kind = policy.kind  # "ddpm", "stable_diffusion" or "sdxl"
     epoch = ckpt.read_state(source).get("epoch")
     return LoadedModel(policy, {"source": source, "kind": kind, "lora": build.uses_lora(config),
                                 "base_model": base_model, "checkpoint_epoch": epoch})
