@@ -51,8 +51,16 @@ class DDPOConfig(SharedConfig):
     rwr_temperature: float = option(1.0, trl=False, help="RWR weights are softmax(reward / rwr_temperature).")
     rwr_sparse_percentile: float = option(90.0, trl=False, help="RWR-sparse trains only on samples whose reward is "
                                                                 "above this percentile of the epoch (0-100).")
+    train_timestep_chunk: int = option(
+        0, trl=False,
+        help="Timesteps of a training micro-batch that run in one UNet call (the same loss and gradient as one call "
+             "per timestep; memory grows with it). 0: automatic (all of them; on CUDA as many as fit half the free "
+             "memory, measured on the first call). 1: one call per timestep, as TRL.")
+    compile_unet: bool = option(False, trl=False, help="torch.compile the UNet for sampling and training (the first "
+                                                       "calls of each batch shape compile; pays off on long runs).")
 
     may_be_infinite = frozenset({"train_max_grad_norm", "train_adv_clip_max"})
+    resume_applied = frozenset({"train_timestep_chunk", "compile_unet"})
 
     @property
     def num_train_timesteps(self) -> int:
@@ -68,6 +76,7 @@ class DDPOConfig(SharedConfig):
         for name in ("sample_batch_size", "sample_num_batches_per_epoch", "train_num_inner_epochs",
                      "per_prompt_stat_tracking_buffer_size", "per_prompt_stat_tracking_min_count", "max_workers"):
             c.at_least(name, 1)
+        c.at_least("train_timestep_chunk", 0)
         self._check_batches(c, num_processes)
         c.positive("train_adv_clip_max")
         c.positive("train_clip_range", "set train_clip_range > 0 (the paper uses 1e-4)")

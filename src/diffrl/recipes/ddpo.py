@@ -141,27 +141,56 @@ class DDPOTrainer(Trainer):
         return w.reshape(acc.num_processes, -1)[acc.process_index].to(acc.device)
 
     # ------------------------------------------------------------------ training
+    def prepare(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        optimizer = super().prepare(optimizer)
+        if self.config.compile_unet:  # sampling and training calls go through the compiled module
+            self.policy.use_forward_module(torch.compile(self.policy.unet))
+        return optimizer
+
+    def _timestep_chunk(self) -> int:
+        """Timesteps of a micro-batch per UNet call: ``train_timestep_chunk``, or (0) all of them, except on CUDA
+        where the first call runs one timestep and measures what it takes (:func:`fit_timestep_chunk`)."""
+        n, asked = self.config.num_train_timesteps, self.config.train_timestep_chunk
+        if asked:
+            return min(asked, n)
+        if self.accelerator.device.type != "cuda":
+            return n
+        return self._fitted_chunk or 1
+
     def _train_inner(self, samples: EpochSamples, weights: torch.Tensor, epoch: int, inner: int, global_step: int,
                      stats: dict[str, list[torch.Tensor]]) -> int:
+        """One pass over the shuffled samples. Each micro-batch's ``n`` timesteps run ``K`` at a time in one UNet
+        call of ``K * B`` rows (``K = _timestep_chunk()``); its loss is the mean over those rows, i.e.
+        ``(1/K) sum_j loss_j`` of the step-by-step losses, so ``backward(loss * K / accumulate)`` gives exactly the
+        gradient of ``sum_j backward(loss_j / accumulate)``. ``accumulate`` is a multiple of ``n`` (whole
+        micro-batches per optimizer step), so a call never spans an optimizer step. The stats stay per-timestep
+        means over ``B`` samples, as in the step-by-step loop."""
         c, acc = self.config, self.accelerator
         generator = generator_for(c.seed, epoch, inner, acc.process_index, 1)
         shuffled, perm = samples.shuffled(generator)
         weights = weights[perm.to(weights.device)]
-        accumulate = self._accumulation_steps()
+        accumulate, n = self._accumulation_steps(), c.num_train_timesteps
         self.policy.unet.train()
         micro = 0
         for start in tqdm(range(0, shuffled.size, c.train_batch_size), desc=f"epoch {epoch}.{inner}: training",
                           disable=not acc.is_local_main_process, leave=False):
             idx = slice(start, start + c.train_batch_size)
-            for j in range(c.num_train_timesteps):
-                micro += 1
+            first = 0
+            while first < n:
+                steps = range(first, min(first + self._timestep_chunk(), n))
+                first = steps.stop
+                micro += len(steps)
                 sync = micro % accumulate == 0
                 ctx = contextlib.nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(self.policy.unet)
+                probe = self._memory_probe()
                 with ctx:
-                    loss, info = self._loss(shuffled, weights, idx, j, generator)
-                    acc.backward(loss / accumulate)
-                for k, v in info.items():
-                    stats.setdefault(k, []).append(v.detach())
+                    loss, infos = self._loss(shuffled, weights, idx, steps, generator)
+                    acc.backward(loss * (len(steps) / accumulate))
+                if probe is not None:
+                    self._fitted_chunk = probe.fit(n)
+                for info in infos:
+                    for k, v in info.items():
+                        stats.setdefault(k, []).append(v)
                 if sync:
                     norm = clip_gradients(acc, self._params, c.train_max_grad_norm)
                     self.guard.check_gradients(norm, epoch, global_step, self.lr_scheduler.get_last_lr()[0])
@@ -170,6 +199,14 @@ class DDPOTrainer(Trainer):
                     global_step += 1
         self.policy.unet.eval()
         return global_step
+
+    _fitted_chunk: int | None = None
+
+    def _memory_probe(self) -> "MemoryProbe | None":
+        """On CUDA with an automatic chunk, the first training call is measured (once per run)."""
+        if self.config.train_timestep_chunk or self._fitted_chunk or self.accelerator.device.type != "cuda":
+            return None
+        return MemoryProbe(self.accelerator.device)
 
     def _conditioning(self, samples: EpochSamples, idx: slice):
         """The stored conditioning of ``idx`` and the guidance scale to train with (``train_cfg``)."""
@@ -180,23 +217,46 @@ class DDPOTrainer(Trainer):
             return cond, self.config.sample_guidance_scale
         return cond.without_guidance(), 1.0
 
-    def _loss(self, s: EpochSamples, weights: torch.Tensor, idx: slice, j: int, generator: torch.Generator):
-        c = self.config
+    def _loss(self, s: EpochSamples, weights: torch.Tensor, idx: slice, steps: range,
+              generator: torch.Generator) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """The loss of micro-batch ``idx`` at timesteps ``steps`` (``K`` of them) in one UNet call of ``K * B`` rows,
+        timestep-major (row ``k * B + b`` is sample ``b`` at timestep ``steps[k]``): the mean over the rows, and
+        the detached stats of each timestep (means over its ``B`` rows, as one step alone would give)."""
+        c, k = self.config, len(steps)
+        window = slice(steps.start, steps.stop)
+        batch = s.timesteps[idx].shape[0]
+
+        def rows(x: torch.Tensor) -> torch.Tensor:  # [B, N, ...] -> [K * B, ...], timestep-major
+            return x[idx, window].transpose(0, 1).reshape(k * batch, *x.shape[2:])
+
         cond, guidance = self._conditioning(s, idx)
+        if cond is not None and k > 1:
+            cond = cond.index(torch.arange(batch, device=cond.prompt_embeds.device).repeat(k))
+        w = weights[idx].repeat(k)
+        t = rows(s.timesteps)
         if c.algorithm in ("rwr", "rwr_sparse"):
-            x0, t = s.final[idx], s.timesteps[idx, j]
-            noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-            x_t, target = self.policy.schedule.training_pair(x0, noise, t)
+            x0 = s.final[idx]  # the noise of each timestep drawn in the step-by-step loop's order
+            noise = torch.cat([torch.randn(x0.shape, generator=generator) for _ in steps]).to(x0.device)
+            x_t, target = self.policy.schedule.training_pair(x0.repeat(k, *([1] * (x0.ndim - 1))), noise, t)
             plain = None if cond is None else cond.without_guidance()
             out = self.policy.predict(x_t, t, plain, 1.0)
-            loss = denoising_loss(out, target, weights[idx])
-            return loss, {"loss/policy": loss.detach()}
-        step = self.policy.step_log_prob(s.latents[idx, j], s.timesteps[idx, j], s.prev_timesteps[idx, j],
-                                         s.next_latents[idx, j], cond, eta=c.sample_eta, guidance_scale=guidance)
+            loss = denoising_loss(out, target, w)
+            with torch.no_grad():
+                infos = [{"loss/policy": denoising_loss(o, g, wb)}
+                         for o, g, wb in zip(out.chunk(k), target.chunk(k), w.chunk(k))]
+            return loss, infos
+        step = self.policy.step_log_prob(rows(s.latents), t, rows(s.prev_timesteps), rows(s.next_latents), cond,
+                                         eta=c.sample_eta, guidance_scale=guidance)
         loss_fn = ppo_clip_loss if c.algorithm == "ddpo_is" else reinforce_loss
-        loss, st = loss_fn(step.log_prob, s.log_probs[idx, j], weights[idx], c.train_clip_range)
-        return loss, {"loss/policy": loss.detach(), "stats/approx_kl": st.approx_kl, "stats/clipfrac": st.clipfrac,
-                      "stats/ratio": st.ratio}
+        old = rows(s.log_probs)
+        loss, _ = loss_fn(step.log_prob, old, w, c.train_clip_range)
+        infos = []
+        with torch.no_grad():
+            for lp, o, wb in zip(step.log_prob.detach().chunk(k), old.chunk(k), w.chunk(k)):
+                part, st = loss_fn(lp, o, wb, c.train_clip_range)
+                infos.append({"loss/policy": part, "stats/approx_kl": st.approx_kl, "stats/clipfrac": st.clipfrac,
+                              "stats/ratio": st.ratio})
+        return loss, infos
 
     # ------------------------------------------------------------------ TRL's method names
     def loss(self, advantages: torch.Tensor, clip_range: float, ratio: torch.Tensor) -> torch.Tensor:
@@ -250,6 +310,29 @@ class DDPOTrainer(Trainer):
             })
             pairs.append([traj.images, list(prompts), list(prompt_meta)])
         return samples, pairs
+
+
+def fit_timestep_chunk(per_timestep_bytes: int, free_bytes: int, num_timesteps: int, fraction: float = 0.5) -> int:
+    """How many timesteps of a micro-batch one training call may take: as many as fit in ``fraction`` of the free
+    accelerator memory when one timestep takes ``per_timestep_bytes``, between 1 and ``num_timesteps``."""
+    if per_timestep_bytes <= 0:
+        return num_timesteps
+    return max(1, min(num_timesteps, int(fraction * free_bytes // per_timestep_bytes)))
+
+
+class MemoryProbe:
+    """Measures one CUDA training call: the allocator's peak during it above what was allocated before (an upper
+    bound when an earlier peak was higher; the peak counter is not reset, the epoch's memory metric reads it)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.before = torch.cuda.memory_allocated(device)
+
+    def fit(self, num_timesteps: int) -> int:
+        used = torch.cuda.max_memory_allocated(self.device) - self.before
+        free, _ = torch.cuda.mem_get_info(self.device)
+        reusable = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return fit_timestep_chunk(used, free + reusable, num_timesteps)
 
 
 def _prompt_ids(policy, prompts: list[str]) -> torch.Tensor | None:

@@ -1,0 +1,170 @@
+"""Fused training calls: several timesteps of a micro-batch in one UNet call give the step-by-step gradients.
+
+Derivation checked here: with ``K`` timesteps of ``B`` samples in one call, the fused loss is the mean over its
+``K * B`` rows, ``L = (1/K) sum_j loss_j`` where ``loss_j`` is timestep ``j``'s mean over ``B`` (PPO surrogate,
+REINFORCE or the weighted denoising loss). So ``backward(L * K / accumulate)`` accumulates exactly
+``sum_j backward(loss_j / accumulate)``, the step-by-step loop's gradient.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from diffrl import DDPOConfig, DDPOTrainer, DefaultDDPODDPMPipeline, DefaultDDPOStableDiffusionPipeline
+from diffrl.config import ConfigError
+from diffrl.recipes.ddpo import fit_timestep_chunk
+from diffrl.recipes.samples import EpochSamples
+
+from .helpers import logged_metrics, trainable_weights
+
+MODELS = ("sd", "ddpm")
+ALGORITHMS = ("ddpo_is", "ddpo_sf", "rwr")
+
+
+def brightness(images, prompts, metadata):
+    return images.mean(dim=(1, 2, 3)), {}
+
+
+def _trainer(kind, paths, tmp_path, run, algorithm, chunk, **kw):
+    base = dict(num_epochs=1, sample_num_steps=3, sample_batch_size=2, sample_num_batches_per_epoch=2,
+                train_batch_size=1, train_gradient_accumulation_steps=2, mixed_precision="no",
+                logdir=str(tmp_path / "logs"), run_name=run, train_learning_rate=3e-3, train_clip_range=0.2,
+                seed=3, algorithm=algorithm, train_timestep_chunk=chunk, sample_guidance_scale=5.0, train_cfg=True)
+    base.update(kw)
+    torch.manual_seed(0)  # the same LoRA initialisation for every trainer
+    if kind == "sd":
+        pipe = DefaultDDPOStableDiffusionPipeline(paths["sd"], use_lora=True)
+        prompt = lambda: ("a cat", {})  # noqa: E731
+    else:
+        pipe = DefaultDDPODDPMPipeline(paths["ddpm"])
+        prompt = lambda: ("", {})  # noqa: E731
+    return DDPOTrainer(DDPOConfig(**base), brightness, prompt, pipe)
+
+
+@pytest.fixture
+def paths(tiny_sd_path, tiny_ddpm_path):
+    return {"sd": tiny_sd_path, "ddpm": tiny_ddpm_path}
+
+
+def _one_epoch_of_samples(trainer) -> tuple[EpochSamples, torch.Tensor]:
+    batches = trainer._sample_epoch(0, 0)
+    samples = EpochSamples.from_trajectories([b[0] for b in batches])
+    rewards = torch.cat([b[3] for b in batches]).numpy()
+    return samples, trainer._sample_weights(rewards, [p for b in batches for p in b[1]])
+
+
+def _grads(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in trainer.policy._unet.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_fused_gradient_and_stats_equal_the_step_by_step_ones(paths, tmp_path, kind, algorithm):
+    trainer = _trainer(kind, paths, tmp_path, "g", algorithm, 1)
+    samples, weights = _one_epoch_of_samples(trainer)
+    n, accumulate, idx = trainer.config.num_train_timesteps, trainer._accumulation_steps(), slice(1, 3)
+    trainer.policy.unet.train()
+
+    trainer.optimizer.zero_grad(set_to_none=True)
+    generator = torch.Generator().manual_seed(5)
+    step_stats = []
+    for j in range(n):
+        loss, infos = trainer._loss(samples, weights, idx, range(j, j + 1), generator)
+        (loss / accumulate).backward()
+        step_stats += infos
+    stepwise = _grads(trainer)
+
+    trainer.optimizer.zero_grad(set_to_none=True)
+    generator = torch.Generator().manual_seed(5)
+    loss, fused_stats = trainer._loss(samples, weights, idx, range(0, n), generator)
+    (loss * (n / accumulate)).backward()
+    fused = _grads(trainer)
+
+    assert stepwise.keys() == fused.keys() and stepwise
+    assert any(g.abs().max() > 0 for g in stepwise.values())  # a real gradient, not two zeros
+    # fp32 rounding only: the sums run in another order (in float64 the two agree to 4e-15, checked by hand);
+    # the largest difference in float32 is ~2e-6 on gradients of ~0.04, a wrong weighting would be off by K.
+    for name in stepwise:
+        torch.testing.assert_close(fused[name], stepwise[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    assert len(fused_stats) == len(step_stats) == n  # per-timestep stats, as the step-by-step loop logs them
+    for a, b in zip(fused_stats, step_stats):
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
+    # The fused loss is the mean of the per-timestep losses.
+    per_step = torch.stack([s["loss/policy"] for s in step_stats])
+    torch.testing.assert_close(loss.detach(), per_step.mean(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_fused_epoch_gives_the_step_by_step_weights(paths, tmp_path, kind, algorithm):
+    results = {}
+    for chunk in (1, 2, 0):  # one call per timestep; chunks of 2 and 1 of the 3 timesteps; all 3 in one call
+        # lr 1e-3: Adam's first steps are near lr * sign(g), so fp32 rounding of a gradient element near 0 can move
+        # a weight by up to ~lr * 1e-2; at 1e-3 that stays inside the 1e-5 asked for.
+        trainer = _trainer(kind, paths, tmp_path, f"c{chunk}", algorithm, chunk, train_learning_rate=1e-3)
+        calls = []
+        hook = trainer.policy._unet.register_forward_hook(
+            lambda m, args, out: calls.append(args[0].shape[0]) if torch.is_grad_enabled() else None)
+        before = trainable_weights(trainer)
+        trainer.train()
+        hook.remove()
+        results[chunk] = (trainable_weights(trainer), trainer.global_step, logged_metrics(tmp_path, f"c{chunk}")[-1],
+                          calls)
+    reference, steps, metrics, calls = results[1]
+    assert any((reference[n] - before[n]).abs().max() > 1e-4 for n in before)  # the epoch moved the weights
+    rows = 2 if kind == "sd" else 1  # train_batch_size 1, doubled by classifier-free guidance on SD
+    rows = 1 if algorithm == "rwr" else rows  # RWR regresses without guidance
+    assert calls == [rows] * 12  # 4 micro-batches x 3 timesteps
+    assert results[2][3] == [2 * rows, rows] * 4 and results[0][3] == [3 * rows] * 4
+    for chunk in (2, 0):
+        weights, fused_steps, fused_metrics, _ = results[chunk]
+        assert fused_steps == steps == (1 if algorithm == "ddpo_sf" else 2)
+        for name in reference:
+            torch.testing.assert_close(weights[name], reference[name], atol=1e-5, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+        for key in ("loss/policy", "stats/approx_kl", "stats/clipfrac", "stats/ratio"):
+            if key in metrics:
+                assert fused_metrics[key] == pytest.approx(metrics[key], rel=1e-3, abs=1e-6), key
+
+
+def test_chunk_setting_is_checked_and_fitted():
+    with pytest.raises(ConfigError, match="train_timestep_chunk"):
+        DDPOConfig(train_timestep_chunk=-1).validate()
+    assert fit_timestep_chunk(100, 1000, 20) == 5  # half of 1000 bytes at 100 per timestep
+    assert fit_timestep_chunk(100, 10, 20) == 1 and fit_timestep_chunk(1, 10**9, 20) == 20
+    assert fit_timestep_chunk(0, 10, 7) == 7
+
+
+def test_draft_lv_draws_run_in_one_unet_call(tiny_sd_path):
+    """AlignProp/DRaFT: the steps that carry gradients are sequential in the chain, so only DRaFT-LV's ``n``
+    re-noised draws of the last step can share a call, and they do (one call of ``2 n B`` rows with CFG)."""
+    from diffrl.algorithms.truncation import plan_gradients
+    from diffrl.pipelines import StableDiffusionPolicy
+
+    policy = StableDiffusionPolicy.from_pretrained(tiny_sd_path)
+    calls = []
+    policy._unet.register_forward_hook(lambda m, a, o: calls.append((torch.is_grad_enabled(), a[0].shape[0])))
+    plan = plan_gradients("draft_lv", 3, torch.Generator().manual_seed(0), draws=4)
+    images = policy.sample_for_plan(["a cat", "a dog"], plan, num_inference_steps=3, guidance_scale=5.0,
+                                    generator=torch.Generator().manual_seed(0))
+    assert images.shape[0] == 8 and images.requires_grad
+    assert [c for c in calls if c[0]] == [(True, 2 * 4 * 2)]
+
+
+@pytest.mark.slow
+def test_compiled_unet_gives_the_same_loss(tiny_ddpm_path, tmp_path):
+    paths = {"ddpm": tiny_ddpm_path}
+    losses = {}
+    for compiled in (False, True):
+        trainer = _trainer("ddpm", paths, tmp_path, f"k{compiled}", "ddpo_is", 0, compile_unet=compiled)
+        samples, weights = _one_epoch_of_samples(trainer)
+        start = time.perf_counter()
+        loss, _ = trainer._loss(samples, weights, slice(0, 1), range(0, 3), torch.Generator().manual_seed(0))
+        loss.backward()
+        losses[compiled] = (loss.detach(), time.perf_counter() - start, samples.log_probs)
+    torch.testing.assert_close(losses[True][2], losses[False][2], atol=1e-5, rtol=1e-5)  # sampling, compiled
+    torch.testing.assert_close(losses[True][0], losses[False][0], atol=1e-5, rtol=1e-4)
