@@ -85,11 +85,16 @@ def test_help_does_not_import_torch(args):
     assert out.stdout.strip()
 
 
-@pytest.mark.xfail(strict=True, reason="rewards/server.py (another owner) defines serve-reward's parser in a module "
-                                       "that imports torch; it must move to a torch-free module (see report)")
 def test_serve_reward_help_does_not_import_torch():
-    torch_loaded, out = _imports_torch("serve-reward", "--help")
-    assert "--reward" in out.stdout and not torch_loaded
+    # The command's own part (its parser, from diffrl.commands.serve_reward, and the text) is timed after diffrl.cli
+    # is imported, so the bound holds on a loaded machine; importing torch alone takes seconds.
+    code = ("import sys, time\nfrom diffrl.cli import main\nstart = time.perf_counter()\ntry:\n"
+            "    main(['serve-reward', '--help'])\nexcept SystemExit:\n    pass\nsys.stdout.flush()\n"
+            "print(time.perf_counter() - start, 'torch' in sys.modules, file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    seconds, torch_loaded = out.stderr.split()[-2:]
+    assert "--reward" in out.stdout and "--body-timeout" in out.stdout and "POST /reward" in out.stdout
+    assert torch_loaded == "False" and float(seconds) < 1.0, out.stderr
 
 
 def test_train_help_lists_every_field_of_every_trainer(capsys):

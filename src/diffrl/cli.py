@@ -36,7 +36,7 @@ class Command(NamedTuple):
 
 
 COMMANDS: dict[str, Command] = {
-    "serve-reward": Command("diffrl.rewards.server", "add_parser", "serve a registered reward over HTTP"),
+    "serve-reward": Command("diffrl.commands.serve_reward", "add_parser", "serve a registered reward over HTTP"),
     "sample": Command("diffrl.evaluate.cli", "add_sample_parser",
                       "generate images from a base model or a fine-tuned result"),
     "evaluate": Command("diffrl.evaluate.cli", "add_evaluate_parser",

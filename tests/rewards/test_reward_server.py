@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import socket
@@ -18,7 +19,9 @@ import pytest
 import torch
 
 from diffrl.rewards import RemoteRewardError, RewardError, load
-from diffrl.rewards.server import RewardServer, add_parser, make_server
+from diffrl.commands.serve_reward import DEFAULTS, add_parser
+from diffrl.rewards import server as reward_server_module
+from diffrl.rewards.server import RewardServer, make_server
 
 FAST = {"timeout": 5.0, "retries": 0}
 
@@ -273,7 +276,7 @@ def test_loopback_by_default_and_the_cli_parser():
 def test_serve_reward_main_in_a_subprocess():
     env = {**os.environ, "DIFFRL_REWARD_TOKEN": "sub-token"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "diffrl.rewards.server", "--reward", "jpeg_incompressibility", "--option", "quality=80",
+        [sys.executable, "-m", "diffrl.commands.serve_reward", "--reward", "jpeg_incompressibility", "--option", "quality=80",
          "--port", "0", "--device", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
     )
@@ -287,3 +290,12 @@ def test_serve_reward_main_in_a_subprocess():
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_the_command_line_defaults_are_the_servers():
+    # diffrl.commands.serve_reward may not import the server (its --help stays torch-free), so it states the
+    # defaults itself; they must be the server's own.
+    assert DEFAULTS["max_request_mb"] * 2**20 == reward_server_module.DEFAULT_MAX_REQUEST_BYTES
+    assert DEFAULTS["body_timeout"] == reward_server_module.DEFAULT_BODY_TIMEOUT
+    assert DEFAULTS["max_connections"] == reward_server_module.DEFAULT_MAX_CONNECTIONS
+    assert DEFAULTS["max_batch_images"] == inspect.signature(RewardServer).parameters["max_batch_images"].default

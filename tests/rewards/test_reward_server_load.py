@@ -14,7 +14,8 @@ import torch
 
 from diffrl.rewards import RewardError, load
 from diffrl.rewards._wire import encode_images
-from diffrl.rewards.server import main, make_server
+from diffrl.commands.serve_reward import main
+from diffrl.rewards.server import make_server
 
 CLIENTS = 100
 
