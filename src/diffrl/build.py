@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from diffrl import prompts, rewards
-from diffrl.config import SharedConfig
+from diffrl.config import ConfigError, SharedConfig, Violation
 from diffrl.digits import load_digits_ddpm_path
 from diffrl.pipelines import LoraSettings
 from diffrl.pipelines.auto import load_policy
@@ -45,11 +45,12 @@ def build_policy(config: SharedConfig, **kwargs: Any):
 def build_reward(config: SharedConfig) -> Callable:
     """The registered reward named by ``config.reward``; with none (and no ``model``), the ``digit`` reward:
     the digit classifier's log-probability of ``reward_options.digit`` — the offline default model's reward."""
-    options: dict[str, Any] = dict(config.reward_options)
+    options: dict[str, Any] = config.resolved("reward_options")  # ${env:NAME} secrets filled in here only
     if config.reward is None:
         if config.model is not None:
-            raise ValueError("config.reward is not set; name a reward (e.g. reward: aesthetic). "
-                             f"Available: {', '.join(rewards.available())}.")
+            raise ConfigError([Violation("reward", None, "is not set, and only the default digits model has a "
+                                         "default reward", f"name one: reward=aesthetic (available: "
+                                         f"{', '.join(rewards.available())})")])
         return rewards.load("digit", **options)
     return rewards.load(config.reward, **options)
 
@@ -57,7 +58,8 @@ def build_reward(config: SharedConfig) -> Callable:
 def build_prompt_fn(config: SharedConfig, conditional: bool) -> Callable:
     if config.prompts is None:
         if conditional:
-            raise ValueError("config.prompts is not set; a text-to-image model needs a prompt source "
-                             f"(e.g. prompts: simple_animals). Available: {', '.join(prompts.available())}.")
+            raise ConfigError([Violation("prompts", None, "is not set, but a text-to-image model needs a prompt "
+                                         "source", f"name one: prompts=simple_animals (available: "
+                                         f"{', '.join(prompts.available())})")])
         return prompts.load("empty")
-    return prompts.load(config.prompts, **config.prompt_options)
+    return prompts.load(config.prompts, **config.resolved("prompt_options"))

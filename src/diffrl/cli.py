@@ -145,6 +145,21 @@ def _is_user_error(err: Exception) -> bool:
     return isinstance(err, ValueError) and type(err) is not ValueError and type(err).__module__.startswith("diffrl.")
 
 
+def _is_run_failure(err: Exception) -> bool:
+    """A run that failed for a reason its message explains (the divergence guard's ``DivergenceError``, a full
+    disk, a folder without write permission): one line, exit 1, everything already written stays intact."""
+    diffrl_runtime = isinstance(err, RuntimeError) and type(err).__module__.startswith("diffrl.")
+    return diffrl_runtime or (isinstance(err, OSError) and err.errno is not None)
+
+
+def _report_failure(command: str, err: Exception) -> int:
+    if isinstance(err, OSError) and err.filename:
+        print(f"diffrl {command}: error: {err.strerror} writing {err.filename}", file=sys.stderr)
+    else:
+        print(f"diffrl {command}: error: {str(err).strip()}", file=sys.stderr)
+    return 1
+
+
 def _report(command: str, err: Exception) -> int:
     if isinstance(err, ConfigError) and err.violations:
         for violation in err.violations:
@@ -172,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         command_args.debug = debug
         return int(command_args.func(command_args) or 0)
     except Exception as err:
+        if not debug and _is_run_failure(err):
+            return _report_failure(command, err)
         if debug or not _is_user_error(err):
             raise
         return _report(command, err)

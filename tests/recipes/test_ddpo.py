@@ -61,7 +61,8 @@ def test_trl_example_runs_unchanged_but_for_the_import(tiny_sd_path, tmp_path):
         for i, image in enumerate(images):
             pil = Image.fromarray((image.cpu().numpy().transpose(1, 2, 0) * 255).astype(np.uint8))
             result[f"{prompts[i]:.25} | {rewards[i]:.2f}"] = [pil.resize((32, 32))]
-        seen.append((global_step, accelerate_logger, len(result)))
+        seen.append((global_step, type(accelerate_logger).__name__, len(result)))
+        accelerate_logger.log_images(result, step=global_step)  # what TRL's example does with its tracker
 
     config = DDPOConfig(num_epochs=1, sample_num_steps=2, sample_batch_size=2, sample_num_batches_per_epoch=1,
                         train_batch_size=1, train_gradient_accumulation_steps=1, mixed_precision="no",
@@ -70,7 +71,10 @@ def test_trl_example_runs_unchanged_but_for_the_import(tiny_sd_path, tmp_path):
     pipeline = DefaultDDPOStableDiffusionPipeline(tiny_sd_path, pretrained_model_revision="main", use_lora=True)
     trainer = DDPOTrainer(config, brightness, random_prompt, pipeline, image_samples_hook=image_outputs_hook)
     trainer.train()
-    assert seen == [(0, None, 2)]  # no tracker: the hook gets None instead of an IndexError
+    # No tracker: instead of TRL's IndexError (or None, which the example's log_images call cannot take), the
+    # hook gets a tracker that saves the images in the run folder.
+    assert seen == [(0, "ImageFolderTracker", 2)]
+    assert len(list(trainer.run_dir.glob("images/step_0/*.png"))) == 2
     trainer.save_pretrained(str(tmp_path / "final"))
     assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").is_file()
     assert "## Final metrics" in (tmp_path / "final" / "README.md").read_text()

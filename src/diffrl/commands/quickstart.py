@@ -19,29 +19,14 @@ import torch
 from diffrl import build
 from diffrl.checkpoint import write_text_atomically
 from diffrl.commands.train import make_trainer
-from diffrl.config import ConfigError, Violation, load_config, registry
+from diffrl.config import load_config
 from diffrl.digits import digit_shares
 from diffrl.evaluate.plots import image_grid, reward_curve
 from diffrl.evaluate.report import write_report
 from diffrl.evaluate.runs import compare_run
 from diffrl.pipelines.lora import merged_unet
-from diffrl.presets import preset_path
+from diffrl.presets import quickstart_preset
 from diffrl.recipes.evaluation import EvalResult, evaluate
-
-
-def preset_for(overrides: Sequence[str]) -> str:
-    """The quickstart preset of the trainer the overrides choose (``trainer=`` / ``algorithm=``), else DDPO's."""
-    chosen = {}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key.strip() in registry.SELECTOR_KEYS:
-            chosen[key.strip()] = value.strip()
-    spec, _, _ = registry.select(chosen)
-    spec = spec or registry.get(registry.DEFAULT_TRAINER)
-    if spec.quickstart_preset is None:
-        raise ConfigError([Violation("trainer", spec.name, "has no offline quickstart preset",
-                                     "give a config file: diffrl train CONFIG.yaml")])
-    return spec.quickstart_preset
 
 
 def _target_share(images: torch.Tensor, target: int) -> float:
@@ -50,7 +35,7 @@ def _target_share(images: torch.Tensor, target: int) -> float:
 
 def run_quickstart(overrides: Sequence[str] = ()) -> int:
     start = time.perf_counter()
-    config = load_config(preset_path(preset_for(overrides)), overrides)
+    config = load_config(quickstart_preset(overrides), overrides)
     trainer = make_trainer(config)
     acc, policy = trainer.accelerator, trainer.policy
     target = int(config.reward_options.get("digit", 3)) if config.reward in (None, "digit") else None

@@ -29,7 +29,7 @@ from diffrl.recipes.checkpoints import load_checkpoint, save_checkpoint
 from diffrl.recipes.evaluation import PeriodicEvaluator
 from diffrl.recipes.guard import DivergenceGuard
 from diffrl.recipes.optim import apply_optimizer_settings, build_lr_scheduler, build_optimizer
-from diffrl.recipes.records import MetricsLogger, write_config_record
+from diffrl.recipes.records import ImageFolderTracker, MetricsLogger, last_batch_images, write_config_record
 from diffrl.recipes.results import model_card, push_result, save_result
 from diffrl.run_folder import CONFIG_FILE
 
@@ -55,11 +55,16 @@ def resolve_policy(sd_pipeline: Any) -> DiffusionPolicy:
 
 
 def call_image_hook(hook: Callable | None, data: Any, global_step: int, accelerator) -> None:
-    """TRL's hook contract, with the tracker or ``None`` (no IndexError without a tracker or off the main process)."""
-    if hook is None:
-        return
+    """TRL's hook contract: ``hook(data, global_step, tracker)`` with the first tracker, or — when the run has
+    none — an :class:`~diffrl.recipes.records.ImageFolderTracker` saving PNGs under accelerate's project folder
+    (the run folder unless ``project_kwargs`` names another). Without a hook
+    but with a tracker, the last batch's images (captioned with prompt and reward) go to the tracker."""
     tracker = accelerator.trackers[0] if accelerator.trackers else None
-    hook(data, global_step, tracker)
+    if hook is not None:
+        folder = Path(accelerator.project_dir or ".") / "images"
+        hook(data, global_step, tracker if tracker is not None else ImageFolderTracker(folder))
+    elif tracker is not None and accelerator.is_main_process and hasattr(tracker, "log_images"):
+        tracker.log_images(last_batch_images(data), step=global_step)
 
 
 def peak_memory_metrics(device: torch.device) -> dict[str, float]:
@@ -132,6 +137,8 @@ class Trainer:
         optimizer = build_optimizer(config, self._params)
         self.lr_scheduler = build_lr_scheduler(config, optimizer, self.total_optimizer_steps())
         self.optimizer = self.prepare(optimizer)
+        # Sharding (FSDP2) replaces the parameters in place: clip and check the ones training really updates.
+        self._params = list(self.policy.trainable_parameters())
         self.evaluator = PeriodicEvaluator(config, self.policy, reward_function, prompt_function, self.run_dir, acc)
         self.first_epoch, self.global_step, self.last_metrics = 0, 0, {}
         self.wall_s, self.reward_queries = 0.0, 0
@@ -215,6 +222,7 @@ class Trainer:
         self.evaluator.load_state_dict(state.get("evaluation"))
         apply_optimizer_settings(self.optimizer, self.lr_scheduler, self.config, changed)
         dropped = self.metrics.truncate_after(int(state["epoch"]))
+        self.metrics.restore(int(state["epoch"]), state.get("metrics"), self.global_step)
         note = f"; dropped {dropped} metrics line(s) of epochs after it" if dropped else ""
         changes = "".join(f"\n  {k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         self.accelerator.print(f"resumed from {path}: continuing at epoch {self.first_epoch}, global step "

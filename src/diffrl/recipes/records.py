@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
+
+import numpy as np
+import torch
 
 from accelerate import Accelerator
+from PIL import Image
 
 from diffrl.checkpoint import write_text_atomically
 from diffrl.run_folder import CONFIG_FILE, METRICS_FILE
@@ -39,6 +44,20 @@ class MetricsLogger:
             shown = [k for k in _CONSOLE_KEYS if k in clean]
             print(" ".join(f"{k}={clean[k]:.4g}" for k in shown), file=sys.stderr, flush=True)
 
+    def restore(self, epoch: int, metrics: Mapping[str, float] | None, step: int) -> bool:
+        """After :meth:`truncate_after`: write the checkpoint's own epoch line from the metrics the checkpoint
+        holds if the run was killed between the checkpoint's commit and that line (not sent to trackers again).
+        Returns whether a line was written."""
+        if not self.accelerator.is_main_process or not metrics:
+            return False
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if json.loads(line).get("epoch") == epoch:
+                    return False
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+        return True
+
     def truncate_after(self, epoch: int) -> int:
         """Keep only the lines of epochs ``<= epoch`` (and drop a torn last line); returns how many were dropped."""
         if not self.accelerator.is_main_process or not self.path.is_file():
@@ -64,3 +83,52 @@ def write_config_record(run_dir: Path, config_yaml: str, resumed_epoch: int | No
     name = CONFIG_FILE if resumed_epoch is None else f"config.resume-{resumed_epoch}.yaml"
     return write_text_atomically(run_dir / name, config_yaml)
 
+
+
+class ImageFolderTracker:
+    """What an image hook gets as its tracker when the run has none: ``log_images`` writes PNGs to
+    ``<run>/images/step_<N>/`` (TRL's example hook calls ``accelerate_logger.log_images``, which crashed
+    without a tracker); ``log`` does nothing (metrics go to ``metrics.jsonl``)."""
+
+    name = "image_folder"
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def log(self, values: Mapping, step: int | None = None, **kwargs) -> None:
+        return None
+
+    def log_images(self, values: Mapping, step: int | None = None, **kwargs) -> None:
+        target = self.folder / f"step_{step if step is not None else 0}"
+        target.mkdir(parents=True, exist_ok=True)
+        for i, (name, image) in enumerate(values.items()):
+            safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._")[:60] or "image"
+            for j, picture in enumerate(_pil_images(image)):
+                picture.save(target / f"{i:03d}_{j}_{safe}.png")
+
+
+def _pil_images(image: Any) -> list[Image.Image]:
+    if isinstance(image, Image.Image):
+        return [image]
+    array = image.detach().float().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.ndim == 3:
+        array = array[None]
+    if array.shape[1] in (1, 3) and array.shape[-1] not in (1, 3):  # [N, C, H, W] -> [N, H, W, C]
+        array = array.transpose(0, 2, 3, 1)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+    return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in array]
+
+
+def last_batch_images(data: Any) -> dict[str, torch.Tensor]:
+    """``{"<prompt> | <reward>": image [1, 3, H, W]}`` of the last sampled batch: DDPO's hook data (a list of
+    ``[images, prompts, prompt_metadata, rewards, reward_metadata]``) or AlignProp's dict."""
+    if isinstance(data, Mapping):
+        images, prompts, rewards = data["images"], data["prompts"], data.get("rewards")
+    else:
+        images, prompts, _, rewards, *_ = data[-1]
+    out = {}
+    for i, image in enumerate(images):
+        reward = f" | {float(rewards[i]):.3g}" if rewards is not None else ""
+        out[f"{i}: {str(prompts[i])[:40]}{reward}"] = image.detach().float().cpu().unsqueeze(0)
+    return out
