@@ -95,3 +95,19 @@ def test_ddpm_pipeline_has_the_same_surface(tiny_ddpm_path, tmp_path):
     assert out.images.shape == (2, 3, 8, 8) and len(out.log_probs) == 3
     pipe.save_pretrained(tmp_path / "out")
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+def test_accelerate_hooks_save_and_restore_the_trainable_weights(tiny_sd_path, tmp_path, use_lora):
+    pipe = DefaultDDPOStableDiffusionPipeline(tiny_sd_path, use_lora=use_lora)
+    perturb_trainable(pipe.policy, seed=4)
+    saved = pipe.policy.trainable_state_dict()
+    weights = [object()]
+    pipe.save_checkpoint([pipe.unet], weights, str(tmp_path))
+    assert weights == []  # claimed, so accelerate does not save the module a second time
+    fresh = DefaultDDPOStableDiffusionPipeline(tiny_sd_path, use_lora=use_lora)
+    models = [fresh.unet]
+    fresh.load_checkpoint(models, str(tmp_path))
+    assert models == []
+    restored = fresh.policy.trainable_state_dict()
+    assert set(restored) == set(saved) and all(torch.equal(restored[n], saved[n]) for n in saved)
