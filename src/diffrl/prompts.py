@@ -239,14 +239,8 @@ def empty() -> PromptFn:
 
 
 SOURCES: Registry[PromptFn] = Registry("prompt source", "known sources", PromptError, {
-    "simple_animals": simple_animals,
-    "imagenet_animals": imagenet_animals,
-    "imagenet_all": imagenet_all,
-    "nouns_activities": nouns_activities,
-    "counting": counting,
-    "from_file": from_file,
-    "fixed": fixed,
-    "empty": empty,
+    source.__name__: source for source in (simple_animals, imagenet_animals, imagenet_all, nouns_activities, counting,
+                                           from_file, fixed, empty)
 })
 """The prompt-source names ``load`` knows; ``register`` adds one (a factory taking keyword options)."""
 _REGISTRY = SOURCES.factories

@@ -11,28 +11,9 @@ it through the ``remote`` reward. The command line is ``diffrl serve-reward`` (:
 - :mod:`~diffrl.rewards.server.serve`: binding, running and the limits' defaults.
 """
 
+from diffrl.rewards.server import serve as _serve
 from diffrl.rewards.server.app import create_app
-from diffrl.rewards.server.serve import (
-    BACKLOG,
-    DEFAULT_BODY_TIMEOUT,
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_REQUEST_BYTES,
-    RewardServer,
-    ServerStartError,
-    make_server,
-    run_server,
-    serve_from_args,
-)
+from diffrl.rewards.server.serve import (BACKLOG, DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_BYTES,
+                                         RewardServer, ServerStartError, make_server, run_server, serve_from_args)
 
-__all__ = [
-    "BACKLOG",
-    "DEFAULT_BODY_TIMEOUT",
-    "DEFAULT_MAX_CONNECTIONS",
-    "DEFAULT_MAX_REQUEST_BYTES",
-    "RewardServer",
-    "ServerStartError",
-    "create_app",
-    "make_server",
-    "run_server",
-    "serve_from_args",
-]
+__all__ = ["create_app", *_serve.__all__]
