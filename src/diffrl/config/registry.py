@@ -56,6 +56,8 @@ TRAINERS: Mapping[str, TrainerSpec] = MappingProxyType({s.name: s for s in (
           {"alignprop": {}, "draft_k": {"truncation": "draft_k"}, "draft_lv": {"truncation": "draft_lv"},
            "refl": {"truncation": "refl"}}, "quickstart_alignprop"),
     _spec("nft", "diffrl.config.nft:NFTConfig", "diffrl.recipes.nft:NFTTrainer", {"nft": {}}, "quickstart_nft"),
+    _spec("grpo", "diffrl.config.grpo:GRPOConfig", "diffrl.recipes.grpo:GRPOTrainer", {"grpo": {"algorithm": "grpo"}},
+          "quickstart_grpo"),
 )})
 """Trainer name -> :class:`TrainerSpec`, in the order ``--help`` lists them."""
 

@@ -1,0 +1,222 @@
+import random
+
+import pytest
+import torch
+
+from diffrl import DefaultDDPODDPMPipeline, DefaultDDPOStableDiffusionPipeline, GRPOConfig, GRPOTrainer
+from diffrl.config import ConfigError
+from diffrl.recipes import grpo as grpo_module
+from diffrl.recipes.grpo import epoch_advantages, epoch_layout, epoch_window
+
+from .helpers import logged_metrics, trainable_weights
+
+
+def brightness(images, prompts, metadata):
+    return images.mean(dim=(1, 2, 3)), {}
+
+
+def random_prompt():
+    return random.choice(["a cat", "a dog", "a fox"]), {"source": "test"}
+
+
+def _config(tmp_path, **kw):
+    base = dict(num_epochs=2, sample_num_steps=4, prompts_per_epoch=1, group_size=4, sample_batch_size=4,
+                train_batch_size=4, mixed_precision="no", logdir=str(tmp_path / "logs"), run_name="run",
+                train_learning_rate=3e-3, train_clip_range=0.2, sample_guidance_scale=1.0, seed=1)
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+class Recorder:
+    """Wraps the trainer module's grpo_loss and optimizer_step: what each loss call saw, and before which update."""
+
+    def __init__(self, monkeypatch):
+        self.calls, self.updates = [], 0
+        loss, step = grpo_module.grpo_loss, grpo_module.optimizer_step
+
+        def recorded_loss(log_prob, old_log_prob, advantages, clip_range, kl=None, kl_coef=0.0):
+            self.calls.append({"update": self.updates, "ratio": (log_prob - old_log_prob).detach().exp(),
+                               "kl": None if kl is None else kl.detach().clone()})
+            return loss(log_prob, old_log_prob, advantages, clip_range, kl, kl_coef)
+
+        def counted_step(optimizer, scheduler):
+            self.updates += 1
+            step(optimizer, scheduler)
+
+        monkeypatch.setattr(grpo_module, "grpo_loss", recorded_loss)
+        monkeypatch.setattr(grpo_module, "optimizer_step", counted_step)
+
+
+def test_ratio_is_one_and_kl_zero_before_the_first_update_then_kl_grows(tiny_ddpm_path, tmp_path, monkeypatch):
+    rec = Recorder(monkeypatch)
+    cfg = _config(tmp_path, kl_coef=0.5, sde_window_size=2, sde_window_start=1)
+    trainer = GRPOTrainer(cfg, brightness, lambda: ("", {}), DefaultDDPODDPMPipeline(tiny_ddpm_path))
+    trainer.train()
+    first = [c for c in rec.calls if c["update"] == 0]
+    assert len(first) == 2  # one batch of 4 samples x the 2 window steps, then the first optimizer step
+    for call in first:  # on-policy: every window step of every sample has ratio 1 in fp32
+        torch.testing.assert_close(call["ratio"], torch.ones(4), rtol=0, atol=1e-5)
+        assert torch.equal(call["kl"], torch.zeros(4))  # LoRA starts at the base model: KL exactly 0
+    later = [c for c in rec.calls if c["update"] > 0]
+    assert later and all(bool((c["kl"] > 0).all()) for c in later)
+    metrics = logged_metrics(tmp_path)
+    assert metrics[1]["stats/kl_ref"] > 0 and metrics[0]["stats/window_size"] == 2
+    assert {"stats/ratio", "stats/clipfrac", "loss/policy", "reward/group_std", "perf/wall_s"} <= set(metrics[0])
+
+
+def test_unet_runs_with_autograd_only_at_window_steps(tiny_ddpm_path, tmp_path):
+    cfg = _config(tmp_path, sde_window_size=2, sde_window_schedule="sliding", sde_window_start=1, group_size=8,
+                  sample_batch_size=4, train_batch_size=2)
+    trainer = GRPOTrainer(cfg, brightness, lambda: ("", {}), DefaultDDPODDPMPipeline(tiny_ddpm_path))
+    calls = []
+    trainer.policy.trainable_module.register_forward_hook(
+        lambda module, args, output: calls.append((torch.is_grad_enabled(), args[1].flatten().tolist())))
+    timesteps = trainer.policy.schedule.timesteps(4).tolist()
+    for epoch in range(2):
+        calls.clear()
+        trainer.global_step = trainer.step(epoch, trainer.global_step)
+        window = epoch_window(cfg, epoch)
+        assert window == [i in (1 + epoch, 2 + epoch) for i in range(4)]  # the sliding window moved by one
+        trained = {t for t, flag in zip(timesteps, window) if flag}
+        with_grad = [ts for grad, ts in calls if grad]
+        assert len(with_grad) == 8 // 2 * 2  # 4 training batches x 2 window steps
+        assert {t for ts in with_grad for t in ts} == trained
+        assert sum(not grad for grad, _ in calls) == 2 * 4  # sampling: 2 batches x 4 steps, without autograd
+
+
+def test_groups_split_over_two_processes_get_the_single_process_advantages(tiny_ddpm_path, tmp_path):
+    cfg = _config(tmp_path, prompts_per_epoch=3, group_size=4, sample_batch_size=2, train_batch_size=2,
+                  group_shared_noise=True)
+    trainer = GRPOTrainer(cfg, brightness, lambda: ("", {}), DefaultDDPODDPMPipeline(tiny_ddpm_path))
+    prompts, window = trainer.epoch_prompts(), epoch_window(cfg, 0)
+
+    def rewards_of(layout):
+        return torch.cat([b[3] for b in trainer.sample_batches(0, 0, layout, prompts, window)])
+
+    single = epoch_layout(3, 4, 1, 0)
+    halves = [epoch_layout(3, 4, 2, r) for r in (0, 1)]
+    assert set(halves[0].group_ids.tolist()) & set(halves[1].group_ids.tolist()) == {1}  # group 1 is split
+    all_rewards = rewards_of(single)
+    # Sample i's noise depends on (seed, epoch, i) only: the two processes draw the single process's samples.
+    torch.testing.assert_close(torch.cat([rewards_of(h) for h in halves]), all_rewards, rtol=0, atol=0)
+    split = torch.cat([epoch_advantages(all_rewards, cfg, r, 2) for r in (0, 1)])
+    groups = all_rewards.double().reshape(3, 4)
+    by_hand = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, correction=0, keepdim=True) + cfg.adv_eps)
+    torch.testing.assert_close(split, epoch_advantages(all_rewards, cfg, 0, 1), rtol=0, atol=0)
+    torch.testing.assert_close(split.double(), by_hand.flatten(), rtol=1e-5, atol=1e-6)
+    # group_shared_noise: one x_T per group, different between groups.
+    x_T = torch.cat([b[0].latents[:, 0] for b in trainer.sample_batches(0, 0, single, prompts, window)])
+    assert torch.equal(x_T[0], x_T[3]) and not torch.equal(x_T[3], x_T[4])
+
+
+def test_cfg_free_text_training_and_the_reference_is_the_base_model(tiny_sd_path, tmp_path, monkeypatch):
+    from diffrl.pipelines import StableDiffusionPolicy
+
+    rec = Recorder(monkeypatch)
+    torch.manual_seed(0)
+    cfg = _config(tmp_path, prompts_per_epoch=2, group_size=2, train_cfg=False, sample_guidance_scale=1.0,
+                  kl_coef=0.1, sde_window_size=1, sde_window_schedule="random", eval_every=1, eval_num_samples=4,
+                  eval_num_steps=2)
+    trainer = GRPOTrainer(cfg, brightness, random_prompt, DefaultDDPOStableDiffusionPipeline(tiny_sd_path))
+    trainer.train()
+    torch.testing.assert_close(rec.calls[0]["ratio"], torch.ones(4), rtol=0, atol=1e-5)
+    policy = trainer.policy
+    base = StableDiffusionPolicy.from_pretrained(tiny_sd_path, use_lora=False)
+    x = torch.randn(2, *policy._latent_shape(2, None, None)[1:], generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([500, 100])
+    cond = base.encode_prompts(["a cat", "a dog"], None, guidance=False)
+    reference = policy.predict(x, t, cond, 1.0, params=policy.reference_params())
+    torch.testing.assert_close(reference, base.predict(x, t, cond, 1.0), rtol=0, atol=1e-6)
+    assert (policy.predict(x, t, cond, 1.0) - reference).abs().max() > 1e-6  # the adapters did train
+    assert "eval/reward_mean" in logged_metrics(tmp_path)[-1]
+
+
+def test_resume_matches_an_uninterrupted_run(tiny_sd_path, tmp_path):
+    def make(run_name, **kw):
+        random.seed(0)
+        torch.manual_seed(0)  # LoRA's random init happens when the pipeline is built
+        cfg = _config(tmp_path, num_epochs=3, run_name=run_name, prompts_per_epoch=2, group_size=2,
+                      sample_batch_size=2, train_batch_size=2, kl_coef=0.1, sde_window_size=2,
+                      sde_window_schedule="random", train_num_inner_epochs=2, **kw)
+        return GRPOTrainer(cfg, brightness, random_prompt, DefaultDDPOStableDiffusionPipeline(tiny_sd_path))
+
+    straight = make("straight")
+    straight.train()
+    interrupted = make("split")
+    interrupted.train(epochs=2)
+    random.seed(12345)  # whatever happens in between must not matter
+    torch.manual_seed(999)
+    resumed = make("split", resume_from=str(tmp_path / "logs" / "split"))
+    assert resumed.first_epoch == 2 and resumed.global_step == interrupted.global_step
+    resumed.train()
+    a, b = trainable_weights(straight), trainable_weights(resumed)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    last_a, last_b = logged_metrics(tmp_path, "straight")[-1], logged_metrics(tmp_path, "split")[-1]
+    for key in last_a:
+        if not key.startswith("perf/"):
+            assert last_a[key] == pytest.approx(last_b[key], rel=1e-5, abs=1e-7), key
+
+
+def test_full_fine_tuning_reference_and_multi_reward(tiny_ddpm_path, tmp_path):
+    from diffrl.rewards import WeightedSum
+
+    def darkness(images, prompts, metadata):
+        return 10 * (1 - images.mean(dim=(1, 2, 3))), {}
+
+    darkness.differentiable = True
+    bright = lambda images, prompts, metadata: brightness(images, prompts, metadata)  # noqa: E731
+    bright.differentiable = True
+    reward = WeightedSum([("bright", bright, 1.0), ("dark", darkness, 0.5)])
+    cfg = _config(tmp_path, train_lora=False, kl_coef=0.1, multi_reward=True)
+    trainer = GRPOTrainer(cfg, reward, lambda: ("", {}), DefaultDDPODDPMPipeline(tiny_ddpm_path, use_lora=False))
+    batches = trainer.sample_batches(0, 0, epoch_layout(1, 4, 1, 0), trainer.epoch_prompts(), epoch_window(cfg, 0))
+    adv = trainer._advantages(torch.cat([b[3] for b in batches]), batches)
+    values = batches[0][4]["components"]["bright"].double()
+
+    def norm(r):
+        return (r - r.mean()) / (r.std(correction=0) + cfg.adv_eps)
+
+    # Each component normalised on its own, then weighted: 1 x A(bright) + 0.5 x A(10 (1 - bright)).
+    torch.testing.assert_close(adv.double(), norm(values) + 0.5 * norm(10 * (1 - values)), rtol=1e-4, atol=1e-5)
+    initial = {n: p.detach().clone() for n, p in trainer.policy.trainable_module.named_parameters()}
+    trainer.train()
+    reference = trainer.policy.reference_params()
+    assert all(torch.equal(reference[n].cpu(), initial[n]) for n in reference)
+    kl = [m["stats/kl_ref"] for m in logged_metrics(tmp_path)]
+    assert kl[0] == 0 and kl[1] > 0  # one update per epoch: the frozen copy differs from epoch 1 on
+    with pytest.raises(ValueError, match="multi_reward=true needs a combined reward"):
+        GRPOTrainer(_config(tmp_path, multi_reward=True), brightness, lambda: ("", {}),
+                    DefaultDDPODDPMPipeline(tiny_ddpm_path))
+
+
+def test_impossible_settings_are_refused_with_the_fix():
+    with pytest.raises(ConfigError) as err:
+        GRPOConfig(mixed_precision="no", sample_num_steps=10, sde_window_size=12, group_size=1, prompts_per_epoch=3,
+                   sample_batch_size=4, train_cfg=False, sample_guidance_scale=5.0).validate(num_processes=2)
+    text = str(err.value)
+    for expected in ("sde_window_size=12", "sample_num_steps=10", "group_size=1", "group_size >= 2",
+                     "do not split over 2 processes", "train_cfg=False", "sample_guidance_scale=1"):
+        assert expected in text, expected
+    with pytest.raises(ConfigError) as err:
+        GRPOConfig(mixed_precision="no", sample_num_steps=10, sde_window_size=4, sde_window_start=8,
+                   prompts_per_epoch=2, group_size=6, sample_batch_size=4, train_batch_size=4,
+                   train_timestep_fraction=0.5, sample_eta=0.0).validate(num_processes=2)
+    text = str(err.value)
+    for expected in ("sde_window_start=8", "[0, 6]", "sample_batch_size=4", "divisor of 6", "train_batch_size=4",
+                     "train_timestep_fraction", "sample_eta=0.0"):
+        assert expected in text, expected
+    GRPOConfig(mixed_precision="no", prompts_per_epoch=3, group_size=4, sample_batch_size=6,
+               train_batch_size=3).validate(num_processes=2)  # groups may straddle processes
+
+
+def test_diffrl_train_algorithm_grpo_runs_the_digits_preset(tmp_path, capsys):
+    from diffrl.cli import main
+
+    assert main(["train", "algorithm=grpo", "num_epochs=1", "sample_num_steps=4", "eval_num_samples=16",
+                 "group_size=16", "sample_batch_size=16", "train_batch_size=16", f"logdir={tmp_path}",
+                 "run_name=g"]) == 0
+    run = tmp_path / "g"
+    assert (run / "summary.json").is_file() and (run / "final").is_dir()
+    assert "GRPOTrainer" in (run / "summary.json").read_text()
+    assert "trainer: grpo" in (run / "config.yaml").read_text()
