@@ -147,3 +147,23 @@ def test_a_reward_token_appears_in_no_file_the_run_writes(tiny_ddpm_path, tmp_pa
         if path.is_file() and path.suffix not in {".safetensors", ".pt", ".png"}:
             assert secret not in path.read_text(errors="ignore"), path
     assert secret not in str(card)
+
+
+def test_a_full_disk_during_a_checkpoint_names_the_path_and_keeps_the_last_one(tiny_ddpm_path, tmp_path, monkeypatch):
+    from diffrl.recipes.checkpoints import CheckpointWriteError
+
+    trainer = DDPOTrainer(_config(tmp_path, num_epochs=2), brightness, lambda: ("", {}),
+                          DefaultDDPODDPMPipeline(tiny_ddpm_path))
+    trainer.train(epochs=1)
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):  # what torch.save raises when the disk fills up
+        raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint_1 .*unexpected pos.*checkpoint_0, is intact"):
+        trainer.train()
+    monkeypatch.setattr(torch, "save", real_save)
+    checkpoints = tmp_path / "logs" / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_0"]
+    assert _metrics_epochs(tmp_path / "logs" / "run") == [0]

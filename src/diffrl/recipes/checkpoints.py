@@ -16,6 +16,10 @@ from diffrl.pipelines.types import DiffusionPolicy
 from diffrl.run_folder import OPTIMIZER_FILE, SCHEDULER_FILE, TRAINABLE_FILE
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); nothing earlier was touched."""
+
+
 def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, epoch: int, keep: int, policy: DiffusionPolicy,
                     optimizer, lr_scheduler, state: dict[str, Any]) -> Path:
     """Every process takes part (no process waits on a save the others skip: TRL's multi-GPU hang).
@@ -33,7 +37,14 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, epoch: int,
             for rank, rng in enumerate(rng_states):
                 torch.save(rng, tmp / f"rng_{rank}.pt")
 
-        ckpt.save_atomically(target, write, state={"epoch": epoch, **state})
+        try:
+            ckpt.save_atomically(target, write, state={"epoch": epoch, **state})
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+            found = ckpt.list_checkpoints(checkpoints_dir)
+            kept = f"the newest complete checkpoint, {found[-1]}, is intact" if found else "no earlier checkpoint"
+            raise CheckpointWriteError(f"could not write checkpoint {target} ({str(err).strip()[:200]}); "
+                                       f"{kept}. Free disk space or fix the folder's permissions, then resume "
+                                       f"with resume_from={checkpoints_dir.parent}") from err
         ckpt.rotate(checkpoints_dir, keep)
     accelerator.wait_for_everyone()
     return target
