@@ -3,12 +3,14 @@ loads."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, NamedTuple
 
 from diffrl import prompts
 from diffrl import rewards
+from diffrl.config.overrides import KeyValueError
+from diffrl.config.overrides import parse_key_value as _parse_key_value
+
 TRAIN = "train"
 HELDOUT = "heldout"
 SPLITS = (TRAIN, HELDOUT)
@@ -28,15 +30,12 @@ class PromptItem(NamedTuple):
 
 
 def parse_key_value(text: str, setting: str) -> tuple[str, Any]:
-    """``key=value`` -> ``(key, value)``, the value read as JSON when it parses (numbers, lists, true/false)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise EvaluationError(f"{setting} {text!r} must look like key=value")
+    """``key=value`` -> ``(key, value)``, read as in every other subcommand (:func:`diffrl.config.overrides.
+    parse_key_value`: YAML 1.2 values, so ``no`` stays a string and ``010`` is ten); errors name ``setting``."""
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip(), value
+        return _parse_key_value(text)
+    except KeyValueError as error:
+        raise EvaluationError(f"{setting} {error}") from None
 
 
 def draw_prompts(source: str, num: int, options: Mapping[str, Any] | None = None, *,
