@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffrl.rewards.base import RewardError, check_images, check_prompts
+from diffrl.rewards.base import ImageReward, Reward, RewardError, check_images, check_prompts
 from diffrl.rewards.preprocess import CLIP_MEAN, CLIP_STD, ImageTransform
 
 
@@ -82,3 +82,34 @@ def test_identity_size_only_normalises():
     transform = ImageTransform(shortest_edge=8, crop=(8, 8), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     images = torch.rand(1, 3, 8, 8)
     torch.testing.assert_close(transform(images), images * 2 - 1)
+
+
+class _Counting(ImageReward):
+    """Counts score_images calls; reads prompts when asked to."""
+
+    name, differentiable = "counting", True
+
+    def __init__(self, needs_prompts: bool) -> None:
+        self.needs_prompts, self.calls = needs_prompts, []
+
+    def score_images(self, images, prompts, prompt_metadata):
+        self.calls.append(prompts)
+        return images.mean(dim=(1, 2, 3)), {}
+
+
+def test_image_reward_checks_before_scoring():
+    reward = _Counting(needs_prompts=False)
+    assert isinstance(reward, Reward)
+    with pytest.raises(RewardError, match=r"reward 'counting' expects images in \[0, 1\]"):
+        reward(torch.rand(2, 3, 4, 4) - 1)
+    assert reward.calls == []  # refused before the subclass ran
+    values, _ = reward(torch.rand(2, 3, 4, 4))
+    assert values.shape == (2,) and reward.calls == [None]  # prompts are not needed
+
+
+def test_image_reward_checks_prompts_when_it_reads_them():
+    reward = _Counting(needs_prompts=True)
+    with pytest.raises(RewardError, match="reward 'counting' got 1 prompts for 2 images"):
+        reward(torch.rand(2, 3, 4, 4), ["a"])
+    reward(torch.rand(2, 3, 4, 4), ("a", "b"))
+    assert reward.calls == [["a", "b"]]  # as a list

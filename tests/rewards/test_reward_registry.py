@@ -101,3 +101,17 @@ def test_register_a_custom_reward_and_refuse_to_shadow_it():
         assert rewards.load("test_constant")(torch.rand(1, 3, 4, 4))[0].item() == -1.0
     finally:
         rewards._REGISTRY.pop("test_constant", None)
+
+
+def test_one_registry_serves_rewards_and_prompt_sources():
+    from diffrl import prompts
+    from diffrl.registry import Registry
+
+    assert isinstance(rewards.REWARDS, Registry) and isinstance(prompts.SOURCES, Registry)
+    with pytest.raises(RewardError, match="the factory for reward 'x' must be callable"):
+        rewards.register("x", 3)
+    with pytest.raises(prompts.PromptError, match="the factory for prompt source 'x' must be callable"):
+        prompts.register("x", 3)
+    with pytest.raises(prompts.PromptError, match="unknown prompt source 'counting2'.*did you mean 'counting'"):
+        prompts.load("counting2")
+    assert "x" not in rewards.available() and "x" not in prompts.available()

@@ -6,6 +6,8 @@ import http.client
 import json
 import logging
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -227,3 +229,14 @@ def test_remote_takes_the_token_from_the_environment_and_never_shows_it(monkeypa
     with pytest.raises(RewardError) as info:
         load("remote", url="http://user:hunter2@127.0.0.1:8000")
     assert "hunter2" not in str(info.value) and "***@127.0.0.1:8000" in str(info.value)
+
+
+def test_without_the_server_extra_the_command_says_what_to_install():
+    # fastapi missing (None in sys.modules makes its import fail as if it were not installed); in a subprocess, so
+    # that this test's own imported server does not mask it.
+    code = ("import sys\nsys.modules['fastapi'] = None\nfrom diffrl.commands.serve_reward import main\n"
+            "print(main(['--reward', 'jpeg_compressibility', '--port', '0']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "2", out.stderr
+    assert out.stderr.strip() == ("diffrl serve-reward: the reward server needs fastapi, which is not installed; "
+                                  "install the server extra: pip install 'diffrl[server]'")
