@@ -1,6 +1,6 @@
 """The reward server under load: N simultaneous plain HTTP clients, their latency, and stalled-client cutoffs.
 
-Starts ``python -m diffrl.rewards.server`` (JPEG incompressibility, CPU) in a subprocess, or uses ``--url``;
+Starts ``python -m diffrl.commands.serve_reward`` (JPEG incompressibility, CPU) in a subprocess, or uses ``--url``;
 then, for each client count, that many threads wait on a barrier and each sends one ``POST /reward`` with
 its own images on its own connection (``http.client``). Every answer is compared with the local reward on
 the same images (float32 on the wire, so exact). Then three hostile clients: one that announces a 1 kB body
@@ -104,7 +104,7 @@ def main() -> None:
     process = None
     if args.url is None:
         process = subprocess.Popen(
-            [sys.executable, "-m", "diffrl.rewards.server", "--reward", "jpeg_incompressibility", "--port", "0",
+            [sys.executable, "-m", "diffrl.commands.serve_reward", "--reward", "jpeg_incompressibility", "--port", "0",
              "--device", "cpu", "--body-timeout", str(args.body_timeout), "--max-batch-images", str(args.max_batch_images)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "DIFFRL_REWARD_TOKEN": ""},
         )

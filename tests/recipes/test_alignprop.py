@@ -259,7 +259,7 @@ def test_trl_example_runs_unchanged_but_for_the_import(tiny_sd_path, tmp_path):
         for i, image in enumerate(images):
             pil = Image.fromarray((image.cpu().numpy().transpose(1, 2, 0) * 255).astype(np.uint8))
             result[f"{prompts[i]:.25} | {rewards[i]:.2f}"] = [pil.resize((32, 32))]
-        seen.append((global_step, accelerate_logger, len(result), sorted(image_data)))
+        seen.append((global_step, type(accelerate_logger).__name__, len(result), sorted(image_data)))
 
     # TRL's defaults (truncated_backprop_rand=True, minmax (0, 50)) need 50 steps; a short run overrides the range.
     config = AlignPropConfig(num_epochs=2, sample_num_steps=3, train_batch_size=2,
@@ -269,8 +269,9 @@ def test_trl_example_runs_unchanged_but_for_the_import(tiny_sd_path, tmp_path):
     trainer = AlignPropTrainer(config, brightness, random_prompt, pipeline, image_samples_hook=image_outputs_hook)
     assert config.truncation_strategy == "random"
     trainer.train()
-    # Called every log_image_freq-th step with the tracker, or None without one (TRL raised IndexError).
-    assert seen == [(2, None, 2, ["images", "prompt_metadata", "prompts", "rewards"])]
+    # Called every log_image_freq-th step with the tracker; without one (TRL raised IndexError) with a tracker
+    # that saves the images in the run folder.
+    assert seen == [(2, "ImageFolderTracker", 2, ["images", "prompt_metadata", "prompts", "rewards"])]
     trainer.push_to_hub  # noqa: B018 - part of TRL's surface
     trainer._save_pretrained(str(tmp_path / "final"))
     assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").is_file()

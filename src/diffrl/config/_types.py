@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 import types
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, Union, get_args, get_origin
+
+from diffrl.registry import suggest
 
 __all__ = ["TypeMismatch", "accepts", "coerce", "suggest", "type_name"]
 
@@ -106,7 +107,3 @@ def accepts(value: Any, tp: Any) -> bool:
     return True
 
 
-def suggest(name: str, known: Iterable[str]) -> str | None:
-    """The known name closest to ``name`` (difflib), or None when nothing is close."""
-    matches = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return matches[0] if matches else None
