@@ -70,6 +70,11 @@ METHODS: dict[str, Method] = {
     "grpo_w1": Method("GRPO window 1", (255, 127, 14), from_preset("quickstart_grpo", "sde_window_size=1")),
     "grpo_w2": Method("GRPO window 2", (44, 160, 44), from_preset("quickstart_grpo", "sde_window_size=2")),
     "grpo_w4": Method("GRPO window 4", (23, 190, 207), from_preset("quickstart_grpo", "sde_window_size=4")),
+    "nft_ddim": Method("NFT DDIM eta=0", (188, 189, 34), from_preset("quickstart_nft")),
+    "nft_dpm10": Method("NFT DPM++ 10", (227, 119, 194), from_preset("quickstart_nft", "nft_sampler=dpmsolver++",
+                                                                     "sample_num_steps=10")),
+    "nft_dpm20": Method("NFT DPM++ 20", (127, 127, 127), from_preset("quickstart_nft", "nft_sampler=dpmsolver++",
+                                                                     "sample_num_steps=20")),
 }
 """Method name -> :class:`Method`; add a row to compare another trainer (``from_preset("quickstart_nft")``)."""
 
