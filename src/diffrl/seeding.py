@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 __all__ = ["SeededBatch", "generator_for", "sample_on_seeds"]
 
@@ -40,14 +41,19 @@ class SeededBatch(NamedTuple):
 
 @torch.no_grad()
 def sample_on_seeds(policy: Any, prompts: Sequence[str], seeds: Sequence[int], *, num_inference_steps: int,
-                    guidance_scale: float, eta: float, batch_size: int) -> Iterator[SeededBatch]:
-    """Sample image ``i`` for ``prompts[i]`` from ``generator_for(seeds[i])`` alone, ``batch_size`` at a time."""
+                    guidance_scale: float, eta: float, batch_size: int,
+                    progress: str | None = None) -> Iterator[SeededBatch]:
+    """Sample image ``i`` for ``prompts[i]`` from ``generator_for(seeds[i])`` alone, ``batch_size`` at a time.
+    ``progress``: a progress bar (on stderr) with this label, counting images."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per image")
+    bar = tqdm(total=len(prompts), desc=progress, unit="img", leave=False, disable=progress is None)
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(start + batch_size, len(prompts))))
         generators = [generator_for(seeds[i]) for i in idx]
         x_T = policy.initial_noise(len(idx), generators)
         out = policy.sample([prompts[i] for i in idx], batch_size=len(idx), num_inference_steps=num_inference_steps,
                             guidance_scale=guidance_scale, eta=eta, generator=generators, latents=x_T)
+        bar.update(len(idx))
         yield SeededBatch(out.trajectory.images.float(), idx, tuple(x_T.shape[1:]))
+    bar.close()

@@ -132,7 +132,7 @@ def _sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     files: list[str] = []
     grid_rows: dict[int, list[torch.Tensor]] = {}
-    for batch in generate(loaded.policy, jobs, settings):
+    for batch in generate(loaded.policy, jobs, settings, progress="sampling"):
         files += write_images(batch, out)
         for image, job in zip(thumbnails(batch.images, 128), batch.jobs):
             if job.prompt_index < 16 and len(grid_rows.setdefault(job.prompt_index, [])) < 16:

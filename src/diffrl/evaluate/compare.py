@@ -194,7 +194,7 @@ def evaluate_models(models: Sequence[ModelSource], rewards: Mapping[str, Callabl
         pending: dict[int, dict[int, torch.Tensor]] = {}
         preview: torch.Tensor | None = None
         done = 0
-        for batch in generate(policy, jobs, settings):
+        for batch in generate(policy, jobs, settings, progress=f"sampling {model.name}"):
             shape = tuple(batch.images.shape[1:])
             if reference is None:
                 reference = (model.name, batch.noise_shape, shape)

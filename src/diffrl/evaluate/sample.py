@@ -83,14 +83,15 @@ def check_prompts_fit(policy: Any, prompts: Sequence[PromptItem], model: str) ->
                               "given; drop --prompts/--prompt-source/--heldout-* and use more --seeds for more samples")
 
 
-def generate(policy: Any, jobs: Sequence[SampleJob], settings: SampleSettings) -> Iterator[SampleBatch]:
+def generate(policy: Any, jobs: Sequence[SampleJob], settings: SampleSettings,
+             progress: str | None = None) -> Iterator[SampleBatch]:
     """Sample ``jobs`` in batches of ``settings.batch_size`` by :func:`diffrl.seeding.sample_on_seeds`'s rule (each
     image from its own seed); yields each batch as soon as it is made."""
     jobs = list(jobs)
     for batch in sample_on_seeds(policy, [job.prompt.text for job in jobs], [job.seed for job in jobs],
                                  num_inference_steps=settings.num_inference_steps,
                                  guidance_scale=settings.guidance_scale, eta=settings.eta,
-                                 batch_size=settings.batch_size):
+                                 batch_size=settings.batch_size, progress=progress):
         yield SampleBatch(batch.images, [jobs[i] for i in batch.indices], batch.noise_shape)
 
 

@@ -33,13 +33,14 @@ class EvalResult(NamedTuple):
 
 
 def evaluate(policy: DiffusionPolicy, reward_fn: Callable, prompts: Sequence[str], *, seed: int,
-             num_inference_steps: int, guidance_scale: float, eta: float, batch_size: int = 64) -> EvalResult:
-    """Sample image ``i`` for ``prompts[i]`` from seed ``seed + i`` and score it."""
+             num_inference_steps: int, guidance_scale: float, eta: float, batch_size: int = 64,
+             progress: str | None = "evaluating") -> EvalResult:
+    """Sample image ``i`` for ``prompts[i]`` from seed ``seed + i`` and score it (with a progress bar)."""
     prompts = list(prompts)
     images, rewards, meta = [], [], []
     for batch in sample_on_seeds(policy, prompts, [seed + i for i in range(len(prompts))],
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
-                                 batch_size=batch_size):
+                                 batch_size=batch_size, progress=progress):
         chunk = [prompts[i] for i in batch.indices]
         r, m = score(reward_fn, batch.images, chunk, [{} for _ in chunk])
         images.append(batch.images.cpu())

@@ -28,7 +28,8 @@ from diffrl.recipes.accelerator import choose_run_name, make_accelerator, proces
 from diffrl.recipes.checkpoints import load_checkpoint, save_checkpoint
 from diffrl.recipes.evaluation import PeriodicEvaluator
 from diffrl.recipes.guard import DivergenceGuard
-from diffrl.recipes.optim import apply_optimizer_settings, build_lr_scheduler, build_optimizer
+from diffrl.recipes.optim import (apply_optimizer_settings, build_lr_scheduler, build_optimizer, clip_gradients,
+                                  optimizer_step)
 from diffrl.recipes.records import ImageFolderTracker, MetricsLogger, last_batch_images, write_config_record
 from diffrl.recipes.results import model_card, push_result, save_result
 from diffrl.run_folder import CONFIG_FILE
@@ -168,6 +169,17 @@ class Trainer:
 
     def load_trainer_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`trainer_state` from a checkpoint's state."""
+
+    # ------------------------------------------------------------------ what every trainer's update does
+    def optimizer_update(self, epoch: int, global_step: int, stats: dict[str, list[torch.Tensor]]) -> int:
+        """Clip the gradients (recording ``stats/grad_norm``), stop if they are not finite (the divergence
+        guard: before the step, so the weights stay the last finite ones), step the optimizer and the schedule;
+        returns the new global step. One host synchronisation, here, per optimizer step."""
+        norm = clip_gradients(self.accelerator, self._params, self.config.train_max_grad_norm)
+        self.guard.check_gradients(norm, epoch, global_step, self.lr_scheduler.get_last_lr()[0])
+        stats.setdefault("stats/grad_norm", []).append(norm.detach())
+        optimizer_step(self.optimizer, self.lr_scheduler)
+        return global_step + 1
 
     # ------------------------------------------------------------------ the loop
     def train(self, epochs: int | None = None) -> None:
