@@ -200,3 +200,61 @@ def test_diffrl_train_trainer_nft_runs_the_digits_preset(tmp_path, capsys):
     assert summary["trainer"] == "NFTTrainer" and summary["target_digit"] == 3
     assert (run / "final" / "diffusion_pytorch_model.safetensors").is_file() or (run / "final" / "unet").is_dir()
     assert (run / "checkpoints" / "checkpoint_0" / OLD_POLICY_FILE).is_file()
+
+
+TWO_PROCESS_JOB = '''
+import json, sys
+from pathlib import Path
+import torch
+from diffrl import DefaultDDPODDPMPipeline, NFTTrainer
+from diffrl.config import load_config
+
+def brightness(images, prompts, metadata):
+    return images.mean(dim=(1, 2, 3)), {}
+
+model, logdir, *overrides = sys.argv[1:]
+config = load_config(None, ["trainer=nft", f"logdir={logdir}", "run_name=mp", "mixed_precision=no", *overrides])
+torch.manual_seed(0)  # the same LoRA init on every process
+trainer = NFTTrainer(config, brightness, lambda: ("", {}), DefaultDDPODDPMPipeline(model))
+samples, all_rewards, _, _ = trainer._collect(0, 0)
+trainer.train()
+rank = trainer.accelerator.process_index
+Path(logdir, f"rank_{rank}.json").write_text(json.dumps({
+    "num_processes": trainer.accelerator.num_processes, "rewards": all_rewards.tolist(), "r": samples.r.tolist(),
+    "weights": [p.detach().double().sum().item() for p in trainer.policy.trainable_parameters()],
+    "old": [v.double().sum().item() for v in trainer.old.values()], "global_step": trainer.global_step}))
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_group_and_stay_in_sync(tiny_ddpm_path, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from diffrl.algorithms import advantages_to_optimality, group_advantages
+
+    job = tmp_path / "job.py"
+    job.write_text(TWO_PROCESS_JOB)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logdir = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), str(job), tiny_ddpm_path, str(logdir), "num_epochs=2", "sample_num_steps=3",
+           "sample_batch_size=2", "sample_num_batches_per_epoch=1", "train_batch_size=1",
+           "train_learning_rate=0.01"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    ranks = [json.loads((logdir / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["num_processes"] == 2 and ranks[0]["rewards"] == ranks[1]["rewards"]
+    # the unconditional epoch is one group over both processes: r of the 4 gathered rewards, split by rank
+    rewards = torch.tensor(ranks[0]["rewards"])
+    expected = advantages_to_optimality(group_advantages(rewards, torch.zeros(4, dtype=torch.long), clip=5.0), 5.0)
+    torch.testing.assert_close(torch.tensor(ranks[0]["r"] + ranks[1]["r"]), expected)
+    assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], rel=0, abs=1e-9)  # gradients synchronised
+    assert ranks[0]["old"] == pytest.approx(ranks[1]["old"], rel=0, abs=1e-9)
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] > 0
