@@ -64,12 +64,12 @@ def from_preset(preset: str, *overrides: str) -> Callable[[Sequence[str], int], 
 
 METHODS: dict[str, Method] = {
     "ddpo_is": Method("DDPO-IS", (31, 119, 180), from_preset("quickstart")),
-    "grpo": Method("GRPO (preset)", (214, 39, 40), from_preset("quickstart_grpo")),
-    "grpo_kl": Method("GRPO KL 0.04", (148, 103, 189), from_preset("quickstart_grpo", "kl_coef=0.04")),
-    "grpo_nokl": Method("GRPO no KL", (140, 86, 75), from_preset("quickstart_grpo", "kl_coef=0")),
+    "grpo_full": Method("GRPO all steps", (140, 86, 75),
+                        from_preset("quickstart_grpo", "sde_window_size=0", "train_learning_rate=1e-3")),
     "grpo_w1": Method("GRPO window 1", (255, 127, 14), from_preset("quickstart_grpo", "sde_window_size=1")),
     "grpo_w2": Method("GRPO window 2", (44, 160, 44), from_preset("quickstart_grpo", "sde_window_size=2")),
-    "grpo_w4": Method("GRPO window 4", (23, 190, 207), from_preset("quickstart_grpo", "sde_window_size=4")),
+    "grpo": Method("GRPO window 4 (preset)", (214, 39, 40), from_preset("quickstart_grpo")),
+    "grpo_kl": Method("GRPO w4 + KL 0.04", (148, 103, 189), from_preset("quickstart_grpo", "kl_coef=0.04")),
     "nft_ddim": Method("NFT DDIM eta=0", (188, 189, 34), from_preset("quickstart_nft")),
     "nft_dpm10": Method("NFT DPM++ 10", (227, 119, 194), from_preset("quickstart_nft", "nft_sampler=dpmsolver++",
                                                                      "sample_num_steps=10")),
@@ -296,9 +296,9 @@ def main(argv=None) -> int:
             return {"method": method, "seed": seed, "error": out.stderr[-3000:]}
         result = json.loads(out.stdout.strip().splitlines()[-1])
         result.update(process_s=round(time.time() - t0, 1), load_average_at_start=load0)
-        last = result["rows"][-1]
-        print(f"{METHODS[method].label:16s} seed {seed}: digit-{TARGET} share {100 * result['rows'][0]['target_share']:.1f}%"
-              f" -> {100 * last['target_share']:.1f}% after {last['queries']:.0f} queries, {last['wall_s']:.0f} s "
+        first, last = result["rows"][0], result["rows"][-1]
+        print(f"{METHODS[method].label:16s} seed {seed}: digit-{TARGET} share {100 * first['target_share']:.1f}% -> "
+              f"{100 * last['target_share']:.1f}% after {last['queries']:.0f} queries, {last['wall_s']:.0f} s "
               f"training; reached 80% at {first_reach(result['rows'], 'wall_s')} s (load {load0[0]:.2f})", flush=True)
         return result
 

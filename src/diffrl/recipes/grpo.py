@@ -135,8 +135,8 @@ class GRPOTrainer(Trainer):
         rewards = torch.cat([b[3] for b in batches])
         all_rewards = acc.gather(rewards.to(acc.device)).cpu()
         advantages = self._advantages(all_rewards, batches).to(acc.device)
-        call_image_hook(self.image_samples_callback, [[b[0].images, list(b[1]), list(b[2]), b[3], b[4]] for b in batches],
-                        global_step, acc)
+        image_data = [[b[0].images, list(b[1]), list(b[2]), b[3], b[4]] for b in batches]
+        call_image_hook(self.image_samples_callback, image_data, global_step, acc)
         stats: dict[str, list[torch.Tensor]] = {}
         timer = Timer()
         for inner in range(c.train_num_inner_epochs):
@@ -183,9 +183,10 @@ class GRPOTrainer(Trainer):
                      else generator_for(c.seed, epoch, _SAMPLE_NOISE, i) for g, i in zip(groups, ids)]
             steps = [generator_for(c.seed, epoch, _STEP_NOISE, i) for i in ids]
             with torch.no_grad():
-                x_T = self.policy.initial_noise(len(ids), noise)
+                x_T = self.policy.initial_noise(len(ids), noise, c.sample_height, c.sample_width)
                 traj = self.policy.sample(
                     names, batch_size=len(ids), num_inference_steps=c.sample_num_steps,
+                    height=c.sample_height, width=c.sample_width,
                     guidance_scale=c.sample_guidance_scale, eta=c.sample_eta, generator=steps, latents=x_T,
                     negative_prompts=[negatives[i % len(negatives)] for i in ids] if negatives else None,
                     sde_steps=window).trajectory
@@ -264,7 +265,8 @@ class GRPOTrainer(Trainer):
             kl = gaussian_mean_kl(step.mean, ref.mean, step.std)
         loss, st = grpo_loss(step.log_prob, s.log_probs[idx, j], advantages[idx], c.train_clip_range, kl, c.kl_coef)
         info = {"loss/policy": st.policy_loss, "loss/total": loss.detach(), "stats/approx_kl": st.approx_kl,
-                "stats/clipfrac": st.clipfrac, "stats/ratio": st.ratio, "stats/adv_abs_mean": advantages[idx].abs().mean()}
+                "stats/clipfrac": st.clipfrac, "stats/ratio": st.ratio,
+                "stats/adv_abs_mean": advantages[idx].abs().mean()}
         if kl is not None:
             info["stats/kl_ref"] = st.kl_ref
         return loss, info
