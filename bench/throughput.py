@@ -136,7 +136,8 @@ def _diffrl_trainer(args, logdir: str, reward):
 
     pipeline = DefaultDDPOStableDiffusionPipeline(args.model, use_lora=True)
     if args.workload == "ddpo":
-        config = DDPOConfig(run_name="bench", **_common(args, logdir), **_ddpo_fields(args))
+        config = DDPOConfig(run_name="bench", train_timestep_chunk=args.timestep_chunk, **_common(args, logdir),
+                            **_ddpo_fields(args))
         return DDPOTrainer(config, reward, prompt, pipeline), "_sample_epoch"
     config = AlignPropConfig(run_name="bench", gradient_checkpointing=True, **_common(args, logdir),
                              **_alignprop_fields(args))
@@ -222,18 +223,18 @@ def child(args) -> None:
         for epoch in range(1, args.epochs + 1):
             sampling["s"], reward.seconds = 0.0, 0.0
             sync()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step = trainer.step(epoch, step)
             sync()
-            total = time.perf_counter() - start
+            total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             reward_s = reward.seconds
             sampling_s = sampling["s"] - (reward_s if args.impl == "diffrl" and args.workload == "ddpo" else 0.0)
-            epochs.append({"epoch_s": total, "sampling_s": sampling_s, "reward_s": reward_s,
+            epochs.append({"epoch_s": total, "epoch_cpu_s": cpu, "sampling_s": sampling_s, "reward_s": reward_s,
                            "training_s": total - sampling_s - reward_s, "samples_per_s": samples / total})
         own = {k: v for k, v in getattr(trainer, "last_metrics", {}).items() if k.startswith("perf/")}
     result = {"impl": args.impl, "workload": args.workload, "samples_per_epoch": samples, "epochs": epochs,
               "load_average_start": load_start, "load_average_end": os.getloadavg(), "versions": versions()}
-    for key in ("epoch_s", "sampling_s", "reward_s", "training_s", "samples_per_s"):
+    for key in ("epoch_s", "epoch_cpu_s", "sampling_s", "reward_s", "training_s", "samples_per_s"):
         result[key] = statistics.median(e[key] for e in epochs)
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
@@ -308,25 +309,80 @@ def _defaults(args) -> None:
 
 
 def _print_row(r: dict) -> None:
-    print(f"{r['impl']:7s} {r['workload']:9s} epoch {r['epoch_s']:7.2f} s = sampling {r['sampling_s']:6.2f} + "
+    print(f"{r['impl']:7s} {r['workload']:9s} epoch {r['epoch_s']:7.2f} s (CPU {r['epoch_cpu_s']:7.2f} s) = sampling {r['sampling_s']:6.2f} + "
           f"reward {r['reward_s']:5.2f} + training {r['training_s']:6.2f}   {r['samples_per_s']:6.2f} samples/s   "
           f"peak {r['peak_memory_mb']:8.1f} MB   training peak {r['training_peak_mb']:7.1f} MB   "
           f"load {r['load_average_start'][0]:.2f}", flush=True)
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| workload | implementation | epoch | sampling | reward | training | samples/s | peak memory | "
-             "training peak | load avg (1 min) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| workload | implementation | run | epoch | epoch CPU | sampling | reward | training | samples/s | peak memory | "
+             "training peak | load avg (1 min) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     names = {"diffrl": "diffrl", "trl": "TRL 0.23.1"}
     for r in results:
+        run = r.get("repeat", 0)
+        run = f"median of {r['runs']}" if run == "median" else str(run)
         if "error" in r:
-            lines.append(f"| {r['workload']} | {names[r['impl']]} | failed: see JSON | | | | | | | |")
+            lines.append(f"| {r['workload']} | {names[r['impl']]} | {run} | failed: see JSON | | | | | | | | |")
             continue
-        lines.append(f"| {r['workload']} | {names[r['impl']]} | {r['epoch_s']:.2f} s | {r['sampling_s']:.2f} s | "
+        lines.append(f"| {r['workload']} | {names[r['impl']]} | {run} | {r['epoch_s']:.2f} s | "
+                     f"{r['epoch_cpu_s']:.2f} s | {r['sampling_s']:.2f} s | "
                      f"{r['reward_s']:.3f} s | {r['training_s']:.2f} s | {r['samples_per_s']:.2f} | "
                      f"{r['peak_memory_mb']:.0f} MB | {r['training_peak_mb']:.0f} MB | "
                      f"{r['load_average_start'][0]:.2f} -> {r['load_average_end'][0]:.2f} |")
+    for workload, (wall, cpu) in ratios(results).items():
+        lines.append(f"\n{workload}: diffrl / TRL seconds per epoch = {wall:.2f} (wall), {cpu:.2f} (CPU)")
     return "\n".join(lines)
+
+
+def ratios(results: list[dict]) -> dict[str, tuple[float, float]]:
+    """diffrl's seconds per epoch over TRL's, per workload, in wall-clock and in CPU time (the median rows when
+    there are repeats)."""
+    out = {}
+    for workload in dict.fromkeys(r["workload"] for r in results):
+        rows = [r for r in results if r["workload"] == workload and "error" not in r]
+        medians = [r for r in rows if r.get("repeat") == "median"]
+        rows = medians or rows
+        by_impl = {r["impl"]: r for r in rows}
+        if "diffrl" in by_impl and "trl" in by_impl:
+            d, t = by_impl["diffrl"], by_impl["trl"]
+            out[workload] = (d["epoch_s"] / t["epoch_s"], d["epoch_cpu_s"] / t["epoch_cpu_s"])
+    return out
+
+
+def _run_child(args, impl: str, python: str, workload: str, model: Path) -> dict:
+    """One (library, workload) in a fresh process; its JSON result, or ``{"error": ...}``."""
+    cmd = [python, __file__, "--child", impl, "--workload", workload, "--model", str(model),
+           "--device", args.device, "--mixed-precision", args.mixed_precision, "--epochs", str(args.epochs),
+           "--threads", str(args.threads)] + (["--sd15-random"] if args.sd15_random else [])
+    for name in ("latent", "steps", "sample_batch", "sample_batches", "train_batch", "accumulation",
+                 "ap_batch", "ap_accumulation", "timestep_chunk"):
+        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TRANSFORMERS_VERBOSITY="error",
+               HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        print(f"{impl} {workload} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
+        return {"impl": impl, "workload": workload, "error": out.stderr[-3000:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _medians(results: list[dict]) -> list[dict]:
+    """One row per (library, workload): the median over the repeats of each run's median epoch."""
+    rows = []
+    for workload in dict.fromkeys(r["workload"] for r in results):
+        for impl in dict.fromkeys(r["impl"] for r in results):
+            runs = [r for r in results if r["impl"] == impl and r["workload"] == workload and "error" not in r]
+            if not runs:
+                continue
+            row = {"impl": impl, "workload": workload, "repeat": "median", "runs": len(runs),
+                   "load_average_start": [statistics.median(r["load_average_start"][0] for r in runs)],
+                   "load_average_end": [statistics.median(r["load_average_end"][0] for r in runs)]}
+            for key in ("epoch_s", "epoch_cpu_s", "sampling_s", "reward_s", "training_s", "samples_per_s", "peak_memory_mb",
+                        "training_peak_mb"):
+                row[key] = statistics.median(r[key] for r in runs)
+            rows.append(row)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -348,6 +404,12 @@ def main(argv=None) -> int:
     parser.add_argument("--ap-accumulation", type=int, help="AlignProp train_gradient_accumulation_steps (default 2)")
     parser.add_argument("--epochs", type=int, default=5, help="timed epochs after one warm-up epoch (default 5)")
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per run (default 1)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every (library, workload) this many times, alternating the libraries, and add "
+                             "rows of medians over the repeats (for a shared machine whose load changes)")
+    parser.add_argument("--timestep-chunk", type=int, default=0,
+                        help="diffrl's train_timestep_chunk (default 0: automatic; 1: one UNet call per timestep "
+                             "as TRL does); TRL has no such setting")
     parser.add_argument("--trl-python", default=None,
                         help="a Python with trl==0.23.1 installed (a separate venv); TRL is skipped without it")
     parser.add_argument("--out", default=str(HERE / "results" / "throughput.json"))
@@ -375,24 +437,16 @@ def main(argv=None) -> int:
     results, started = [], time.time()
     with tempfile.TemporaryDirectory() as tmp:
         model = (build_sd15_random if args.sd15_random else build_tiny_sd)(Path(tmp) / "model", args.latent)
-        for workload in args.workloads:
-            for impl, python in impls:
-                cmd = [python, __file__, "--child", impl, "--workload", workload, "--model", str(model),
-                       "--device", args.device, "--mixed-precision", args.mixed_precision, "--epochs", str(args.epochs),
-                       "--threads", str(args.threads)] + (["--sd15-random"] if args.sd15_random else [])
-                for name in ("latent", "steps", "sample_batch", "sample_batches", "train_batch", "accumulation",
-                             "ap_batch", "ap_accumulation"):
-                    cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-                env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TRANSFORMERS_VERBOSITY="error",
-                           HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
-                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                if out.returncode != 0:
-                    print(f"{impl} {workload} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
-                    results.append({"impl": impl, "workload": workload, "error": out.stderr[-3000:]})
-                    continue
-                result = json.loads(out.stdout.strip().splitlines()[-1])
-                results.append(result)
-                _print_row(result)
+        for repeat in range(args.repeats):  # diffrl and TRL alternate, so a change of load hits both
+            for workload in args.workloads:
+                for impl, python in impls:
+                    result = _run_child(args, impl, python, workload, model)
+                    result["repeat"] = repeat
+                    results.append(result)
+                    if "error" not in result:
+                        _print_row(result)
+    if args.repeats > 1:
+        results = _medians(results) + results
     print("\n" + markdown(results))
     image = args.latent * (8 if args.sd15_random else 2)
     record = {"command": " ".join([Path(sys.executable).name, "bench/throughput.py"] + (argv or sys.argv[1:])),
@@ -404,13 +458,14 @@ def main(argv=None) -> int:
                                     "sample_num_batches_per_epoch": args.sample_batches,
                                     "train_batch_size": args.train_batch,
                                     "train_gradient_accumulation_steps": args.accumulation, "train_cfg": True,
-                                    "train_timestep_fraction": 1.0},
+                                    "train_timestep_fraction": 1.0,
+                                    "diffrl_train_timestep_chunk": args.timestep_chunk},
                            "alignprop": {"reward": "brightness", "train_batch_size": args.ap_batch,
                                          "train_gradient_accumulation_steps": args.ap_accumulation,
                                          "steps_with_grad": 1, "gradient_checkpointing": True},
-                           "timed_epochs": args.epochs, "threads": args.threads},
+                           "timed_epochs": args.epochs, "threads": args.threads, "repeats": args.repeats},
               "machine": dict(info, load_average_at_end=os.getloadavg()), "wall_s": round(time.time() - started, 1),
-              "results": results}
+              "diffrl_over_trl_epoch_s": ratios(results), "results": results}
     path = save_record(record, args.out)
     print(f"saved {path}")
     return 0
