@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from diffrl.algorithms.truncation import GradientPlan, plan_gradients
 from diffrl.config import AlignPropConfig
+from diffrl.recipes.checkpoints import is_sharded
 from diffrl.recipes.lifecycle import EpochResult, Timer, Trainer, call_image_hook
 from diffrl.recipes.optim import average_gradients, clip_gradients, optimizer_step
 from diffrl.rewards import require_differentiable, score
@@ -49,8 +50,11 @@ class AlignPropTrainer(Trainer):
         require_differentiable(self.reward_fn)
 
     def prepare(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        # The UNet stays unwrapped (no DDP): reward backprop calls it several times per backward pass, so the
-        # gradients are averaged explicitly (optim.average_gradients).
+        # Under FSDP/DeepSpeed the UNet is prepared with its optimizer (sharding needs the module; they reduce the
+        # gradients themselves). Otherwise it stays unwrapped (no DDP): reward backprop calls it several times per
+        # backward pass, so the gradients are averaged explicitly (optim.average_gradients).
+        if is_sharded(self.accelerator):
+            return super().prepare(optimizer)
         return self.accelerator.prepare(optimizer)
 
     # ------------------------------------------------------------------ the epoch
@@ -77,7 +81,8 @@ class AlignPropTrainer(Trainer):
             rewards.append(pairs["rewards"])
             losses.append(loss.detach())
             plans.append(self.last_plan)
-        average_gradients(acc, self._params)
+        if not is_sharded(acc):
+            average_gradients(acc, self._params)
         norm = clip_gradients(acc, self._params, c.train_max_grad_norm)
         self.guard.check_gradients(norm, epoch, global_step, self.lr_scheduler.get_last_lr()[0])
         optimizer_step(self.optimizer, self.lr_scheduler)

@@ -11,7 +11,6 @@ conditioning and rewards are stored: no trajectories, no log-probabilities. The 
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -19,7 +18,6 @@ from diffusers import DPMSolverMultistepScheduler
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from diffrl import checkpoint as ckpt
 from diffrl.algorithms import (EMA_SCHEDULES, NFTStats, advantages_to_optimality, ema_update,
                                gathered_group_advantages, nft_loss, prediction_kl, sample_train_timesteps)
 from diffrl.config.nft import NFTConfig
@@ -114,9 +112,8 @@ class NFTTrainer(Trainer):
     def trainer_state(self) -> dict[str, Any]:
         return {"nft_old_policy": OLD_POLICY_FILE}
 
-    def load_trainer_state(self, state: dict[str, Any]) -> None:
-        folder = ckpt.find_latest(self.config.resume_from)
-        file = folder / state.get("nft_old_policy", OLD_POLICY_FILE)
+    def load_checkpoint_files(self, folder) -> None:
+        file = folder / OLD_POLICY_FILE
         if not file.is_file():
             raise FileNotFoundError(f"{folder} has no {file.name} (the NFT old policy; its save was interrupted after "
                                     "the checkpoint). Resume from the previous checkpoint of the run.")
@@ -128,18 +125,10 @@ class NFTTrainer(Trainer):
             for name, value in saved.items():
                 self.old[name].copy_(value)
 
-    def step(self, epoch: int, global_step: int) -> int:
-        """The lifecycle's epoch; where it wrote a checkpoint, the old policy is added to it as
-        ``nft_old_policy.safetensors`` (written under a hidden name and renamed)."""
-        global_step = super().step(epoch, global_step)
-        c, acc = self.config, self.accelerator
-        if ((epoch + 1) % c.save_freq == 0 or epoch + 1 == c.num_epochs) and acc.is_main_process:
-            target = self.checkpoints_dir / ckpt.checkpoint_name(epoch)
-            tmp = target / f".{OLD_POLICY_FILE}.tmp-{os.getpid()}"
-            save_file({n: v.detach().cpu().contiguous() for n, v in self.old.items()}, tmp)
-            os.replace(tmp, target / OLD_POLICY_FILE)
-        acc.wait_for_everyone()
-        return global_step
+    def checkpoint_files(self, folder) -> None:
+        """The old policy, ``nft_old_policy.safetensors``, inside the checkpoint's atomic commit."""
+        if self.accelerator.is_main_process:
+            save_file({n: v.detach().cpu().contiguous() for n, v in self.old.items()}, folder / OLD_POLICY_FILE)
 
     def old_params(self) -> Params:
         """The old policy as ``params`` for the policy's forward passes (on the accelerator)."""
