@@ -3,8 +3,9 @@
 :class:`Trainer` owns the accelerator, the run folder and its records, resume, periodic evaluation, the divergence
 guard, checkpoints, metrics, and ``save_pretrained``/``push_to_hub``. A trainer subclass supplies
 :meth:`Trainer.run_epoch` (sample -> score -> advantages/weights -> updates, readable top to bottom in its own
-file) and, where it needs them, :meth:`Trainer.prepare`, :meth:`Trainer.trainer_state` and
-:meth:`Trainer.load_trainer_state`.
+file) and, where it needs them, :meth:`Trainer.prepare`, :meth:`Trainer.trainer_state` /
+:meth:`Trainer.load_trainer_state` (JSON state) and :meth:`Trainer.checkpoint_files` /
+:meth:`Trainer.load_checkpoint_files` (extra files inside each checkpoint's atomic commit).
 
 TRL's trainers fixed here, for every trainer: saving works with the defaults, the image hook never indexes a
 missing tracker, resume continues exactly (epoch, step, optimizer, schedule, statistics, RNG), saving cannot
@@ -13,19 +14,22 @@ deadlock several processes, and a diverging run stops instead of saving NaN.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
+from accelerate.utils import DistributedType
 
 from diffrl import checkpoint as ckpt
 from diffrl.config import SharedConfig, diff_for_resume, load_config
 from diffrl.config.accelerate_settings import resolve_mixed_precision
 from diffrl.pipelines.types import DiffusionPolicy
 from diffrl.recipes.accelerator import choose_run_name, make_accelerator, process_state, seed_processes
-from diffrl.recipes.checkpoints import load_checkpoint, save_checkpoint
+from diffrl.recipes.checkpoints import CheckpointIO, full_trainable_state_dict, is_sharded, whole_parameters
 from diffrl.recipes.evaluation import PeriodicEvaluator
 from diffrl.recipes.guard import DivergenceGuard
 from diffrl.recipes.optim import (apply_optimizer_settings, build_lr_scheduler, build_optimizer, clip_gradients,
@@ -76,6 +80,25 @@ def peak_memory_metrics(device: torch.device) -> dict[str, float]:
     peak = torch.cuda.max_memory_allocated(device) / 2**20
     torch.cuda.reset_peak_memory_stats(device)
     return {"perf/peak_memory_mb": peak}
+
+
+def configure_deepspeed(accelerator, config: SharedConfig, accumulation_steps: int) -> None:
+    """Under DeepSpeed, fill what its engine needs before ``prepare`` and diffrl's trainers cannot give it through
+    a dataloader: ``train_micro_batch_size_per_gpu`` (``train_batch_size``), ``gradient_accumulation_steps`` (the
+    trainer's micro-steps per optimizer step), ``train_batch_size`` and ``gradient_clipping``
+    (``train_max_grad_norm``; DeepSpeed clips inside its step). A no-op otherwise."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if accelerator.distributed_type != DistributedType.DEEPSPEED or plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    micro = int(config.train_batch_size)
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = int(accumulation_steps)
+    ds["train_batch_size"] = micro * int(accumulation_steps) * accelerator.num_processes
+    if math.isfinite(config.train_max_grad_norm):
+        ds["gradient_clipping"] = float(config.train_max_grad_norm)
+    else:
+        ds.pop("gradient_clipping", None)
 
 
 class Timer:
@@ -137,9 +160,12 @@ class Trainer:
         self._params = list(self.policy.trainable_parameters())
         optimizer = build_optimizer(config, self._params)
         self.lr_scheduler = build_lr_scheduler(config, optimizer, self.total_optimizer_steps())
+        self._prepared_module: torch.nn.Module | None = None  # what accelerate prepared of the trained module
+        configure_deepspeed(acc, config, self.deepspeed_accumulation_steps())
         self.optimizer = self.prepare(optimizer)
         # Sharding (FSDP2) replaces the parameters in place: clip and check the ones training really updates.
         self._params = list(self.policy.trainable_parameters())
+        self.checkpoint_io = CheckpointIO(acc, self.policy, self.lr_scheduler, self._prepared_module)
         self.evaluator = PeriodicEvaluator(config, self.policy, reward_function, prompt_function, self.run_dir, acc)
         self.first_epoch, self.global_step, self.last_metrics = 0, 0, {}
         self.wall_s, self.reward_queries = 0.0, 0
@@ -157,8 +183,24 @@ class Trainer:
     def prepare(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Hand the trained module and the optimizer to accelerate (DDP, mixed precision); returns the optimizer."""
         module, optimizer = self.accelerator.prepare(self.policy.trainable_module, optimizer)
+        self._prepared_module = module
         self.policy.use_forward_module(module)
         return optimizer
+
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        """``accelerator.backward(loss)`` where ``sync`` says whether this micro-step ends an accumulation (the
+        optimizer steps after it). Under DeepSpeed, whose engine steps inside ``backward``, ``sync`` becomes its
+        accumulation boundary and the loss (already divided by the trainer) is not divided again."""
+        acc = self.accelerator
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            acc.gradient_state._set_sync_gradients(sync)
+            acc.backward(loss, scale_wrt_gas=False)
+        else:
+            acc.backward(loss)
+
+    def deepspeed_accumulation_steps(self) -> int:
+        """Micro-steps per optimizer step, for DeepSpeed's config (``gradient_accumulation_steps``)."""
+        return self.config.train_gradient_accumulation_steps
 
     def run_epoch(self, epoch: int, global_step: int) -> EpochResult:
         raise NotImplementedError
@@ -169,6 +211,13 @@ class Trainer:
 
     def load_trainer_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`trainer_state` from a checkpoint's state."""
+
+    def checkpoint_files(self, folder: Path) -> None:
+        """Write extra files into a checkpoint being saved (its hidden folder, before the marker and the rename,
+        so they are part of the atomic commit); called on every process, which decides who writes."""
+
+    def load_checkpoint_files(self, folder: Path) -> None:
+        """Read what :meth:`checkpoint_files` wrote, on resume (after the state was restored)."""
 
     # ------------------------------------------------------------------ what every trainer's update does
     def optimizer_update(self, epoch: int, global_step: int, stats: dict[str, list[torch.Tensor]]) -> int:
@@ -209,8 +258,8 @@ class Trainer:
             state = {"global_step": global_step, "metrics": metrics, "wall_s": self.wall_s,
                      "reward_queries": self.reward_queries, "evaluation": self.evaluator.state_dict(),
                      **self.trainer_state()}
-            save_checkpoint(self.accelerator, self.checkpoints_dir, epoch, self.config.num_checkpoint_limit,
-                            self.policy, self.optimizer, self.lr_scheduler, state)
+            self.checkpoint_io.save(self.checkpoints_dir, epoch, self.config.num_checkpoint_limit, state,
+                                    self.checkpoint_files)
         self.metrics.log(metrics, step=global_step)
         return global_step
 
@@ -227,10 +276,11 @@ class Trainer:
         return {c.field: (c.old, c.new) for c in diff.applied}
 
     def _resume(self, path: Path, changed: dict[str, tuple[Any, Any]]) -> None:
-        state = load_checkpoint(self.accelerator, path, self.policy, self.optimizer, self.lr_scheduler)
+        state = self.checkpoint_io.load(path, self.optimizer)
         self.first_epoch, self.global_step = int(state["epoch"]) + 1, int(state["global_step"])
         self.wall_s, self.reward_queries = float(state.get("wall_s", 0.0)), int(state.get("reward_queries", 0))
         self.load_trainer_state(state)
+        self.load_checkpoint_files(path)
         self.evaluator.load_state_dict(state.get("evaluation"))
         apply_optimizer_settings(self.optimizer, self.lr_scheduler, self.config, changed)
         dropped = self.metrics.truncate_after(int(state["epoch"]))
@@ -241,13 +291,24 @@ class Trainer:
                                f"{self.global_step}{note}" + (f"; settings changed:{changes}" if changes else ""))
 
     # ------------------------------------------------------------------ results
+    def _whole_weights(self):
+        """A context in which the policy's trained weights are whole tensors, for saving a result: under
+        FSDP/DeepSpeed they are gathered (every process calls this) and, on the main process, stand in for the
+        shards while the policy saves itself; unsharded, nothing changes."""
+        if not is_sharded(self.accelerator):
+            return contextlib.nullcontext()
+        full = full_trainable_state_dict(self.accelerator, self.policy, self._prepared_module)
+        return whole_parameters(self.policy.trainable_module, full)
+
     def _check_finite_weights(self) -> None:
         self.guard.check_weights(self._params, self.first_epoch, self.global_step, self.config.train_learning_rate)
 
     def save_pretrained(self, save_directory: str) -> None:
         """Write the fine-tuned model (LoRA weights or a full pipeline) and a model card; all processes call it."""
         self._check_finite_weights()
-        save_result(self.accelerator, self.policy, self.config, self.last_metrics, self.trainer_name, save_directory)
+        with self._whole_weights():
+            save_result(self.accelerator, self.policy, self.config, self.last_metrics, self.trainer_name,
+                        save_directory)
 
     def create_model_card(self, path: str | None = None, model_name: str | None = None,
                           dataset_name: str | None = None, tags: list[str] | None = None):
@@ -271,8 +332,9 @@ class Trainer:
         self._check_finite_weights()
         repo = repo_id or getattr(self.config, "hub_model_id", None) or self.run_name
         private = private if private is not None else getattr(self.config, "hub_private", None)
-        return push_result(self.accelerator, self.policy, self.config, self.last_metrics, self.trainer_name, repo,
-                           commit_message or f"diffrl {self.trainer_name} fine-tune", private)
+        with self._whole_weights():
+            return push_result(self.accelerator, self.policy, self.config, self.last_metrics, self.trainer_name,
+                               repo, commit_message or f"diffrl {self.trainer_name} fine-tune", private)
 
     def _save_pretrained(self, save_directory: str) -> None:  # TRL's private name, kept for old scripts
         self.save_pretrained(save_directory)
