@@ -42,6 +42,7 @@ class DDPOTrainer(Trainer):
                              if config.per_prompt_stat_tracking else None)
         self.executor = ThreadPoolExecutor(config.max_workers) if config.async_reward_computation else None
         self.negative_prompts = config.negative_prompt_list
+        self._fitted_chunk: int | None = None  # automatic train_timestep_chunk on CUDA, once measured
         super().__init__(config, reward_function, prompt_function, sd_pipeline, image_samples_hook)
 
     # ------------------------------------------------------------------ sizes and state
@@ -200,9 +201,7 @@ class DDPOTrainer(Trainer):
         self.policy.unet.eval()
         return global_step
 
-    _fitted_chunk: int | None = None
-
-    def _memory_probe(self) -> "MemoryProbe | None":
+    def _memory_probe(self) -> MemoryProbe | None:
         """On CUDA with an automatic chunk, the first training call is measured (once per run)."""
         if self.config.train_timestep_chunk or self._fitted_chunk or self.accelerator.device.type != "cuda":
             return None
