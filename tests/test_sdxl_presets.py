@@ -1,5 +1,6 @@
 """The SDXL presets: they load and validate for their GPU count, say what they need, and their settings build the
-SDXL policy (on the tiny SDXL instead of the Hub model) at the model's native sample size."""
+SDXL policy (on the tiny SDXL instead of the Hub model) at the model's native sample size, or at the 512x512
+their header offers."""
 
 import dataclasses
 from pathlib import Path
@@ -33,8 +34,12 @@ def test_sdxl_preset_loads_validates_and_states_its_needs(name):
     assert config.exp_name == name
     assert "GPU memory: not measured: no GPU was lent to this session (2026-12-01)" in text
     assert "1024x1024" in text and "512x512" in text
-    if config.__class__.__name__ == "AlignPropConfig":
-        assert config.gradient_checkpointing is True
+    assert config.gradient_checkpointing is True
+    assert config.sample_height is None and config.sample_width is None  # native 1024x1024
+    assert "`sample_height=512 sample_width=512`" in text
+    smaller = config.with_overrides(["sample_height=512", "sample_width=512"])
+    smaller.validate(num_processes=8, check_environment=False)
+    assert (smaller.sample_height, smaller.sample_width) == (512, 512)
     # The comments are one header: no setting is commented out (it would escape validation).
     first_setting = next(i for i, line in enumerate(lines) if not line.startswith("#"))
     assert not any(line.lstrip().startswith("#") for line in lines[first_setting:])
@@ -62,3 +67,16 @@ def test_sdxl_preset_settings_build_the_sdxl_policy(name, tiny_sdxl):
     # The native size: the UNet's sample_size x the VAE factor (128 x 8 = 1024 for SDXL base; 8 x 2 = 16 here).
     assert policy.image_size() == (16, 16)
     assert policy.add_time_ids(1).tolist() == [[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]
+
+
+def test_sdxl_preset_at_a_smaller_size_samples_it_with_matching_add_time_ids(tiny_sdxl):
+    # The header's override on the tiny SDXL: half its native 16x16, as 512 is half of SDXL base's 1024.
+    config = load_config(CONFIGS / "sdxl_ddpo_aesthetic.yaml").with_overrides(
+        [f"model={tiny_sdxl}", "sample_height=8", "sample_width=8"])
+    config.validate(num_processes=8, check_environment=False)
+    policy = build.build_policy(config, mixed_precision="no")
+    assert policy.trainable_module.is_gradient_checkpointing
+    out = policy.sample(["a cat"], num_inference_steps=2, guidance_scale=config.sample_guidance_scale,
+                        height=config.sample_height, width=config.sample_width)
+    assert out.trajectory.images.shape == (1, 3, 8, 8)
+    assert out.trajectory.conditioning.add_time_ids.tolist() == [[8.0, 8.0, 0.0, 0.0, 8.0, 8.0]]

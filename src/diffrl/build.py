@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from diffrl import prompts, rewards
-from diffrl.config import ConfigError, SharedConfig, Violation
+from diffrl.config import AlignPropConfig, ConfigError, SharedConfig, Violation
+from diffrl.config.shared import SDXL_SIZE_FIELDS, SIZE_FIELDS
 from diffrl.digits import load_digits_ddpm_path
 from diffrl.pipelines import LoraSettings
 from diffrl.pipelines.auto import load_policy
+from diffrl.pipelines.stable_diffusion_xl import load_vae
 
 
 def default_model() -> str:
@@ -37,9 +39,81 @@ def lora_settings(config: SharedConfig) -> LoraSettings | None:
 
 
 def build_policy(config: SharedConfig, **kwargs: Any):
-    """The run's policy (``kwargs``: ``device``, ``mixed_precision`` for loading outside a trainer)."""
-    return load_policy(base_model(config), revision=config.model_revision, use_lora=uses_lora(config),
-                       lora=lora_settings(config), **kwargs)
+    """The run's policy (``kwargs``: ``device``, ``mixed_precision`` for loading outside a trainer), with the
+    config's VAE, SDXL size conditioning and gradient checkpointing applied; settings the loaded model cannot take
+    are a :class:`ConfigError` (:func:`check_policy_settings`)."""
+    policy = load_policy(base_model(config), revision=config.model_revision, use_lora=uses_lora(config),
+                         lora=lora_settings(config), **kwargs)
+    check_policy_settings(config, policy)
+    if config.vae is not None:
+        replace_vae(policy, config.vae)
+    if policy.kind == "sdxl":
+        for name, attribute in zip(SDXL_SIZE_FIELDS, ("original_size", "target_size", "crops_coords_top_left")):
+            value = getattr(config, name)
+            if value != type(config)._default(name):  # unset: keep what a loaded diffrl result recorded
+                setattr(policy, attribute, tuple(value))
+    apply_gradient_checkpointing(policy, config)
+    return policy
+
+
+def _model_words(config: SharedConfig, policy: Any) -> str:
+    kind = {"ddpm": "an unconditional pixel-space DDPM", "stable_diffusion": "a Stable Diffusion model",
+            "sdxl": "an SDXL model"}.get(policy.kind, f"a {policy.kind} model")
+    return f"model={config.model!r} is {kind}" if config.model else f"the default digits model is {kind}"
+
+
+def check_policy_settings(config: SharedConfig, policy: Any) -> None:
+    """Refuse settings that the loaded model's kind cannot honour (known only once it is loaded): sample sizes on
+    a DDPM (its size is fixed) or not a multiple of the VAE's factor, a VAE on a DDPM, SDXL size conditioning on
+    anything but SDXL. One :class:`ConfigError` naming every such field."""
+    what, violations = _model_words(config, policy), []
+    if policy.kind == "ddpm":
+        for name in SIZE_FIELDS:
+            if getattr(config, name) is not None:
+                violations.append(Violation(name, getattr(config, name), f"cannot be set: {what}, whose image size "
+                                            "is fixed by its UNet", f"remove {name} (null)"))
+        if config.vae is not None:
+            violations.append(Violation("vae", config.vae, f"cannot be set: {what}, which has no VAE",
+                                        "remove vae (null)"))
+    else:
+        factor = getattr(policy, "vae_scale_factor", 8)
+        for name in SIZE_FIELDS:
+            value = getattr(config, name)
+            if value is not None and value % factor:
+                violations.append(Violation(name, value, f"is not a multiple of {factor}, the VAE factor of the model",
+                                            f"set {name}={max(factor, -(-value // factor) * factor)}"))
+    if policy.kind != "sdxl":
+        for name in SDXL_SIZE_FIELDS:
+            value = getattr(config, name)
+            if value != type(config)._default(name):
+                violations.append(Violation(name, value, f"is SDXL size conditioning, but {what}",
+                                            f"remove {name}, or use an SDXL model"))
+    if violations:
+        raise ConfigError(violations, f"{type(config).__name__} does not fit the model")
+
+
+def replace_vae(policy: Any, source: str) -> None:
+    """Swap the policy's VAE for ``source`` (a folder, single file or Hub id; see
+    :func:`~diffrl.pipelines.stable_diffusion_xl.load_vae`), placed on the policy's device and precision."""
+    vae = load_vae(source).requires_grad_(False).eval()
+    policy.pipeline.vae = vae
+    policy.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if hasattr(policy, "vae_source"):
+        policy.vae_source = source  # recorded in an SDXL result's diffrl_model.json
+    policy.to(policy.device, policy.mixed_precision)
+
+
+def apply_gradient_checkpointing(policy: Any, config: SharedConfig) -> None:
+    """With ``gradient_checkpointing``, the UNet recomputes its blocks' activations in the backward pass
+    (diffusers' ``enable_gradient_checkpointing``; active only where gradients are on, so sampling is unchanged).
+    AlignProp's trainer checkpoints each UNet call of the chain itself, so its UNet is left as is."""
+    if not config.gradient_checkpointing or isinstance(config, AlignPropConfig):
+        return
+    unet = policy.trainable_module
+    if not getattr(unet, "_supports_gradient_checkpointing", False):
+        raise ConfigError([Violation("gradient_checkpointing", True, f"is not supported by the model's "
+                                     f"{type(unet).__name__}", "set gradient_checkpointing=false")])
+    unet.enable_gradient_checkpointing()
 
 
 def build_reward(config: SharedConfig) -> Callable:

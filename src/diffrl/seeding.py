@@ -41,19 +41,21 @@ class SeededBatch(NamedTuple):
 
 @torch.no_grad()
 def sample_on_seeds(policy: Any, prompts: Sequence[str], seeds: Sequence[int], *, num_inference_steps: int,
-                    guidance_scale: float, eta: float, batch_size: int,
-                    progress: str | None = None) -> Iterator[SeededBatch]:
+                    guidance_scale: float, eta: float, batch_size: int, progress: str | None = None,
+                    height: int | None = None, width: int | None = None) -> Iterator[SeededBatch]:
     """Sample image ``i`` for ``prompts[i]`` from ``generator_for(seeds[i])`` alone, ``batch_size`` at a time.
-    ``progress``: a progress bar (on stderr) with this label, counting images."""
+    ``progress``: a progress bar (on stderr) with this label, counting images; ``height``/``width``: the image
+    size in pixels (``None``: the model's native size)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per image")
     bar = tqdm(total=len(prompts), desc=progress, unit="img", leave=False, disable=progress is None)
+    size = {"height": height, "width": width} if height is not None or width is not None else {}
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(start + batch_size, len(prompts))))
         generators = [generator_for(seeds[i]) for i in idx]
-        x_T = policy.initial_noise(len(idx), generators)
+        x_T = policy.initial_noise(len(idx), generators, **size)
         out = policy.sample([prompts[i] for i in idx], batch_size=len(idx), num_inference_steps=num_inference_steps,
-                            guidance_scale=guidance_scale, eta=eta, generator=generators, latents=x_T)
+                            guidance_scale=guidance_scale, eta=eta, generator=generators, latents=x_T, **size)
         bar.update(len(idx))
         yield SeededBatch(out.trajectory.images.float(), idx, tuple(x_T.shape[1:]))
     bar.close()

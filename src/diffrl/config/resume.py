@@ -22,6 +22,8 @@ _RNG = "the restored random state continues the run's own seed; a new seed would
 _OBJECTIVE = "the run's rewards, advantages and checkpoints would mix two objectives"
 _SCHEDULE = "the restored scheduler state (its step count and shape) belongs to the run's schedule"
 _OPTIMIZER = "the restored optimizer state belongs to the run's optimizer"
+_VAE = "the run's samples, and so its rewards, were decoded by the run's VAE"
+_CONDITIONING = "the UNet was trained under the run's SDXL size conditioning (add_time_ids)"
 
 REFUSED: dict[str, str] = {
     "model": _MODEL, "model_revision": _MODEL, "train_lora": _MODEL, "lora_rank": _MODEL, "lora_alpha": _MODEL,
@@ -35,6 +37,8 @@ REFUSED: dict[str, str] = {
     "mixed_precision": "the gradient scaler and the weights' dtype belong to the run's precision",
     "lr_scheduler": _SCHEDULE, "lr_warmup_steps": _SCHEDULE, "lr_warmup_fraction": _SCHEDULE,
     "lr_initial": _SCHEDULE, "lr_num_cycles": _SCHEDULE, "lr_power": _SCHEDULE,
+    "sample_height": _SHAPES, "sample_width": _SHAPES, "vae": _VAE, "sdxl_original_size": _CONDITIONING,
+    "sdxl_target_size": _CONDITIONING, "sdxl_crops_coords_top_left": _CONDITIONING,
     "logdir": "the run folder holds the checkpoints being resumed", "run_name": "the run folder holds the "
     "checkpoints being resumed",
 }

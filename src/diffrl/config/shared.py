@@ -6,12 +6,13 @@ classes differ, e.g. ``train_learning_rate``, the subclass redeclares the field)
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import os
 import re
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 from diffrl.config import registry
 from diffrl.config._base import Checks, ConfigBase, option
@@ -30,12 +31,18 @@ from diffrl.config.accelerate_settings import (
 from diffrl.config.schedule import WARMUP_SCHEDULES, LRSchedule, ScheduleName
 from diffrl.config.secrets import env_references, resolve_env
 
-__all__ = ["RENAMED", "SharedConfig", "default_exp_name", "split_prompts"]
+__all__ = ["RENAMED", "SDXL_SIZE_FIELDS", "SIZE_FIELDS", "VAE_FACTOR", "SharedConfig", "default_exp_name",
+           "split_prompts"]
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 RENAMED = {"use_lora": "train_lora"}
 """Old field name -> new one. ``use_lora`` clashed with the ``use_lora`` of TRL's example scripts'
 ``ScriptArguments`` (HfArgumentParser refuses two fields of one name)."""
+VAE_FACTOR = 8
+"""Pixels per latent cell of the SD and SDXL VAEs (three 2x downsamplings); the built policy's own factor is
+checked again when it is loaded (:func:`diffrl.build.check_policy_settings`)."""
+SIZE_FIELDS = ("sample_height", "sample_width")
+SDXL_SIZE_FIELDS = ("sdxl_original_size", "sdxl_target_size", "sdxl_crops_coords_top_left")
 OPTION_FIELDS = ("reward_options", "prompt_options", "tracker_kwargs", "accelerator_kwargs", "project_kwargs")
 """Mapping fields whose string values may be ``${env:NAME}`` references."""
 
@@ -52,6 +59,25 @@ def split_prompts(text: Optional[str]) -> list[str]:
         return []
     parts = re.split(r"(?<!\\),", text)
     return [p.replace("\\,", ",").strip() for p in parts if p.strip()]
+
+
+class PairAction(argparse.Action):
+    """``--sdxl_original_size 512 512`` through HfArgumentParser, which hands argparse the field's type
+    (``tuple[int, int]``) as the converter of each word: that splits a word into its characters, which this action
+    joins back and reads as an int."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        words = ["".join(v) if isinstance(v, tuple) else str(v) for v in values]
+        try:
+            pair = tuple(int(w) for w in words)
+        except ValueError:
+            parser.error(f"{option_string} takes two integers HEIGHT WIDTH, got {' '.join(words)}")
+        setattr(namespace, self.dest, pair)
+
+
+def _pair_option(default: Any, help: str) -> Any:
+    return option(default, trl=False, help=help, nargs=2, metavar=("HEIGHT", "WIDTH"), action=PairAction)
 
 
 @dataclasses.dataclass
@@ -142,6 +168,28 @@ class SharedConfig(ConfigBase):
     hub_model_id: Optional[str] = option(None, trl=False, help="Hub repo that push_to_hub uploads to "
                                                                "(user/name). null: the run name.")
     hub_private: bool = option(False, trl=False, help="Create the Hub repo as private.")
+    sample_height: Optional[int] = option(
+        None, trl=False, help="Height in pixels of the sampled (and trained) images, a multiple of 8 (the SD/SDXL "
+                              "VAE factor), e.g. 512 for SDXL on a small GPU. null: the model's native size. Not "
+                              "for unconditional DDPMs, whose size is fixed.")
+    sample_width: Optional[int] = option(None, trl=False, help="Width in pixels of the sampled images; as "
+                                                               "sample_height.")
+    vae: Optional[str] = option(
+        None, trl=False, help="A separate VAE replacing the model's (SD and SDXL): a folder, single file or Hub id, "
+                              "e.g. madebyollin/sdxl-vae-fp16-fix, which decodes SDXL latents in fp16 without "
+                              "overflowing. null: the model's own VAE.")
+    sdxl_original_size: Optional[tuple[int, int]] = _pair_option(
+        None, "SDXL only: the original_size (height, width) of the add_time_ids size conditioning (Podell et al. "
+              "2023, sec. 2.2). null: the sampled image size.")
+    sdxl_target_size: Optional[tuple[int, int]] = _pair_option(
+        None, "SDXL only: the target_size (height, width) of add_time_ids. null: the sampled image size.")
+    sdxl_crops_coords_top_left: tuple[int, int] = _pair_option(
+        (0, 0), "SDXL only: the crop top-left (top, left) of add_time_ids; (0, 0) asks for centred, uncropped "
+                "images.")
+    gradient_checkpointing: bool = option(
+        False, trl=False, help="Recompute the UNet's block activations in the backward pass of the training loss "
+                               "instead of storing them (diffusers' UNet gradient checkpointing): less memory, "
+                               "roughly a third more compute per update.")
 
     use_lora: dataclasses.InitVar[Optional[bool]] = None
     """Not a field: ``use_lora`` was renamed to ``train_lora``; passing it raises an error naming the new name."""
@@ -247,6 +295,7 @@ class SharedConfig(ConfigBase):
                 c.add(name, "must not be empty", f"set {name} to a name, or null for the default")
         self._check_lora(c)
         self._check_schedule(c)
+        self._check_sizes(c)
         c.at_least("eval_every", 0)
         c.at_least("eval_num_samples", 1)
         if self.keep_best and c.ok("eval_every") and self.eval_every == 0:
@@ -272,6 +321,25 @@ class SharedConfig(ConfigBase):
                       f"e.g. lora_target_modules=[{', '.join(DEFAULT_LORA_TARGETS)}]")
         for name in ("lora_rank", "lora_alpha", "lora_target_modules"):
             c.unchanged_unless(self.train_lora, name, "with train_lora=false")
+
+    def _check_sizes(self, c: Checks) -> None:
+        for name in SIZE_FIELDS:
+            value = getattr(self, name)
+            if value is not None and c.ok(name) and (value < VAE_FACTOR or value % VAE_FACTOR):
+                nearest = max(VAE_FACTOR, -(-value // VAE_FACTOR) * VAE_FACTOR)  # rounded up
+                c.add(name, f"must be a positive multiple of {VAE_FACTOR} pixels (the SD/SDXL VAE's factor: the "
+                            "latents are 1/8 of the image)", f"set {name}={nearest}, or null for the model's "
+                                                             "native size")
+        for name in ("sdxl_original_size", "sdxl_target_size"):
+            value = getattr(self, name)
+            if value is not None and c.ok(name) and min(value) < 1:
+                c.add(name, "must be two positive sizes (height, width) in pixels", f"e.g. {name}=[1024,1024], or "
+                                                                                     "null for the sampled size")
+        if c.ok("sdxl_crops_coords_top_left") and min(self.sdxl_crops_coords_top_left) < 0:
+            c.add("sdxl_crops_coords_top_left", "must be two offsets >= 0 (top, left) in pixels",
+                  "use [0,0] (no crop) unless you mean a crop")
+        if c.ok("vae") and self.vae == "":
+            c.add("vae", "must not be empty", "give a folder, file or Hub id, or null for the model's own VAE")
 
     def _check_schedule(self, c: Checks) -> None:
         schedule, warms = self.lr_scheduler, self.lr_scheduler in WARMUP_SCHEDULES

@@ -6,6 +6,7 @@ Heavy imports (torch, diffusers) happen inside the commands, so ``diffrl --help`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -78,7 +79,7 @@ def _settings(args: argparse.Namespace):
     from diffrl.evaluate.sample import SampleSettings
 
     return SampleSettings(num_inference_steps=args.steps, guidance_scale=args.guidance, eta=args.eta,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, height=args.height, width=args.width)
 
 
 def _check_source(source: str, setting: str) -> None:
@@ -125,6 +126,9 @@ def _sample(args: argparse.Namespace) -> int:
     _check_source(args.model, "MODEL")
     loaded = load_model(args.model, revision=args.revision, base=args.base, base_revision=args.base_revision,
                         device=_device(args.device), mixed_precision=args.mixed_precision)
+    if args.height is None and args.width is None:  # a training checkpoint samples at its run's size
+        settings = dataclasses.replace(settings, height=loaded.info.get("sample_height"),
+                                       width=loaded.info.get("sample_width"))
     if loaded.policy.is_conditional and not (args.prompts or args.prompt_source):
         raise EvaluationError(f"'{args.model}' is a text-to-image model; give --prompts or --prompt-source "
                               "(--prompts '' samples without a prompt)")
@@ -165,6 +169,11 @@ def _add_sampling_args(parser: argparse.ArgumentParser, *, from_config: bool = F
                        help="DDIM eta: 0 deterministic, 1 DDPM-like (default: "
                             f"{'the run' + chr(39) + 's sample_eta' if from_config else 1.0})")
     group.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    if not from_config:  # diffrl report's compare_run takes no image size (yet): the model's native size
+        group.add_argument("--height", type=int, default=None, metavar="PIXELS",
+                           help="image height, a multiple of 8 (default: the model's native size; not for DDPMs)")
+        group.add_argument("--width", type=int, default=None, metavar="PIXELS",
+                           help="image width, a multiple of 8 (default: the model's native size; not for DDPMs)")
     group.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     group.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
                        help="half-precision weights and autocast (default: no)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -116,17 +117,20 @@ def load_model(source: str, *, revision: str = "main", base: str | None = None, 
 def _load_checkpoint(source: str, run: Path, base: str | None, base_revision: str,
                      common: dict[str, Any]) -> LoadedModel:
     """A training checkpoint: the run's base model (or ``base``, when the recorded one has moved) with the run's
-    LoRA settings, then the checkpoint's trainable weights."""
+    LoRA settings, VAE and SDXL size conditioning (:func:`diffrl.build.build_policy`), then the checkpoint's
+    trainable weights. ``info`` records the run's ``sample_height``/``sample_width``."""
     config = load_config(run / "config.yaml")
     recorded = build.base_model(config)
     base_model = base or recorded
     if base and not _same_model(base, recorded):
         print(f"note: loading the checkpoint '{source}' (trained on '{recorded}') onto --base '{base}'",
               file=sys.stderr)
-    policy = load_policy(base_model, revision=base_revision if base else config.model_revision,
-                         use_lora=build.uses_lora(config), lora=build.lora_settings(config), **common)
+    rebuilt = dataclasses.replace(config, model=base_model, model_revision=base_revision if base else
+                                  config.model_revision, gradient_checkpointing=False)
+    policy = build.build_policy(rebuilt, **common)
     policy.load_trainable_state_dict(load_file(Path(source) / TRAINABLE_FILE))
     kind = policy.kind  # "ddpm", "stable_diffusion" or "sdxl"
     epoch = ckpt.read_state(source).get("epoch")
     return LoadedModel(policy, {"source": source, "kind": kind, "lora": build.uses_lora(config),
-                                "base_model": base_model, "checkpoint_epoch": epoch})
+                                "base_model": base_model, "checkpoint_epoch": epoch,
+                                "sample_height": config.sample_height, "sample_width": config.sample_width})

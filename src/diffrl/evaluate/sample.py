@@ -24,12 +24,15 @@ from diffrl.seeding import sample_on_seeds
 
 @dataclass(frozen=True)
 class SampleSettings:
-    """How to sample: DDIM steps, classifier-free guidance (ignored by unconditional models), eta, batch size."""
+    """How to sample: DDIM steps, classifier-free guidance (ignored by unconditional models), eta, batch size, and
+    the image size in pixels (``None``: the model's native size; not for unconditional DDPMs)."""
 
     num_inference_steps: int = 50
     guidance_scale: float = 5.0
     eta: float = 1.0
     batch_size: int = 8
+    height: int | None = None
+    width: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_inference_steps < 1:
@@ -38,6 +41,9 @@ class SampleSettings:
             raise EvaluationError(f"--batch-size={self.batch_size} must be at least 1")
         if not 0.0 <= self.eta <= 1.0:
             raise EvaluationError(f"--eta={self.eta} must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like)")
+        for flag, value in (("--height", self.height), ("--width", self.width)):
+            if value is not None and value < 1:
+                raise EvaluationError(f"{flag}={value} must be a positive size in pixels (a multiple of 8 for SD/SDXL)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,15 +89,30 @@ def check_prompts_fit(policy: Any, prompts: Sequence[PromptItem], model: str) ->
                               "given; drop --prompts/--prompt-source/--heldout-* and use more --seeds for more samples")
 
 
+def check_size_fits(policy: Any, settings: SampleSettings) -> None:
+    """``--height``/``--width`` need a latent model (a DDPM's size is fixed) and a multiple of its VAE factor."""
+    given = [(flag, v) for flag, v in (("--height", settings.height), ("--width", settings.width)) if v is not None]
+    if given and getattr(policy, "kind", None) == "ddpm":
+        raise EvaluationError(f"{given[0][0]}={given[0][1]}: the model is an unconditional DDPM, whose image size is "
+                              "fixed by its UNet; drop --height/--width")
+    factor = getattr(policy, "vae_scale_factor", 1)
+    for flag, value in given:
+        if value % factor:
+            raise EvaluationError(f"{flag}={value} is not a multiple of {factor} (the model's VAE factor); use "
+                                  f"{flag} {max(factor, -(-value // factor) * factor)}")
+
+
 def generate(policy: Any, jobs: Sequence[SampleJob], settings: SampleSettings,
              progress: str | None = None) -> Iterator[SampleBatch]:
     """Sample ``jobs`` in batches of ``settings.batch_size`` by :func:`diffrl.seeding.sample_on_seeds`'s rule (each
     image from its own seed); yields each batch as soon as it is made."""
     jobs = list(jobs)
+    check_size_fits(policy, settings)
     for batch in sample_on_seeds(policy, [job.prompt.text for job in jobs], [job.seed for job in jobs],
                                  num_inference_steps=settings.num_inference_steps,
                                  guidance_scale=settings.guidance_scale, eta=settings.eta,
-                                 batch_size=settings.batch_size, progress=progress):
+                                 batch_size=settings.batch_size, progress=progress, height=settings.height,
+                                 width=settings.width):
         yield SampleBatch(batch.images, [jobs[i] for i in batch.indices], batch.noise_shape)
 
 

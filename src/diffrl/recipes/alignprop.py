@@ -147,7 +147,7 @@ class AlignPropTrainer(Trainer):
             negatives = [self.negative_prompts[i % len(self.negative_prompts)] for i in range(batch_size)]
         return dict(batch_size=batch_size, num_inference_steps=c.sample_num_steps,
                     guidance_scale=c.sample_guidance_scale, eta=c.sample_eta, negative_prompts=negatives,
-                    generator=generator)
+                    generator=generator, height=c.sample_height, width=c.sample_width)
 
     def compute_rewards(self, prompt_image_pairs: dict[str, Any]) -> torch.Tensor:
         """Score ``prompt_image_pairs`` (TRL's method): rewards ``[B']`` attached to the graph; a reward that

@@ -113,7 +113,8 @@ class DDPOTrainer(Trainer):
                 traj = self.policy.sample(list(prompts), batch_size=c.sample_batch_size,
                                           num_inference_steps=c.sample_num_steps, guidance_scale=c.sample_guidance_scale,
                                           eta=c.sample_eta, negative_prompts=negatives,
-                                          generator=generator_for(c.seed, epoch, acc.process_index, b)).trajectory
+                                          generator=generator_for(c.seed, epoch, acc.process_index, b),
+                                          height=c.sample_height, width=c.sample_width).trajectory
             self.guard.check_samples({"images": traj.images, "latents": traj.latents, "log-probabilities":
                                       traj.log_probs}, epoch, global_step, c.train_learning_rate)
             self._sampling_s += timer.lap()
@@ -298,7 +299,8 @@ class DDPOTrainer(Trainer):
             with torch.no_grad():
                 traj = self.policy.sample(list(prompts), batch_size=batch_size, num_inference_steps=c.sample_num_steps,
                                           guidance_scale=c.sample_guidance_scale, eta=c.sample_eta,
-                                          generator=generator_for(c.seed, self.global_step, b, 7)).trajectory
+                                          generator=generator_for(c.seed, self.global_step, b, 7),
+                                          height=c.sample_height, width=c.sample_width).trajectory
             cond = traj.conditioning
             samples.append({
                 "prompt_ids": _prompt_ids(self.policy, list(prompts)),

@@ -34,13 +34,15 @@ class EvalResult(NamedTuple):
 
 def evaluate(policy: DiffusionPolicy, reward_fn: Callable, prompts: Sequence[str], *, seed: int,
              num_inference_steps: int, guidance_scale: float, eta: float, batch_size: int = 64,
-             progress: str | None = "evaluating") -> EvalResult:
-    """Sample image ``i`` for ``prompts[i]`` from seed ``seed + i`` and score it (with a progress bar)."""
+             progress: str | None = "evaluating", height: int | None = None,
+             width: int | None = None) -> EvalResult:
+    """Sample image ``i`` for ``prompts[i]`` from seed ``seed + i`` and score it (with a progress bar);
+    ``height``/``width`` in pixels (``None``: the model's native size)."""
     prompts = list(prompts)
     images, rewards, meta = [], [], []
     for batch in sample_on_seeds(policy, prompts, [seed + i for i in range(len(prompts))],
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
-                                 batch_size=batch_size, progress=progress):
+                                 batch_size=batch_size, progress=progress, height=height, width=width):
         chunk = [prompts[i] for i in batch.indices]
         r, m = score(reward_fn, batch.images, chunk, [{} for _ in chunk])
         images.append(batch.images.cpu())
@@ -115,7 +117,8 @@ class PeriodicEvaluator:
         return evaluate(self.policy, self.reward_fn, self.prompts, seed=c.eval_seed,
                         num_inference_steps=getattr(c, "eval_num_steps", None) or c.sample_num_steps,
                         guidance_scale=c.sample_guidance_scale, eta=c.sample_eta if c.sample_eta > 0 else 1.0,
-                        batch_size=max(getattr(c, "sample_batch_size", c.train_batch_size), 16))
+                        batch_size=max(getattr(c, "sample_batch_size", c.train_batch_size), 16),
+                        height=c.sample_height, width=c.sample_width)
 
     def maybe_run(self, epoch: int) -> dict[str, float]:
         if not self.enabled or (epoch + 1) % self.config.eval_every:

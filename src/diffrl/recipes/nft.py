@@ -210,10 +210,12 @@ class NFTTrainer(Trainer):
         c, policy = self.config, self.policy
         guidance = c.sample_guidance_scale
         cond = None
-        if policy.is_conditional:
-            cond = policy.encode_prompts(prompts, self.config.negative_prompt_list or None, guidance=guidance > 1.0)
+        if policy.is_conditional:  # SDXL's add_time_ids follow the sampled size
+            size = {"height": c.sample_height, "width": c.sample_width} if policy.kind == "sdxl" else {}
+            cond = policy.encode_prompts(prompts, self.config.negative_prompt_list or None, guidance=guidance > 1.0,
+                                         **size)
         params = self.old_params()
-        x = policy.initial_noise(len(prompts), generator)
+        x = policy.initial_noise(len(prompts), generator, c.sample_height, c.sample_width)
         batch = x.shape[0]
         schedule = self.sampling_schedule
         if isinstance(schedule, DPMSolverMultistepScheduler):
