@@ -19,7 +19,9 @@ It also checks that the UNet really is sharded as the accelerator's distributed 
 parameters; DeepSpeed: an engine), since a trainer that prepares only its optimizer would train unsharded and
 still pass the checks above. The main process writes one JSON record to ``--out``: the case, ``distributed_type``
 as the trainer's accelerator saw it (accelerate silently turns FSDP and DeepSpeed off on a machine without a GPU),
-``passed``, the checks, the error with the end of its traceback when one was raised, and the seconds taken.
+``passed``, the checks (the saved result; the last checkpoint, written through ``accelerator.save_state``: complete,
+whole trained weights, optimizer state; a second trainer resumed from it: starts after it with the same weights),
+the error with the end of its traceback when one was raised, and the seconds taken.
 """
 
 from __future__ import annotations
@@ -46,13 +48,13 @@ def _prompt():
     return "a photo of a cat", {}
 
 
-def _trainer(case: str, model: Path, logdir: str, args):
+def _trainer(case: str, model: Path, logdir: str, args, resume_from: str | None = None):
     from diffrl import AlignPropConfig, AlignPropTrainer, DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
 
     use_lora = case.endswith("-lora")
-    shared = dict(num_epochs=args.epochs, save_freq=10_000, sample_num_steps=args.steps, sample_eta=1.0,
+    shared = dict(num_epochs=args.epochs, save_freq=1, sample_num_steps=args.steps, sample_eta=1.0,
                   sample_guidance_scale=5.0, mixed_precision=args.mixed_precision, seed=0, logdir=logdir,
-                  run_name=case, use_lora=use_lora,
+                  run_name=case, train_lora=use_lora, resume_from=resume_from or "",
                   accelerator_kwargs={"cpu": True} if args.device == "cpu" else {})
     pipeline = DefaultDDPOStableDiffusionPipeline(str(model), use_lora=use_lora)
     if case.startswith("ddpo"):
@@ -90,6 +92,41 @@ def _check_lora(saved: Path) -> dict:
             "ok": bool(tensors) and finite and trained > 0}
 
 
+def _check_checkpoint(trainer, epochs: int) -> dict:
+    """The last checkpoint (written through ``accelerator.save_state`` by every process): complete, with the
+    trained weights gathered whole into ``trainable.safetensors`` (all of them, finite) and accelerate's optimizer
+    state (``optimizer.bin`` unsharded or under FSDP's full state dict, DeepSpeed's own folder under ZeRO)."""
+    from safetensors.torch import load_file
+
+    from diffrl import checkpoint as ckpt
+
+    folder = trainer.checkpoints_dir / ckpt.checkpoint_name(epochs - 1)
+    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    tensors = load_file(folder / "trainable.safetensors") if "trainable.safetensors" in names else {}
+    expected = {n: tuple(p.shape) for n, p in trainer.policy.trainable_module.named_parameters() if p.requires_grad}
+    # FSDP2's DTensor parameters report their global shape: a file of local shards would not match it.
+    whole = set(tensors) == set(expected) and all(tuple(tensors[k].shape) == v for k, v in expected.items())
+    finite = all(bool(v.float().isfinite().all()) for v in tensors.values())
+    optimizer = any(n.startswith("optimizer") or n == "pytorch_model" for n in names)
+    return {"files": names, "complete": ckpt.is_complete(folder), "trainable_tensors": len(tensors),
+            "trainable_whole": whole, "finite": finite, "optimizer_state": optimizer,
+            "ok": ckpt.is_complete(folder) and bool(tensors) and whole and finite and optimizer}
+
+
+def _check_resume(case: str, model: Path, logdir: str, args, trained: dict) -> dict:
+    """A second trainer resumed from the run's last checkpoint (``accelerator.load_state``) starts after it,
+    with the trained weights restored (gathered whole and compared on the main process)."""
+    from diffrl.recipes.checkpoints import full_trainable_state_dict
+
+    resumed = _trainer(case, model, logdir, args, resume_from=str(Path(logdir) / case))
+    weights = full_trainable_state_dict(resumed.accelerator, resumed.policy, resumed._prepared_module)
+    if weights is None:  # not the main process
+        return {"ok": True}
+    differing = sorted(k for k in trained if k not in weights or not bool((weights[k] == trained[k]).all()))
+    return {"first_epoch": resumed.first_epoch, "weights_equal": not differing, "differing": differing[:5],
+            "ok": resumed.first_epoch == args.epochs and not differing}
+
+
 def sharding_check(trainer) -> dict:
     """Whether the trained UNet really is sharded the way the accelerator's distributed type says: FSDP2 turns its
     parameters into DTensors, DeepSpeed wraps the model in an engine. A trainer that prepares only its optimizer
@@ -113,6 +150,8 @@ def run_case(case: str, args) -> dict:
     """Train and check one case; never raises (the error goes into the record)."""
     import torch
 
+    from diffrl.recipes.checkpoints import full_trainable_state_dict
+
     start = time.perf_counter()
     record = {"case": case, "epochs": args.epochs, "mixed_precision": args.mixed_precision, "passed": False}
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,9 +167,17 @@ def run_case(case: str, args) -> dict:
             record["reward_mean_last_epoch"] = float(trainer.last_metrics.get("reward/mean", math.nan))
             saved = Path(tmp) / "saved"
             trainer.save_pretrained(str(saved))
+            trained = full_trainable_state_dict(acc, trainer.policy, trainer._prepared_module)
             if acc.is_main_process:
                 record["checks"] = _check_lora(saved) if case.endswith("-lora") else _check_full(saved, model)
-                record["passed"] = record["checks"]["ok"] and record["sharding"]["ok"]
+                record["checkpoint"] = _check_checkpoint(trainer, args.epochs)
+            try:
+                record["resume"] = _check_resume(case, model, str(Path(tmp) / "logs"), args, trained or {})
+            except Exception as error:  # noqa: BLE001 - recorded, and the case fails
+                record["resume"] = {"ok": False, "error": f"{type(error).__name__}: {error}",
+                                    "traceback_tail": traceback.format_exc()[-2000:]}
+            if acc.is_main_process:
+                record["passed"] = all(record[k]["ok"] for k in ("checks", "sharding", "checkpoint", "resume"))
             if torch.cuda.is_available():
                 record["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         except Exception as error:  # noqa: BLE001 - a smoke run records the failure instead of stopping
