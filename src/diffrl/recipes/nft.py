@@ -108,15 +108,16 @@ class NFTTrainer(Trainer):
         return max(1, c.num_epochs * c.train_num_inner_epochs * c.minibatches_per_epoch()
                    // c.train_gradient_accumulation_steps)
 
-    # ------------------------------------------------------------------ state (the old policy rides in a sidecar)
+    # ------------------------------------------------------------------ state (the old policy is a checkpoint file)
     def trainer_state(self) -> dict[str, Any]:
         return {"nft_old_policy": OLD_POLICY_FILE}
 
     def load_checkpoint_files(self, folder) -> None:
         file = folder / OLD_POLICY_FILE
         if not file.is_file():
-            raise FileNotFoundError(f"{folder} has no {file.name} (the NFT old policy; its save was interrupted after "
-                                    "the checkpoint). Resume from the previous checkpoint of the run.")
+            raise FileNotFoundError(f"{folder} has no {file.name}, the NFT old policy (an EMA of the weights) that "
+                                    "every NFT checkpoint holds: it is not an NFT checkpoint, or was written by an "
+                                    "older diffrl. Resume from an NFT checkpoint of this run, or start again.")
         saved = load_file(file)
         if set(saved) != set(self.old):
             raise ValueError(f"{file} holds {len(saved)} tensors but this policy trains {len(self.old)}: build it "
