@@ -40,7 +40,7 @@ def lora_settings(config: SharedConfig) -> LoraSettings | None:
 
 def build_policy(config: SharedConfig, **kwargs: Any):
     """The run's policy (``kwargs``: ``device``, ``mixed_precision`` for loading outside a trainer), with the
-    config's VAE, SDXL size conditioning and gradient checkpointing applied; settings the loaded model cannot take
+    config's VAE and SDXL size conditioning applied (the trainer turns on gradient checkpointing); settings the loaded model cannot take
     are a :class:`ConfigError` (:func:`check_policy_settings`)."""
     policy = load_policy(base_model(config), revision=config.model_revision, use_lora=uses_lora(config),
                          lora=lora_settings(config), **kwargs)
@@ -52,7 +52,6 @@ def build_policy(config: SharedConfig, **kwargs: Any):
             value = getattr(config, name)
             if value != type(config)._default(name):  # unset: keep what a loaded diffrl result recorded
                 setattr(policy, attribute, tuple(value))
-    apply_gradient_checkpointing(policy, config)
     return policy
 
 

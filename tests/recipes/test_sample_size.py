@@ -218,6 +218,7 @@ def test_gradient_checkpointing_recomputes_the_unet_blocks_with_the_same_gradien
     plain = build.build_policy(_config(tmp_path, tiny_sd_path))
     torch.manual_seed(0)
     checkpointed = build.build_policy(_config(tmp_path, tiny_sd_path, gradient_checkpointing=True))
+    build.apply_gradient_checkpointing(checkpointed, _config(tmp_path, tiny_sd_path, gradient_checkpointing=True))
     assert checkpointed.trainable_module.is_gradient_checkpointing
     assert not plain.trainable_module.is_gradient_checkpointing
     calls_plain, grads_plain = _block_calls_in_backward(plain)
@@ -228,7 +229,20 @@ def test_gradient_checkpointing_recomputes_the_unet_blocks_with_the_same_gradien
         torch.testing.assert_close(grads_ckpt[name], grads_plain[name], rtol=1e-5, atol=1e-7)
     # AlignProp checkpoints each UNet call of its chain itself: its UNet is left as is.
     align = AlignPropConfig(model=tiny_sd_path, mixed_precision="no", gradient_checkpointing=True)
-    assert not build.build_policy(align).trainable_module.is_gradient_checkpointing
+    policy = build.build_policy(align)
+    build.apply_gradient_checkpointing(policy, align)
+    assert not policy.trainable_module.is_gradient_checkpointing
+
+
+def test_the_trainer_turns_on_gradient_checkpointing_for_a_policy_built_outside_diffrl_train(tiny_sd_path, tmp_path):
+    from diffrl import DDPOTrainer, DefaultDDPOStableDiffusionPipeline
+
+    pipe = DefaultDDPOStableDiffusionPipeline(tiny_sd_path)  # TRL-style: not through build_policy
+    config = DDPOConfig(num_epochs=1, sample_num_steps=2, sample_batch_size=2, sample_num_batches_per_epoch=1,
+                        train_batch_size=1, mixed_precision="no", logdir=str(tmp_path / "logs"),
+                        gradient_checkpointing=True)
+    trainer = DDPOTrainer(config, lambda im, p, m: (im.mean(dim=(1, 2, 3)), {}), lambda: ("a cat", {}), pipe)
+    assert trainer.policy.trainable_module.is_gradient_checkpointing
 
 
 def test_diffrl_sample_takes_height_and_width(tiny_sd_path, tiny_ddpm_path, tmp_path, capsys):

@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 from diffrl.config._base import Checks, option
-from diffrl.config.shared import SharedConfig
+from diffrl.config.shared import PairAction, SharedConfig
 
 __all__ = ["AlignPropConfig", "Truncation"]
 
 Truncation = Literal["fixed", "random", "draft_k", "draft_lv", "refl"]
-
-
-class IntPairAction(argparse.Action):
-    """``--truncated_rand_backprop_minmax 0 10`` through HfArgumentParser, which hands argparse the field's
-    type ``tuple[int, int]`` as the converter: that turns each word into a tuple of its characters,
-    which this action joins back and reads as an int."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        words = ["".join(v) if isinstance(v, tuple) else str(v) for v in values]
-        try:
-            pair = tuple(int(w) for w in words)
-        except ValueError:
-            parser.error(f"{option_string} takes two integers MIN MAX, got {' '.join(words)}")
-        setattr(namespace, self.dest, pair)
 
 
 @dataclasses.dataclass
@@ -63,7 +47,7 @@ class AlignPropConfig(SharedConfig):
     truncated_rand_backprop_minmax: tuple[int, int] = option(
         (0, 50), help="Range [min, max] of the step index drawn for randomized truncation: "
                       "--truncated_rand_backprop_minmax 0 10, or truncated_rand_backprop_minmax=[0,10].",
-        nargs=2, metavar=("MIN", "MAX"), action=IntPairAction)
+        nargs=2, metavar=("MIN", "MAX"), action=PairAction)
 
     # ---- diffrl extras ----
     truncation: Optional[Truncation] = option(

@@ -62,9 +62,9 @@ def split_prompts(text: Optional[str]) -> list[str]:
 
 
 class PairAction(argparse.Action):
-    """``--sdxl_original_size 512 512`` through HfArgumentParser, which hands argparse the field's type
-    (``tuple[int, int]``) as the converter of each word: that splits a word into its characters, which this action
-    joins back and reads as an int."""
+    """``--sdxl_original_size 512 512`` or ``--truncated_rand_backprop_minmax 0 10`` through HfArgumentParser, which
+    hands argparse the field's type (``tuple[int, int]``) as the converter of each word: that splits a word into its
+    characters, which this action joins back and reads as an int."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
@@ -72,7 +72,8 @@ class PairAction(argparse.Action):
         try:
             pair = tuple(int(w) for w in words)
         except ValueError:
-            parser.error(f"{option_string} takes two integers HEIGHT WIDTH, got {' '.join(words)}")
+            names = " ".join(self.metavar) if isinstance(self.metavar, tuple) else "A B"
+            parser.error(f"{option_string} takes two integers {names}, got {' '.join(words)}")
         setattr(namespace, self.dest, pair)
 
 

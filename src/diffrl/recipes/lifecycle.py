@@ -25,6 +25,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from diffrl import checkpoint as ckpt
+from diffrl.build import apply_gradient_checkpointing
 from diffrl.config import SharedConfig, diff_for_resume, load_config
 from diffrl.config.accelerate_settings import resolve_mixed_precision
 from diffrl.pipelines.types import DiffusionPolicy
@@ -136,6 +137,7 @@ class Trainer:
         config.validate(num_processes=processes.num_processes)
         self.precision = resolve_mixed_precision(config.mixed_precision)
         self.policy = resolve_policy(sd_pipeline)
+        apply_gradient_checkpointing(self.policy, config)  # also for policies built outside diffrl train
         resume = ckpt.find_latest(config.resume_from) if config.resume_from else None
         self.run_name = choose_run_name(config, processes.num_processes, resume)
         self.run_dir = Path(config.logdir) / self.run_name
