@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -44,14 +45,19 @@ def compare_run(run_dir: str | os.PathLike, *, model: str | os.PathLike | None =
         prompts = [PromptItem("", {}, TRAIN)]
     settings = SampleSettings(num_inference_steps=_given_or(num_inference_steps, config.sample_num_steps),
                               guidance_scale=_given_or(guidance_scale, config.sample_guidance_scale),
-                              eta=_given_or(eta, config.sample_eta), batch_size=batch_size)
+                              eta=_given_or(eta, config.sample_eta), batch_size=batch_size,
+                              height=config.sample_height, width=config.sample_width)
 
     def loader(source: str, lora_base: str | None) -> Callable[[], Any]:
         return lambda: load_model(source, revision=config.model_revision if lora_base is None else "main",
                                   base=lora_base, base_revision=config.model_revision, device=device,
                                   mixed_precision=mixed_precision, strict_base=False).policy
 
-    models = [ModelSource("base", loader(base, None), {"source": base, "role": "base"}),
+    def base_loader() -> Any:  # the run's base model as the run saw it (its VAE and SDXL size conditioning)
+        return build.build_policy(dataclasses.replace(config, train_lora=False), device=device,
+                                  mixed_precision=mixed_precision)
+
+    models = [ModelSource("base", base_loader, {"source": base, "role": "base"}),
               ModelSource(tuned.name, loader(str(tuned), base), {"source": str(tuned), "role": "fine-tuned"})]
     return evaluate_models(models, {reward_name: build.build_reward(config)}, prompts, list(seeds), settings,
                            trained_reward=reward_name, reward_options={reward_name: dict(config.reward_options)},
