@@ -90,8 +90,14 @@ def average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]
 
 def clip_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter], max_grad_norm: float) -> torch.Tensor:
     """The total gradient norm before clipping (a tensor, no host sync); clips to ``max_grad_norm`` unless it is
-    infinite. The divergence guard reads the norm at the optimizer step."""
-    return accelerator.clip_grad_norm_(params, max_grad_norm)
+    infinite. The divergence guard reads the norm at the optimizer step. Under DeepSpeed, which clips inside its
+    engine (``gradient_clipping``) and returns no norm here, the engine's global norm of the last step."""
+    norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+    if norm is None:
+        wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+        engine_norm = wrapped.engine.get_global_grad_norm() if wrapped is not None else None
+        norm = torch.as_tensor(0.0 if engine_norm is None else float(engine_norm))
+    return norm
 
 
 def optimizer_step(optimizer, lr_scheduler) -> None:
