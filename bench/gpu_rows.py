@@ -9,7 +9,7 @@ benchmark, one warm-up epoch, then ``--epochs`` timed epochs of ``trainer.step``
 reward. Settings (the issues' config keys): GRPO samples ``group_size`` images for each of ``prompts_per_epoch``
 prompts, DDIM with eta 1 only inside a window of ``sde_window_size`` steps (trained there), guidance 5,
 ``kl_coef`` > 0; NFT samples the same groups with deterministic DDIM (eta 0) at guidance 1 and trains on the
-forward process (``beta`` 1). If a key is refused the row records the error, to be fixed here.
+forward process (``nft_beta`` 1; NFT's epoch is ``sample_num_batches_per_epoch`` batches of one group). If a key is refused the row records the error, to be fixed here.
 
 Model FLOPs are counted from the UNet calls that actually ran in the timed epochs, not from a formula: a forward
 hook on the UNet adds up the latent rows of each call, split into calls that built an autograd graph (each a
@@ -52,11 +52,13 @@ def _exported(module, name: str) -> bool:
 
 
 def _fields(args) -> dict:
-    group = dict(group_size=args.group_size, prompts_per_epoch=args.prompts, train_batch_size=args.train_batch,
-                 train_gradient_accumulation_steps=args.accumulation, train_learning_rate=3e-4)
+    common = dict(group_size=args.group_size, train_batch_size=args.train_batch,
+                  train_gradient_accumulation_steps=args.accumulation, train_learning_rate=3e-4)
     if args.workload == "grpo":
-        return dict(group, sde_window_size=args.window, kl_coef=0.04)
-    return dict(group, beta=1.0, kl_coef=0.0)
+        return dict(common, prompts_per_epoch=args.prompts, sde_window_size=args.window, kl_coef=0.04)
+    # NFT: prompts_per_epoch groups of group_size in one epoch, as sample_batch_size x batches per process.
+    return dict(common, sample_batch_size=args.group_size, sample_num_batches_per_epoch=args.prompts,
+                nft_beta=1.0, nft_kl_coef=0.0)
 
 
 class RowCounter:

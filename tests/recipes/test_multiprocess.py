@@ -42,3 +42,14 @@ def test_two_process_ddpo_trains_in_sync_and_saves_without_hanging(tiny_ddpm_pat
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # logged once, by the main process
     assert (tmp_path / "logs" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_two_process_grpo_keeps_groups_whole_and_weights_in_sync(tiny_ddpm_path, tmp_path):
+    # One group of 4 samples split over the two processes: its statistics are gathered, the weights stay equal.
+    ranks, _ = _launch("grpo", tiny_ddpm_path, tmp_path / "logs", "num_epochs=2", "sample_num_steps=3",
+                       "group_size=4", "prompts_per_epoch=1", "train_batch_size=1", "sde_window_size=2",
+                       "train_learning_rate=0.01", "train_clip_range=0.2")
+    assert ranks[0]["num_processes"] == 2
+    assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], rel=0, abs=1e-9)
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] > 0
+    assert len((tmp_path / "logs" / "mp" / "metrics.jsonl").read_text().splitlines()) == 2

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from diffrl import DefaultDDPODDPMPipeline
-from diffrl.config import load_config
+from diffrl.config import load_config, registry
 
 
 def brightness(images, prompts, metadata):
@@ -24,10 +24,7 @@ def main() -> None:
                                 *overrides])
     torch.manual_seed(0)  # the same LoRA init on every process
     pipe = DefaultDDPODDPMPipeline(model)
-    if trainer_name == "alignprop":
-        from diffrl.recipes.alignprop import AlignPropTrainer as Trainer
-    else:
-        from diffrl import DDPOTrainer as Trainer
+    Trainer = registry.resolve(registry.spec_of(type(config)).trainer)  # the config's own trainer
     trainer = Trainer(config, brightness, lambda: ("", {}), pipe)
     trainer.train()
     trainer.save_pretrained(str(Path(logdir) / "final"))
