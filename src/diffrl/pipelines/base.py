@@ -21,7 +21,7 @@ from diffrl.pipelines import precision
 from diffrl.pipelines.chain import run_chain
 from diffrl.pipelines.loading import load_pipeline
 from diffrl.pipelines.lora import LoraSettings, add_lora
-from diffrl.pipelines.saved import plan_load
+from diffrl.pipelines.saved import plan_load, write_model_info
 from diffrl.pipelines.schedule import DenoisingSchedule
 from diffrl.pipelines.types import SampleResult, Trajectory
 from diffrl.samplers import StepOutput
@@ -54,17 +54,28 @@ class TrainableUNetPolicy:
     pipeline: Any
     _unet: torch.nn.Module  # kept for callers of the old private name; use trainable_module
 
-    def _setup(self, pipeline: Any, schedule: DenoisingSchedule, *, use_lora: bool, lora: LoraSettings | None,
-               mixed_precision: str, device: torch.device | str | None, base_model: str | None,
-               revision: str) -> None:
+    def __init__(
+        self,
+        pipeline: Any,
+        *,
+        use_lora: bool = True,
+        lora: LoraSettings | None = None,
+        mixed_precision: str = "no",
+        device: torch.device | str | None = None,
+        base_model: str | None = None,
+        revision: str = "main",
+    ) -> None:
+        """Wrap ``pipeline``: LoRA adapters on its UNet (``use_lora``, settings ``lora``) or all UNet weights
+        trainable; frozen weights in ``mixed_precision`` ("no", "fp16", "bf16") on ``device``. ``base_model`` and
+        ``revision`` are recorded in saved results. Subclasses take these keywords through ``**settings``."""
         self.pipeline = pipeline
         self.mixed_precision = mixed_precision
         self.use_lora = use_lora
         self.lora = (lora or LoraSettings()) if use_lora else None
         self.base_model = base_model
         self.revision = revision
-        self.schedule = schedule
-        self.num_train_timesteps = schedule.num_train_timesteps
+        self.schedule = self._make_schedule(pipeline)
+        self.num_train_timesteps = self.schedule.num_train_timesteps
         self._reference: dict[str, torch.Tensor] | None = None
         unet = pipeline.unet.eval()
         if use_lora:
@@ -74,6 +85,10 @@ class TrainableUNetPolicy:
         self._unet = unet
         self.unet: torch.nn.Module = unet
         self.to(device or "cpu", mixed_precision)
+
+    def _make_schedule(self, pipeline: Any) -> DenoisingSchedule:
+        """The step math, from the pipeline's scheduler config (DDIM unless a subclass says otherwise)."""
+        return DenoisingSchedule.from_scheduler_config(pipeline.scheduler.config)
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -92,17 +107,35 @@ class TrainableUNetPolicy:
         """Load from a Hub id, a diffusers folder (or single file, where the pipeline supports it), or a result
         saved by diffrl: a LoRA result loads its base model first, then the adapter, ready to continue
         training; ``lora_weights`` loads an adapter the same way. ``options``: see the subclass."""
+        _check_options(cls, options)
         plan = plan_load(name_or_path, revision, cls.kind, use_lora, lora, lora_weights)
-        load_kwargs = {k: options.pop(k) for k in cls.load_options if k in options}
+        load_kwargs, init_kwargs = cls._split_options(name_or_path, revision, dict(options))
         pipeline = load_pipeline(cls.pipeline_class, plan.base, revision=plan.revision, **load_kwargs)
         policy = cls(pipeline, use_lora=plan.use_lora, lora=plan.lora, mixed_precision=mixed_precision, device=device,
-                     base_model=plan.base, revision=plan.revision, **options)
+                     base_model=plan.base, revision=plan.revision, **init_kwargs)
         if plan.lora_weights is not None:
             policy.load_lora_weights(plan.lora_weights)
         return policy
 
+    @classmethod
+    def _split_options(cls, name_or_path: str | os.PathLike, revision: str,
+                       options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``from_pretrained``'s extra keywords as (those for ``load_pipeline``, those for ``__init__``)."""
+        load_kwargs = {k: options.pop(k) for k in cls.load_options if k in options}
+        return load_kwargs, options
+
     def load_lora_weights(self, source: str | os.PathLike) -> None:
         raise NotImplementedError
+
+    # ----------------------------------------------------------------- saving
+    def _write_model_info(self, directory: str | os.PathLike) -> None:
+        """``diffrl_model.json`` beside the saved weights: what :meth:`from_pretrained` reads to continue."""
+        write_model_info(directory, kind=self.kind, base_model=self.base_model, revision=self.revision,
+                         lora=self.lora.to_dict() if self.lora else None, extra=self._model_info_extra())
+
+    def _model_info_extra(self) -> dict[str, Any] | None:
+        """Kind-specific settings recorded in ``diffrl_model.json`` (none by default)."""
+        return None
 
     # ----------------------------------------------------------------- modules, device, precision
     def _frozen_modules(self) -> list[torch.nn.Module]:
@@ -282,9 +315,9 @@ class TrainableUNetPolicy:
             return result.images_with_grad
         with torch.no_grad():
             trajectory = self.sample(prompts, **sample_kwargs).trajectory
-        defaults = inspect.signature(self.sample).parameters
-        guidance_scale = sample_kwargs.get("guidance_scale", defaults["guidance_scale"].default)
-        eta = sample_kwargs.get("eta", defaults["eta"].default)
+        own = inspect.signature(self.sample).parameters.get("guidance_scale")  # unconditional models have none
+        guidance_scale = sample_kwargs.get("guidance_scale", 1.0 if own is None else own.default)
+        eta = sample_kwargs.get("eta", inspect.signature(run_chain).parameters["eta"].default)
         return self._renoised_last_step(trajectory, plan.renoise_draws, sample_kwargs.get("generator"),
                                         guidance_scale=guidance_scale, eta=eta,
                                         gradient_checkpointing=gradient_checkpointing)
@@ -310,3 +343,22 @@ class TrainableUNetPolicy:
         out = checkpoint(self.predict, *args, use_reentrant=False) if gradient_checkpointing else self.predict(*args)
         step = self.schedule.step(out, x_t, t, t_prev, eta=eta, generator=generator, compute_log_prob=False)
         return self.decode(step.prev_sample)
+
+
+def _check_options(cls: type, options: Mapping[str, Any]) -> None:
+    """``TypeError`` for a ``from_pretrained`` keyword that neither the loader (``cls.load_options``) nor a
+    subclass's ``__init__`` takes (the base settings are ``from_pretrained``'s own), raised before any loading."""
+    accepted = set(cls.load_options)
+    for klass in cls.__mro__:
+        if klass is TrainableUNetPolicy:
+            break
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        accepted |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    unknown = sorted(set(options) - accepted - {"self", "pipeline"})
+    if unknown:
+        raise TypeError(f"{cls.__name__}.from_pretrained() got unexpected keyword argument(s) {unknown}; besides "
+                        f"its own settings it takes: {sorted(accepted - {'self', 'pipeline'})}.")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import inspect
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -17,9 +18,9 @@ def run_chain(
     conditioning: Any,
     prompts: list[str],
     *,
-    num_inference_steps: int,
+    num_inference_steps: int = 50,
     guidance_scale: float,
-    eta: float,
+    eta: float = 1.0,
     generator: torch.Generator | list[torch.Generator] | None,
     grad_steps: Sequence[bool] | None = None,
     gradient_checkpointing: bool = False,
@@ -95,3 +96,20 @@ def run_chain(
         stochastic=torch.tensor(stochastic, device=device).expand(batch, n_steps).clone(),
     )
     return SampleResult(trajectory, images if any_grad else None)
+
+
+# What a policy's ``sample(**options)`` passes on to :func:`run_chain`; ``guidance_scale`` and ``generator`` are
+# ``sample``'s own (it also uses them for the text states and the initial noise).
+CHAIN_OPTIONS: frozenset[str] = frozenset(
+    name for name, p in inspect.signature(run_chain).parameters.items() if p.kind is p.KEYWORD_ONLY
+) - {"guidance_scale", "generator"}
+
+
+def chain_options(options: Mapping[str, Any], *, ignore_unknown: bool = False) -> dict[str, Any]:
+    """The entries of ``options`` that :func:`run_chain` takes (:data:`CHAIN_OPTIONS`); any other keyword is a
+    ``TypeError`` naming it (raised before any sampling work), or dropped with ``ignore_unknown``."""
+    unknown = sorted(set(options) - CHAIN_OPTIONS)
+    if unknown and not ignore_unknown:
+        raise TypeError(f"sample() got unexpected keyword argument(s) {unknown}; besides its own, it takes the "
+                        f"sampling options {sorted(CHAIN_OPTIONS)}.")
+    return {k: v for k, v in options.items() if k in CHAIN_OPTIONS}

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from diffusers import DDPMPipeline
 from safetensors.torch import load_file, save_file
 
 from diffrl.pipelines.base import TrainableUNetPolicy
-from diffrl.pipelines.lora import LoraSettings, load_lora_state_dict, lora_state_dict
-from diffrl.pipelines.saved import write_model_info
+from diffrl.pipelines.chain import chain_options
+from diffrl.pipelines.lora import load_lora_state_dict, lora_state_dict
 from diffrl.pipelines.schedule import DenoisingSchedule, SamplerName
 from diffrl.pipelines.types import SampleResult, TextConditioning
 
@@ -36,21 +36,14 @@ class DDPMPolicy(TrainableUNetPolicy):
     pipeline_class = DDPMPipeline
     is_conditional = False
 
-    def __init__(
-        self,
-        pipeline: DDPMPipeline,
-        *,
-        use_lora: bool = True,
-        lora: LoraSettings | None = None,
-        mixed_precision: str = "no",
-        device: torch.device | str | None = None,
-        base_model: str | None = None,
-        revision: str = "main",
-        sampler: SamplerName = "ddim",
-    ) -> None:
-        schedule = DenoisingSchedule.from_scheduler_config(pipeline.scheduler.config, sampler=sampler)
-        self._setup(pipeline, schedule, use_lora=use_lora, lora=lora, mixed_precision=mixed_precision, device=device,
-                    base_model=base_model, revision=revision)
+    def __init__(self, pipeline: DDPMPipeline, *, sampler: SamplerName = "ddim", **settings: Any) -> None:
+        """``sampler``: "ddim" or "ddpm" (the ancestral step); ``settings``: as for
+        :class:`~diffrl.pipelines.base.TrainableUNetPolicy` (``use_lora``, ``lora``, ``mixed_precision``, ...)."""
+        self._sampler = sampler
+        super().__init__(pipeline, **settings)
+
+    def _make_schedule(self, pipeline: DDPMPipeline) -> DenoisingSchedule:
+        return DenoisingSchedule.from_scheduler_config(pipeline.scheduler.config, sampler=self._sampler)
 
     def load_lora_weights(self, source: str | os.PathLike) -> None:
         """Load a PEFT adapter folder (``adapter_model.safetensors``) into the trainable adapter."""
@@ -78,37 +71,22 @@ class DDPMPolicy(TrainableUNetPolicy):
         return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
     # ----------------------------------------------------------------- policy interface
-    def sample(
-        self,
-        prompts: Sequence[str] | None = None,
-        *,
-        batch_size: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 1.0,
-        eta: float = 1.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        grad_steps: Sequence[bool] | None = None,
-        gradient_checkpointing: bool = False,
-        stop_after_step: int | None = None,
-        progress: bool = False,
-        sde_steps: Sequence[bool] | None = None,
-        **ignored_conditioning,
-    ) -> SampleResult:
+    def sample(self, prompts: Sequence[str] | None = None, *, batch_size: int | None = None,
+               generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
+               **options: Any) -> SampleResult:
         """Sample ``batch_size`` images (or ``len(prompts)``: prompts are ignored, they only set the count).
 
-        ``guidance_scale`` and text options do not apply to an unconditional model and are ignored.
-        See :func:`diffrl.pipelines.chain.run_chain` for the other arguments.
+        ``options``: the sampling options of :func:`diffrl.pipelines.chain.run_chain` (``num_inference_steps``,
+        ``eta``, ``grad_steps``, ...); ``guidance_scale`` and text options do not apply to an unconditional
+        model and are ignored.
         """
         if batch_size is None:
             if prompts is None:
                 raise ValueError("Give batch_size (or a list of prompts, one per image) to sample a DDPM.")
             batch_size = 1 if isinstance(prompts, str) else len(prompts)
         names = [""] * batch_size if prompts is None or isinstance(prompts, str) else list(prompts)
-        return self._run(None, names, batch_size, latents, generator, num_inference_steps=num_inference_steps,
-                         guidance_scale=1.0, eta=eta, grad_steps=grad_steps,
-                         gradient_checkpointing=gradient_checkpointing, stop_after_step=stop_after_step,
-                         progress=progress, sde_steps=sde_steps)
+        return self._run(None, names, batch_size, latents, generator, guidance_scale=1.0,
+                         **chain_options(options, ignore_unknown=True))
 
     # ----------------------------------------------------------------- saving
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -126,5 +104,4 @@ class DDPMPolicy(TrainableUNetPolicy):
             save_file(state, directory / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
         else:
             DDPMPipeline(unet=self._unet, scheduler=self.pipeline.scheduler).save_pretrained(directory, safe_serialization=True)
-        write_model_info(directory, kind="ddpm", base_model=self.base_model, revision=self.revision,
-                         lora=self.lora.to_dict() if self.lora else None)
+        self._write_model_info(directory)

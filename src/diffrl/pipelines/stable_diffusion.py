@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 
 from diffrl.pipelines.base import TrainableUNetPolicy
-from diffrl.pipelines.lora import LoraSettings, load_lora_state_dict, lora_state_dict
-from diffrl.pipelines.saved import write_model_info
-from diffrl.pipelines.schedule import DenoisingSchedule
+from diffrl.pipelines.chain import chain_options
+from diffrl.pipelines.lora import load_lora_state_dict, lora_state_dict
 from diffrl.pipelines.types import SampleResult, TextConditioning
 
 
@@ -23,6 +22,12 @@ class StableDiffusionPolicy(TrainableUNetPolicy):
     Classifier-free guidance (Ho & Salimans 2022) when ``guidance_scale > 1``; trains LoRA adapters (PEFT)
     or the whole UNet. With ``mixed_precision`` "fp16"/"bf16" the frozen weights are stored in half precision
     and the forward passes autocast, while trainable weights, latents and log-probabilities stay float32.
+
+    ``from_pretrained`` (:meth:`~diffrl.pipelines.base.TrainableUNetPolicy.from_pretrained`) loads a Hub id, a
+    diffusers folder, a single-file checkpoint (``single_file_config``: the diffusers folder or Hub id describing
+    its architecture, needed offline), or a result saved by diffrl; a diffrl LoRA result (a folder or Hub repo
+    with ``diffrl_model.json``) loads its base model and then its adapter, ready to continue training, and
+    ``lora_weights`` loads any diffusers-format LoRA the same way.
     """
 
     kind = "stable_diffusion"
@@ -30,42 +35,18 @@ class StableDiffusionPolicy(TrainableUNetPolicy):
     load_options = ("single_file_config",)
     is_conditional = True
 
-    def __init__(
-        self,
-        pipeline: StableDiffusionPipeline,
-        *,
-        use_lora: bool = True,
-        lora: LoraSettings | None = None,
-        mixed_precision: str = "no",
-        device: torch.device | str | None = None,
-        base_model: str | None = None,
-        revision: str = "main",
-    ) -> None:
+    def __init__(self, pipeline: StableDiffusionPipeline, **settings: Any) -> None:
+        """``settings``: as for :class:`~diffrl.pipelines.base.TrainableUNetPolicy` (``use_lora``, ``lora``,
+        ``mixed_precision``, ``device``, ``base_model``, ``revision``)."""
         pipeline.safety_checker = None
-        schedule = DenoisingSchedule.from_scheduler_config(pipeline.scheduler.config)
-        self._setup(pipeline, schedule, use_lora=use_lora, lora=lora, mixed_precision=mixed_precision, device=device,
-                    base_model=base_model, revision=revision)
         self.vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+        super().__init__(pipeline, **settings)
 
     # ----------------------------------------------------------------- loading
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, revision: str = "main", use_lora: bool = True,
-                        lora: LoraSettings | None = None, lora_weights: str | os.PathLike | None = None,
-                        mixed_precision: str = "no", device: torch.device | str | None = None,
-                        single_file_config: str | None = None, **options) -> "StableDiffusionPolicy":
-        """Load from a Hub id, a diffusers folder, a single-file checkpoint (``single_file_config``: the diffusers
-        folder or Hub id describing its architecture, needed offline), or a result saved by diffrl.
-
-        A diffrl LoRA result (a folder or Hub repo with ``diffrl_model.json``) loads its base model and then
-        its adapter, ready to continue training; ``lora_weights`` loads any diffusers-format LoRA the same way.
-        """
-        return super().from_pretrained(name_or_path, revision=revision, use_lora=use_lora, lora=lora,
-                                       lora_weights=lora_weights, mixed_precision=mixed_precision, device=device,
-                                       single_file_config=single_file_config, **options)
-
     def load_lora_weights(self, source: str | os.PathLike) -> None:
-        """Load diffusers-format LoRA weights (``pytorch_lora_weights.safetensors``) into the trainable adapter."""
-        state, _ = StableDiffusionPipeline.lora_state_dict(os.fspath(source))
+        """Load diffusers-format LoRA weights (``pytorch_lora_weights.safetensors``; the UNet part) into the
+        trainable adapter."""
+        state, _ = self.pipeline_class.lora_state_dict(os.fspath(source))
         unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
         if not unet_state:
             raise ValueError(f"'{source}' holds no UNet LoRA weights (keys: {list(state)[:3]}).")
@@ -82,14 +63,9 @@ class StableDiffusionPolicy(TrainableUNetPolicy):
     def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str] | str | None = None,
                        guidance: bool = True) -> TextConditioning:
         """CLIP text states for ``prompts`` and, with guidance, for the negative prompts (empty if none)."""
-        if isinstance(negative_prompts, str):
-            negative_prompts = [negative_prompts] * len(prompts)
-        if negative_prompts is not None and len(negative_prompts) != len(prompts):
-            raise ValueError(f"got {len(negative_prompts)} negative prompts for {len(prompts)} prompts; give one "
-                             "per prompt or a single string for all.")
+        negative_prompts = per_prompt_negatives(prompts, negative_prompts)
         with torch.no_grad(), self.autocast():
-            pos, neg = self.pipeline.encode_prompt(list(prompts), self.device, 1, guidance,
-                                                   list(negative_prompts) if negative_prompts else None)
+            pos, neg = self.pipeline.encode_prompt(list(prompts), self.device, 1, guidance, negative_prompts)
         return TextConditioning(pos, neg if guidance else None)
 
     def _latent_shape(self, batch_size: int, height: int | None, width: int | None) -> tuple[int, ...]:
@@ -124,32 +100,18 @@ class StableDiffusionPolicy(TrainableUNetPolicy):
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     # ----------------------------------------------------------------- policy interface
-    def sample(
-        self,
-        prompts: Sequence[str] | None = None,
-        *,
-        batch_size: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
-        eta: float = 1.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        negative_prompts: Sequence[str] | str | None = None,
-        conditioning: TextConditioning | None = None,
-        latents: torch.Tensor | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        grad_steps: Sequence[bool] | None = None,
-        gradient_checkpointing: bool = False,
-        stop_after_step: int | None = None,
-        progress: bool = False,
-        sde_steps: Sequence[bool] | None = None,
-    ) -> SampleResult:
+    def sample(self, prompts: Sequence[str] | None = None, *, batch_size: int | None = None,
+               guidance_scale: float = 5.0, generator: torch.Generator | list[torch.Generator] | None = None,
+               negative_prompts: Sequence[str] | str | None = None, conditioning: TextConditioning | None = None,
+               latents: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
+               **options: Any) -> SampleResult:
         """Sample a batch: one image per prompt (``prompts`` or precomputed ``conditioning``).
 
-        ``generator`` drives every random draw: the initial noise and the noise of each step.
-        See :func:`diffrl.pipelines.chain.run_chain` for ``grad_steps``, ``gradient_checkpointing``,
-        ``stop_after_step`` and ``sde_steps``.
+        ``generator`` drives every random draw: the initial noise and the noise of each step. ``options``: the
+        sampling options of :func:`diffrl.pipelines.chain.run_chain` (``num_inference_steps`` 50, ``eta`` 1.0,
+        ``grad_steps``, ``gradient_checkpointing``, ``stop_after_step``, ``progress``, ``sde_steps``).
         """
+        options = chain_options(options)
         if conditioning is None:
             if prompts is None:
                 raise ValueError("Stable Diffusion sampling needs prompts (or precomputed conditioning).")
@@ -160,21 +122,29 @@ class StableDiffusionPolicy(TrainableUNetPolicy):
             raise ValueError(f"batch_size={batch_size} but {batch} prompts were given; pass one prompt per image.")
         prompts = list(prompts) if prompts is not None else [""] * batch
         return self._run(conditioning, prompts, batch, latents, generator, height, width,
-                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
-                         grad_steps=grad_steps, gradient_checkpointing=gradient_checkpointing,
-                         stop_after_step=stop_after_step, progress=progress, sde_steps=sde_steps)
+                         guidance_scale=guidance_scale, **options)
 
     # ----------------------------------------------------------------- saving
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """LoRA: ``pytorch_lora_weights.safetensors`` for ``StableDiffusionPipeline.load_lora_weights``;
-        full fine-tuning: a whole pipeline folder for ``StableDiffusionPipeline.from_pretrained``."""
+        """LoRA: ``pytorch_lora_weights.safetensors`` for the diffusers pipeline's ``load_lora_weights``; full
+        fine-tuning: a whole pipeline folder for its ``from_pretrained``. Both with ``diffrl_model.json`` (base
+        model, LoRA settings and the kind's own settings) to continue training."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.use_lora:
             layers = convert_state_dict_to_diffusers(lora_state_dict(self._unet))
-            StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
+            self.pipeline_class.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
         else:
             self.pipeline.unet = self._unet
             self.pipeline.save_pretrained(directory, safe_serialization=True)
-        write_model_info(directory, kind="stable_diffusion", base_model=self.base_model, revision=self.revision,
-                         lora=self.lora.to_dict() if self.lora else None)
+        self._write_model_info(directory)
+
+
+def per_prompt_negatives(prompts: Sequence[str], negative_prompts: Sequence[str] | str | None) -> list[str] | None:
+    """``negative_prompts`` as one string per prompt (a single string is repeated; ``None`` stays ``None``)."""
+    if isinstance(negative_prompts, str):
+        negative_prompts = [negative_prompts] * len(prompts)
+    if negative_prompts is not None and len(negative_prompts) != len(prompts):
+        raise ValueError(f"got {len(negative_prompts)} negative prompts for {len(prompts)} prompts; give one "
+                         "per prompt or a single string for all.")
+    return list(negative_prompts) if negative_prompts else None

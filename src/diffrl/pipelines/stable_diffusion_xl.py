@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 
 from diffrl.pipelines import precision
-from diffrl.pipelines.loading import ModelLoadError, load_pipeline
-from diffrl.pipelines.lora import LoraSettings, load_lora_state_dict, lora_state_dict
-from diffrl.pipelines.saved import plan_load, read_model_info, write_model_info
-from diffrl.pipelines.stable_diffusion import StableDiffusionPolicy
+from diffrl.pipelines.loading import ModelLoadError
+from diffrl.pipelines.saved import read_model_info
+from diffrl.pipelines.stable_diffusion import StableDiffusionPolicy, per_prompt_negatives
 from diffrl.pipelines.types import SampleResult
 
 Size = tuple[int, int]
@@ -115,75 +113,53 @@ class StableDiffusionXLPolicy(StableDiffusionPolicy):
     kind = "sdxl"
     pipeline_class = StableDiffusionXLPipeline
 
-    def __init__(
-        self,
-        pipeline: StableDiffusionXLPipeline,
-        *,
-        use_lora: bool = True,
-        lora: LoraSettings | None = None,
-        mixed_precision: str = "no",
-        device: torch.device | str | None = None,
-        base_model: str | None = None,
-        revision: str = "main",
-        original_size: Size | None = None,
-        crops_coords_top_left: Size = (0, 0),
-        target_size: Size | None = None,
-        vae_source: str | None = None,
-    ) -> None:
+    load_options = ("single_file_config", "vae")
+
+    def __init__(self, pipeline: StableDiffusionXLPipeline, *, original_size: Size | None = None,
+                 crops_coords_top_left: Size = (0, 0), target_size: Size | None = None, vae_source: str | None = None,
+                 **settings: Any) -> None:
+        """``vae_source``: where a replaced VAE came from (recorded in saved results); ``settings``: as for
+        :class:`~diffrl.pipelines.base.TrainableUNetPolicy`."""
         _check_added_conditioning(pipeline)
         self.original_size = tuple(original_size) if original_size is not None else None
         self.crops_coords_top_left = tuple(crops_coords_top_left)
         self.target_size = tuple(target_size) if target_size is not None else None
         self.vae_source = vae_source
-        super().__init__(pipeline, use_lora=use_lora, lora=lora, mixed_precision=mixed_precision, device=device,
-                         base_model=base_model, revision=revision)
+        super().__init__(pipeline, **settings)
 
     # ----------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike,
-        *,
-        revision: str = "main",
-        use_lora: bool = True,
-        lora: LoraSettings | None = None,
-        lora_weights: str | os.PathLike | None = None,
-        mixed_precision: str = "no",
-        device: torch.device | str | None = None,
-        single_file_config: str | None = None,
-        vae: str | os.PathLike | None = None,
-        original_size: Size | None = None,
-        crops_coords_top_left: Size | None = None,
-        target_size: Size | None = None,
-    ) -> "StableDiffusionXLPolicy":
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, vae: str | os.PathLike | None = None,
+                        original_size: Size | None = None, crops_coords_top_left: Size | None = None,
+                        target_size: Size | None = None, **options: Any) -> "StableDiffusionXLPolicy":
         """Load from a Hub id, a diffusers folder, a single-file SDXL checkpoint, or an SDXL result saved by diffrl
         (its base model, VAE, size conditioning and LoRA adapter, ready to continue training).
 
-        ``vae`` replaces the pipeline's VAE (a folder, single file or Hub id; see :func:`load_vae`)."""
-        info = read_model_info(name_or_path, revision) or {}
-        sdxl = info.get("sdxl", {}) if info.get("kind") == cls.kind else {}
-        plan = plan_load(name_or_path, revision, cls.kind, use_lora, lora, lora_weights)
-        vae = vae if vae is not None else (sdxl.get("vae") if info.get("lora") else None)
-        extra = {"vae": load_vae(vae, revision)} if vae is not None else {}
-        pipeline = load_pipeline(StableDiffusionXLPipeline, plan.base, revision=plan.revision,
-                                 single_file_config=single_file_config, **extra)
-        sizes = {"original_size": original_size or sdxl.get("original_size"),
-                 "crops_coords_top_left": crops_coords_top_left or sdxl.get("crops_coords_top_left") or (0, 0),
-                 "target_size": target_size or sdxl.get("target_size")}
-        policy = cls(pipeline, use_lora=plan.use_lora, lora=plan.lora, mixed_precision=mixed_precision, device=device,
-                     base_model=plan.base, revision=plan.revision, vae_source=None if vae is None else os.fspath(vae),
-                     **sizes)
-        if plan.lora_weights is not None:
-            policy.load_lora_weights(plan.lora_weights)
-        return policy
+        ``vae`` replaces the pipeline's VAE (a folder, single file or Hub id; see :func:`load_vae`); ``options``:
+        as for :meth:`StableDiffusionPolicy.from_pretrained` (``revision``, ``use_lora``, ``lora``,
+        ``lora_weights``, ``mixed_precision``, ``device``, ``single_file_config``)."""
+        return super().from_pretrained(name_or_path, vae=vae, original_size=original_size,
+                                       crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+                                       **options)
 
-    def load_lora_weights(self, source: str | os.PathLike) -> None:
-        """Load diffusers-format SDXL LoRA weights (the UNet part) into the trainable adapter."""
-        state, _ = StableDiffusionXLPipeline.lora_state_dict(os.fspath(source))
-        unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-        if not unet_state:
-            raise ValueError(f"'{source}' holds no UNet LoRA weights (keys: {list(state)[:3]}).")
-        load_lora_state_dict(self._unet, convert_unet_state_dict_to_peft(unet_state), os.fspath(source))
+    @classmethod
+    def _split_options(cls, name_or_path: str | os.PathLike, revision: str,
+                       options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The VAE (given, or the one a saved LoRA result names) is loaded for the pipeline; unset size
+        conditioning is taken from a saved result."""
+        load_kwargs, init_kwargs = super()._split_options(name_or_path, revision, options)
+        info = read_model_info(name_or_path, revision) or {}
+        saved = info.get("sdxl", {}) if info.get("kind") == cls.kind else {}
+        vae = load_kwargs.pop("vae", None)
+        vae = vae if vae is not None else (saved.get("vae") if info.get("lora") else None)
+        if vae is not None:
+            load_kwargs["vae"] = load_vae(vae, revision)
+            init_kwargs["vae_source"] = os.fspath(vae)
+        for name in ("original_size", "target_size"):
+            init_kwargs[name] = init_kwargs.get(name) or saved.get(name)
+        init_kwargs["crops_coords_top_left"] = (init_kwargs.get("crops_coords_top_left")
+                                                or saved.get("crops_coords_top_left") or (0, 0))
+        return load_kwargs, init_kwargs
 
     def _frozen_modules(self) -> list[torch.nn.Module]:
         return [self.pipeline.vae, self.pipeline.text_encoder, self.pipeline.text_encoder_2]
@@ -218,16 +194,10 @@ class StableDiffusionXLPolicy(StableDiffusionPolicy):
         """Both encoders' states for ``prompts`` and, with guidance, for the negative prompts; without negative
         prompts the unconditional states are zeros when the model sets ``force_zeros_for_empty_prompt``
         (SDXL base does), else those of the empty prompt — diffusers' ``encode_prompt`` rules."""
-        if isinstance(negative_prompts, str):
-            negative_prompts = [negative_prompts] * len(prompts)
-        if negative_prompts is not None and len(negative_prompts) != len(prompts):
-            raise ValueError(f"got {len(negative_prompts)} negative prompts for {len(prompts)} prompts; give one "
-                             "per prompt or a single string for all.")
         with torch.no_grad(), self.autocast():
             pos, neg, pooled, neg_pooled = self.pipeline.encode_prompt(
                 prompt=list(prompts), device=self.device, num_images_per_prompt=1,
-                do_classifier_free_guidance=guidance,
-                negative_prompt=list(negative_prompts) if negative_prompts else None)
+                do_classifier_free_guidance=guidance, negative_prompt=per_prompt_negatives(prompts, negative_prompts))
         ids = self.add_time_ids(len(prompts), height, width)
         if not guidance:
             return SDXLConditioning(pos, None, pooled, None, ids)
@@ -289,22 +259,10 @@ class StableDiffusionXLPolicy(StableDiffusionPolicy):
                               width=width, **kwargs)
 
     # ----------------------------------------------------------------- saving
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """LoRA: ``pytorch_lora_weights.safetensors`` for ``StableDiffusionXLPipeline.load_lora_weights``;
-        full fine-tuning: a whole pipeline folder for ``StableDiffusionXLPipeline.from_pretrained``. Both with
-        ``diffrl_model.json`` (base model, VAE, size conditioning, LoRA settings) to continue training."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if self.use_lora:
-            layers = convert_state_dict_to_diffusers(lora_state_dict(self._unet))
-            StableDiffusionXLPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
-        else:
-            self.pipeline.unet = self._unet
-            self.pipeline.save_pretrained(directory, safe_serialization=True)
-        sdxl = {"vae": self.vae_source, "original_size": self.original_size,
-                "crops_coords_top_left": self.crops_coords_top_left, "target_size": self.target_size}
-        write_model_info(directory, kind=self.kind, base_model=self.base_model, revision=self.revision,
-                         lora=self.lora.to_dict() if self.lora else None, extra={"sdxl": sdxl})
+    def _model_info_extra(self) -> dict[str, Any]:
+        """The VAE and size conditioning, so that a saved SDXL result continues with them."""
+        return {"sdxl": {"vae": self.vae_source, "original_size": self.original_size,
+                         "crops_coords_top_left": self.crops_coords_top_left, "target_size": self.target_size}}
 
 
 def _check_added_conditioning(pipeline: StableDiffusionXLPipeline) -> None:
