@@ -6,6 +6,7 @@ import torch
 from diffrl import DefaultDDPODDPMPipeline, DefaultDDPOStableDiffusionPipeline, GRPOConfig, GRPOTrainer
 from diffrl.config import ConfigError
 from diffrl.recipes import grpo as grpo_module
+from diffrl.recipes import lifecycle as lifecycle_module
 from diffrl.recipes.grpo import epoch_advantages, epoch_layout, epoch_window
 
 from .helpers import logged_metrics, trainable_weights
@@ -32,7 +33,7 @@ class Recorder:
 
     def __init__(self, monkeypatch):
         self.calls, self.updates = [], 0
-        loss, step = grpo_module.grpo_loss, grpo_module.optimizer_step
+        loss, step = grpo_module.grpo_loss, lifecycle_module.optimizer_step
 
         def recorded_loss(log_prob, old_log_prob, advantages, clip_range, kl=None, kl_coef=0.0):
             self.calls.append({"update": self.updates, "ratio": (log_prob - old_log_prob).detach().exp(),
@@ -44,7 +45,7 @@ class Recorder:
             step(optimizer, scheduler)
 
         monkeypatch.setattr(grpo_module, "grpo_loss", recorded_loss)
-        monkeypatch.setattr(grpo_module, "optimizer_step", counted_step)
+        monkeypatch.setattr(lifecycle_module, "optimizer_step", counted_step)  # Trainer.optimizer_update calls it
 
 
 def test_ratio_is_one_and_kl_zero_before_the_first_update_then_kl_grows(tiny_ddpm_path, tmp_path, monkeypatch):

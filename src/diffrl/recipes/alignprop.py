@@ -21,7 +21,7 @@ from diffrl.algorithms.truncation import GradientPlan, plan_gradients
 from diffrl.config import AlignPropConfig
 from diffrl.recipes.checkpoints import is_sharded
 from diffrl.recipes.lifecycle import EpochResult, Timer, Trainer, call_image_hook
-from diffrl.recipes.optim import average_gradients, clip_gradients, optimizer_step
+from diffrl.recipes.optim import average_gradients
 from diffrl.rewards import require_differentiable, score
 from diffrl.seeding import generator_for
 
@@ -75,7 +75,7 @@ class AlignPropTrainer(Trainer):
                 pairs["rewards"] = self.compute_rewards(pairs)
                 loss = self.calculate_loss(pairs["rewards"])
                 forward_s += timer.lap()
-                acc.backward(loss / accumulate)
+                self.backward(loss / accumulate, sync=micro == accumulate - 1)
             backward_s += timer.lap()
             pairs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in pairs.items()}
             rewards.append(pairs["rewards"])
@@ -83,10 +83,8 @@ class AlignPropTrainer(Trainer):
             plans.append(self.last_plan)
         if not is_sharded(acc):
             average_gradients(acc, self._params)
-        norm = clip_gradients(acc, self._params, c.train_max_grad_norm)
-        self.guard.check_gradients(norm, epoch, global_step, self.lr_scheduler.get_last_lr()[0])
-        optimizer_step(self.optimizer, self.lr_scheduler)
-        global_step += 1
+        stats: dict[str, list[torch.Tensor]] = {}
+        global_step = self.optimizer_update(epoch, global_step, stats)
         self.policy.unet.eval()
         train_s = timer.lap()
         if global_step % c.log_image_freq == 0:
@@ -95,7 +93,7 @@ class AlignPropTrainer(Trainer):
         metrics = {"reward/mean": float(all_rewards.mean()), "reward/std": float(all_rewards.std()),
                    "reward/max": float(all_rewards.max()), "reward/min": float(all_rewards.min()),
                    "loss/reward": float(acc.reduce(torch.stack(losses).mean().to(acc.device), "mean")),
-                   "stats/grad_norm": float(norm),
+                   "stats/grad_norm": float(stats["stats/grad_norm"][0]),
                    "truncation/grad_steps": float(np.mean([p.num_grad_steps for p in plans])),
                    "truncation/first_grad_step": float(np.mean([p.first_grad_step for p in plans])),
                    "perf/sampling_s": forward_s, "perf/backward_s": backward_s,

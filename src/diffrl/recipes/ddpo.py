@@ -20,8 +20,7 @@ from diffrl.algorithms import (PerPromptStatTracker, batch_advantages, denoising
 from diffrl.config import DDPOConfig
 from diffrl.pipelines.types import TextConditioning
 from diffrl.recipes.lifecycle import EpochResult, Timer, Trainer, call_image_hook
-from diffrl.recipes.optim import clip_gradients, optimizer_step
-from diffrl.recipes.samples import EpochSamples
+from diffrl.recipes.samples import EpochSamples, training_conditioning
 from diffrl.rewards import score
 from diffrl.seeding import generator_for
 
@@ -51,6 +50,12 @@ class DDPOTrainer(Trainer):
         if c.algorithm == "ddpo_sf":  # on-policy: one update from all of an epoch's samples
             return c.sample_batch_size * c.sample_num_batches_per_epoch // c.train_batch_size * c.num_train_timesteps
         return c.train_gradient_accumulation_steps * c.num_train_timesteps
+
+    def deepspeed_accumulation_steps(self) -> int:
+        """Backward calls per optimizer step (each fused call covers ``_timestep_chunk()`` timesteps)."""
+        return max(1, self._accumulation_steps() // max(1, min(self.config.train_timestep_chunk or
+                                                               self.config.num_train_timesteps,
+                                                               self.config.num_train_timesteps)))
 
     def total_optimizer_steps(self) -> int:
         c = self.config
@@ -187,18 +192,14 @@ class DDPOTrainer(Trainer):
                 probe = self._memory_probe()
                 with ctx:
                     loss, infos = self._loss(shuffled, weights, idx, steps, generator)
-                    acc.backward(loss * (len(steps) / accumulate))
+                    self.backward(loss * (len(steps) / accumulate), sync)
                 if probe is not None:
                     self._fitted_chunk = probe.fit(n)
                 for info in infos:
                     for k, v in info.items():
                         stats.setdefault(k, []).append(v)
                 if sync:
-                    norm = clip_gradients(acc, self._params, c.train_max_grad_norm)
-                    self.guard.check_gradients(norm, epoch, global_step, self.lr_scheduler.get_last_lr()[0])
-                    stats.setdefault("stats/grad_norm", []).append(norm.detach())
-                    optimizer_step(self.optimizer, self.lr_scheduler)
-                    global_step += 1
+                    global_step = self.optimizer_update(epoch, global_step, stats)
         self.policy.unet.eval()
         return global_step
 
@@ -207,15 +208,6 @@ class DDPOTrainer(Trainer):
         if self.config.train_timestep_chunk or self._fitted_chunk or self.accelerator.device.type != "cuda":
             return None
         return MemoryProbe(self.accelerator.device)
-
-    def _conditioning(self, samples: EpochSamples, idx: slice):
-        """The stored conditioning of ``idx`` and the guidance scale to train with (``train_cfg``)."""
-        if samples.conditioning is None:
-            return None, 1.0
-        cond = samples.conditioning.index(idx)
-        if self.config.train_cfg and cond.negative_prompt_embeds is not None:
-            return cond, self.config.sample_guidance_scale
-        return cond.without_guidance(), 1.0
 
     def _loss(self, s: EpochSamples, weights: torch.Tensor, idx: slice, steps: range,
               generator: torch.Generator) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
@@ -229,7 +221,7 @@ class DDPOTrainer(Trainer):
         def rows(x: torch.Tensor) -> torch.Tensor:  # [B, N, ...] -> [K * B, ...], timestep-major
             return x[idx, window].transpose(0, 1).reshape(k * batch, *x.shape[2:])
 
-        cond, guidance = self._conditioning(s, idx)
+        cond, guidance = training_conditioning(s, idx, self.config.train_cfg, self.config.sample_guidance_scale)
         if cond is not None and k > 1:
             cond = cond.index(torch.arange(batch, device=cond.prompt_embeds.device).repeat(k))
         w = weights[idx].repeat(k)
@@ -264,12 +256,16 @@ class DDPOTrainer(Trainer):
         return ppo_clip_loss(torch.log(ratio), torch.zeros_like(ratio), advantages, clip_range)[0]
 
     def calculate_loss(self, latents, timesteps, next_latents, log_probs, advantages, embeds):
-        """TRL's per-step loss: returns ``(loss, approx_kl, clipfrac)``. ``embeds`` is ``[neg; pos]`` with guidance."""
+        """TRL's per-step loss: returns ``(loss, approx_kl, clipfrac)``. ``embeds`` is ``[neg; pos]`` with guidance,
+        as TRL passed it, or the ``conditioning`` of a sample from :meth:`_generate_samples` (any policy, SDXL too)."""
         c = self.config
         guided = c.train_cfg and self.policy.is_conditional and c.sample_guidance_scale > 1.0
         cond = None
-        if self.policy.is_conditional:
+        if self.policy.is_conditional and isinstance(embeds, torch.Tensor):  # TRL's [neg; pos] states
             cond = TextConditioning(*reversed(embeds.chunk(2))) if guided else TextConditioning(embeds, None)
+        elif self.policy.is_conditional:  # a policy's own conditioning (SDXL's holds pooled states and time ids)
+            guided = guided and embeds.negative_prompt_embeds is not None
+            cond = embeds if guided else embeds.without_guidance()
         prev = self.policy.schedule.prev_timesteps(timesteps, c.sample_num_steps)
         step = self.policy.step_log_prob(latents, timesteps, prev, next_latents, cond, eta=c.sample_eta,
                                          guidance_scale=c.sample_guidance_scale if guided else 1.0)
@@ -308,6 +304,7 @@ class DDPOTrainer(Trainer):
                 "timesteps": traj.timesteps, "latents": traj.latents[:, :-1], "next_latents": traj.latents[:, 1:],
                 "log_probs": traj.log_probs,
                 "negative_prompt_embeds": None if cond is None else cond.negative_prompt_embeds,
+                "conditioning": cond,
             })
             pairs.append([traj.images, list(prompts), list(prompt_meta)])
         return samples, pairs

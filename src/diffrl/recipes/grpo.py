@@ -30,8 +30,7 @@ from tqdm.auto import tqdm
 from diffrl.algorithms import gathered_group_advantages, gaussian_mean_kl, grpo_loss, sde_window
 from diffrl.config import GRPOConfig
 from diffrl.recipes.lifecycle import EpochResult, Timer, Trainer, call_image_hook
-from diffrl.recipes.optim import clip_gradients, optimizer_step
-from diffrl.recipes.samples import EpochSamples
+from diffrl.recipes.samples import EpochSamples, training_conditioning
 from diffrl.rewards import score
 from diffrl.seeding import generator_for
 
@@ -82,16 +81,6 @@ def epoch_advantages(rewards: torch.Tensor | Mapping[str, torch.Tensor], config:
     group_ids = torch.arange(c.samples_per_epoch()) // c.group_size
     return gathered_group_advantages(rewards, group_ids, process_index, num_processes, weights=weights,
                                      std=c.adv_std, eps=c.adv_eps, clip=c.train_adv_clip_max)
-
-
-def training_conditioning(samples: EpochSamples, idx: slice, train_cfg: bool, guidance_scale: float):
-    """The stored conditioning of ``idx`` and the guidance scale to train with (guided only with ``train_cfg``)."""
-    if samples.conditioning is None:
-        return None, 1.0
-    cond = samples.conditioning.index(idx)
-    if train_cfg and cond.negative_prompt_embeds is not None:
-        return cond, guidance_scale
-    return cond.without_guidance(), 1.0
 
 
 class GRPOTrainer(Trainer):
@@ -239,15 +228,11 @@ class GRPOTrainer(Trainer):
                 ctx = contextlib.nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(self.policy.unet)
                 with ctx:
                     loss, info = self._loss(shuffled, advantages, idx, j)
-                    acc.backward(loss / accumulate)
+                    self.backward(loss / accumulate, sync)
                 for k, v in info.items():
                     stats.setdefault(k, []).append(v.detach())
                 if sync:
-                    norm = clip_gradients(acc, self._params, c.train_max_grad_norm)
-                    self.guard.check_gradients(norm, epoch, global_step, self.lr_scheduler.get_last_lr()[0])
-                    stats.setdefault("stats/grad_norm", []).append(norm.detach())
-                    optimizer_step(self.optimizer, self.lr_scheduler)
-                    global_step += 1
+                    global_step = self.optimizer_update(epoch, global_step, stats)
         self.policy.unet.eval()
         return global_step
 

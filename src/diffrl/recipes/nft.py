@@ -23,7 +23,6 @@ from diffrl.algorithms import (EMA_SCHEDULES, NFTStats, advantages_to_optimality
 from diffrl.config.nft import NFTConfig
 from diffrl.pipelines.schedule import DenoisingSchedule
 from diffrl.recipes.lifecycle import EpochResult, Timer, Trainer, call_image_hook, resolve_policy
-from diffrl.recipes.optim import clip_gradients, optimizer_step
 from diffrl.rewards import score
 from diffrl.seeding import generator_for
 
@@ -264,17 +263,13 @@ class NFTTrainer(Trainer):
                 noise = torch.randn(batch.x0.shape, generator=generator).to(batch.x0.device)
                 with ctx:
                     loss, st = self.compute_loss(batch, timesteps[idx, j], noise)
-                    acc.backward(loss / accumulate)
+                    self.backward(loss / accumulate, sync)
                 for key, value in (("loss/policy", st.policy_loss), ("loss/positive", st.positive_loss),
                                    ("loss/negative", st.negative_loss), ("stats/kl_ref", st.kl_ref),
                                    ("stats/old_deviation", st.old_deviation)):
                     stats.setdefault(key, []).append(value)
                 if sync:
-                    norm = clip_gradients(acc, self._params, c.train_max_grad_norm)
-                    self.guard.check_gradients(norm, epoch, global_step, self.lr_scheduler.get_last_lr()[0])
-                    stats.setdefault("stats/grad_norm", []).append(norm.detach())
-                    optimizer_step(self.optimizer, self.lr_scheduler)
-                    global_step += 1
+                    global_step = self.optimizer_update(epoch, global_step, stats)
         self.policy.unet.eval()
         return global_step
 

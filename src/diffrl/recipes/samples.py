@@ -59,3 +59,13 @@ class EpochSamples(NamedTuple):
         out = EpochSamples(per_step(self.latents), per_step(self.next_latents), self.final[perm.to(self.final.device)],
                            per_step(self.timesteps), per_step(self.prev_timesteps), per_step(self.log_probs), cond)
         return out, perm
+
+
+def training_conditioning(samples: EpochSamples, idx: slice, train_cfg: bool, guidance_scale: float):
+    """The stored conditioning of ``idx`` and the guidance scale to train with (guided only with ``train_cfg``)."""
+    if samples.conditioning is None:
+        return None, 1.0
+    cond = samples.conditioning.index(idx)
+    if train_cfg and cond.negative_prompt_embeds is not None:
+        return cond, guidance_scale
+    return cond.without_guidance(), 1.0
