@@ -162,7 +162,6 @@ COMMON = ["--num_epochs", "1", "--sample_num_steps", "2", "--train_batch_size", 
           "--logdir", "logs", "--output_dir", "out", "--seed", "0"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_example_runs_to_its_last_line(examples, aesthetic_models, tiny_sd_path, script, tmp_path) -> None:
     clip, mlp = aesthetic_models
