@@ -34,6 +34,37 @@ SD2_SCHEDULER_CONFIG = dict(
 )
 
 
+# The layout every tiny UNet shares: two resolutions of 8 and 16 channels, one layer each, 4 norm groups.
+TINY_UNET_LAYOUT = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
+# The latent-space UNets (SD, SDXL): 8x8x4 latents in and out.
+TINY_LATENT_UNET = dict(sample_size=8, in_channels=4, out_channels=4, **TINY_UNET_LAYOUT)
+
+
+def build_tiny_vae(**overrides) -> AutoencoderKL:
+    """The tiny ``AutoencoderKL`` of the latent models: 16x16x3 images, 8x8x4 latents (``overrides``: other
+    config values, e.g. SDXL's scaling factor)."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        **overrides,
+    )
+
+
+def tiny_clip_text_config(tokenizer, max_length: int, **overrides) -> CLIPTextConfig:
+    """A 2-layer, 16-wide CLIP text encoder config for ``tokenizer`` (its vocabulary and special tokens)."""
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **overrides,
+    )
+
+
 def build_tiny_stable_diffusion(seed: int = 0, *, max_length: int = 16, version: int = 1) -> StableDiffusionPipeline:
     """A Stable Diffusion-shaped pipeline: 16x16 images, 8x8x4 latents, a 2-layer CLIP text encoder.
 
@@ -45,43 +76,18 @@ def build_tiny_stable_diffusion(seed: int = 0, *, max_length: int = 16, version:
         raise ValueError(f"version={version!r}: the tiny Stable Diffusion comes in versions 1 and 2.")
     torch.manual_seed(seed)
     sd2 = dict(use_linear_projection=True, upcast_attention=True) if version == 2 else {}
-    unet = UNet2DConditionModel(**sd2,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
+    unet = UNet2DConditionModel(
+        **sd2,
+        **TINY_LATENT_UNET,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16,
         attention_head_dim=2,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
+    vae = build_tiny_vae()
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = make_clip_tokenizer(tmp, model_max_length=max_length)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer, max_length))
     if version == 2:
         scheduler = DDIMScheduler.from_config(SD2_SCHEDULER_CONFIG)  # keeps the extra PNDM key as SD 2.1 does
     else:  # Stable Diffusion 1.x ships a PNDM config; diffrl samples with DDIM built from it.
@@ -102,9 +108,7 @@ def build_tiny_ddpm(seed: int = 0, *, channels: int = 3, sample_size: int = 8) -
         sample_size=sample_size,
         in_channels=channels,
         out_channels=channels,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
+        **TINY_UNET_LAYOUT,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=4,

@@ -30,6 +30,9 @@ LLAVA_CHAT_TEMPLATE = (
 )
 """A LLaVA-1.5 style chat template ("USER: <image>\\n... ASSISTANT:")."""
 
+# The width and depth of every tiny transformer here (CLIP's two towers, ViT, LLaVA's vision tower and Llama, BERT).
+_TINY_TRANSFORMER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+
 
 def _clip_image_processor(image_size: int):
     from transformers import CLIPImageProcessor
@@ -53,10 +56,7 @@ def make_tiny_clip(directory: str | Path, *, image_size: int = 32, projection_di
     config = CLIPConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
+            **_TINY_TRANSFORMER,
             "max_position_embeddings": 77,
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
@@ -64,10 +64,7 @@ def make_tiny_clip(directory: str | Path, *, image_size: int = 32, projection_di
             "projection_dim": projection_dim,
         },
         vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
+            **_TINY_TRANSFORMER,
             "image_size": image_size,
             "patch_size": 8,
             "projection_dim": projection_dim,
@@ -109,10 +106,7 @@ def make_tiny_vit_classifier(
     directory = Path(directory)
     torch.manual_seed(seed)
     config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
+        **_TINY_TRANSFORMER,
         image_size=image_size,
         patch_size=8,
         num_labels=num_labels,
@@ -168,19 +162,13 @@ def make_tiny_llava(directory: str | Path, *, image_size: int = 16, seed: int = 
     torch.manual_seed(seed)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            **_TINY_TRANSFORMER,
             image_size=image_size,
             patch_size=patch_size,
         ),
         text_config=LlamaConfig(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            **_TINY_TRANSFORMER,
             num_key_value_heads=2,
             max_position_embeddings=256,
             pad_token_id=tokenizer.pad_token_id,
@@ -221,10 +209,7 @@ def make_tiny_bert(directory: str | Path, *, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(tokens),
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=37,
+        **(_TINY_TRANSFORMER | {"num_hidden_layers": 3}),
         max_position_embeddings=128,
     )
     BertModel(config).eval().save_pretrained(directory)
