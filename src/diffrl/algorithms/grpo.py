@@ -11,12 +11,12 @@ Pure tensor functions; the trainer gathers rewards across processes and calls th
 
 from __future__ import annotations
 
-from typing import Literal, Mapping, NamedTuple
+from typing import Any, Literal, Mapping, NamedTuple
 
 import torch
 
 from diffrl.algorithms.ddpo import ppo_clip_loss
-from diffrl.samplers.gaussian import DeterministicStepError, Reduction
+from diffrl.samplers.gaussian import DeterministicStepError, Reduction, reduce_per_sample
 
 StdMode = Literal["group", "global"]
 STD_MODES: tuple[str, ...] = ("group", "global")
@@ -109,16 +109,15 @@ def multi_reward_advantages(
     weights: Mapping[str, float],
     group_ids: torch.Tensor,
     *,
-    std: StdMode = "group",
-    eps: float = 1e-4,
     clip: float | None = None,
-    unbiased: bool = False,
+    **normalisation: Any,
 ) -> torch.Tensor:
     """MixGRPO's multi-reward advantage: ``A = sum_k w_k * A_k`` with each ``A_k`` group-normalised on its own.
 
     Normalising each reward separately keeps a reward with a large scale from drowning the others (MixGRPO's
     multi-reward training). ``clip`` applies to the weighted sum (the advantage that enters the loss);
     the per-reward advantages are not clipped. ``rewards`` and ``weights`` must have the same keys.
+    ``normalisation``: ``std``, ``eps`` and ``unbiased`` of :func:`group_advantages`, for every reward.
     """
     if set(rewards) != set(weights):
         raise ValueError(
@@ -128,7 +127,7 @@ def multi_reward_advantages(
         raise ValueError("rewards is empty: give at least one named reward.")
     total = None
     for name in sorted(rewards):
-        part = float(weights[name]) * group_advantages(rewards[name], group_ids, std=std, eps=eps, unbiased=unbiased)
+        part = float(weights[name]) * group_advantages(rewards[name], group_ids, **normalisation)
         total = part if total is None else total + part
     assert total is not None
     if clip is not None:
@@ -161,10 +160,7 @@ def gathered_group_advantages(
     num_processes: int,
     *,
     weights: Mapping[str, float] | None = None,
-    std: StdMode = "group",
-    eps: float = 1e-4,
-    clip: float | None = None,
-    unbiased: bool = False,
+    **normalisation: Any,
 ) -> torch.Tensor:
     """Advantages of this process's samples, computed from every process's rewards.
 
@@ -173,6 +169,8 @@ def gathered_group_advantages(
             ``accelerator.gather`` returns), or a mapping of such tensors with ``weights`` (multi-reward).
         gathered_group_ids: ``[P * n]`` group ids in the same order. Ids must be global: two different
             prompts must never share an id, even when they were sampled on different processes.
+        normalisation: ``std``, ``eps``, ``clip`` and ``unbiased``, as for :func:`group_advantages` (and
+            :func:`multi_reward_advantages`, whose ``clip`` applies to the weighted sum).
 
     Returns:
         ``[n]`` advantages of rows ``[process_index * n, (process_index + 1) * n)``.
@@ -183,11 +181,9 @@ def gathered_group_advantages(
     if isinstance(gathered_rewards, Mapping):
         if weights is None:
             raise ValueError("several named rewards were given without weights: pass weights={name: w, ...}.")
-        adv = multi_reward_advantages(
-            gathered_rewards, weights, gathered_group_ids, std=std, eps=eps, clip=clip, unbiased=unbiased
-        )
+        adv = multi_reward_advantages(gathered_rewards, weights, gathered_group_ids, **normalisation)
     else:
-        adv = group_advantages(gathered_rewards, gathered_group_ids, std=std, eps=eps, clip=clip, unbiased=unbiased)
+        adv = group_advantages(gathered_rewards, gathered_group_ids, **normalisation)
     return process_slice(adv, process_index, num_processes)
 
 
@@ -215,13 +211,7 @@ def gaussian_mean_kl(
         )
     dtype = torch.promote_types(mean.dtype, torch.float32)
     diff = mean.to(dtype) - mean_ref.to(dtype)
-    elementwise = diff**2 / (2 * std.to(dtype) ** 2)
-    dims = tuple(range(1, elementwise.ndim))
-    if reduction == "mean":
-        return elementwise.mean(dim=dims)
-    if reduction == "sum":
-        return elementwise.sum(dim=dims)
-    raise ValueError(f"reduction={reduction!r} is not supported; use 'mean' or 'sum'.")
+    return reduce_per_sample(diff**2 / (2 * std.to(dtype) ** 2), reduction)
 
 
 class GRPOStats(NamedTuple):

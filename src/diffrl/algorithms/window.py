@@ -8,7 +8,7 @@ sampling order, ``0`` (the noisiest) to ``num_steps - 1``, as in :mod:`diffrl.al
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -69,21 +69,11 @@ def window_start(
     return (start + epoch // shift_every) % positions
 
 
-def sde_window(
-    num_steps: int,
-    size: int,
-    *,
-    schedule: WindowSchedule,
-    epoch: int,
-    start: int = 0,
-    shift_every: int = 1,
-    generator: torch.Generator | None = None,
-) -> list[bool]:
-    """``[s <= i < s + size for i in range(num_steps)]`` with ``s`` from :func:`window_start`.
+def sde_window(num_steps: int, size: int, **placement: Any) -> list[bool]:
+    """``[s <= i < s + size for i in range(num_steps)]`` with ``s = window_start(num_steps, size, **placement)``
+    (``placement``: its keyword-only ``schedule``, ``epoch``, ``start``, ``shift_every`` and ``generator``).
 
     Exactly ``size`` consecutive entries are ``True``: the steps sampled with ``eta > 0`` and trained.
     """
-    s = window_start(
-        num_steps, size, schedule=schedule, epoch=epoch, start=start, shift_every=shift_every, generator=generator
-    )
+    s = window_start(num_steps, size, **placement)
     return [s <= i < s + size for i in range(num_steps)]

@@ -6,7 +6,7 @@ No models and no I/O: every function maps tensors to tensors. The policies in
 
 from diffrl.samplers.ddim import ddim_step, ddim_variance
 from diffrl.samplers.ddpm import ddpm_step
-from diffrl.samplers.gaussian import DeterministicStepError, gaussian_log_prob
+from diffrl.samplers.gaussian import DeterministicStepError, gaussian_log_prob, reduce_per_sample
 from diffrl.samplers.prediction import PredictionConfig, predict_x0_and_eps
 from diffrl.samplers.types import StepOutput
 from diffrl.samplers.schedule import alphas_at, previous_timesteps
@@ -22,4 +22,5 @@ __all__ = [
     "gaussian_log_prob",
     "predict_x0_and_eps",
     "previous_timesteps",
+    "reduce_per_sample",
 ]

@@ -44,7 +44,12 @@ def gaussian_log_prob(
         )
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     x, mean, std = x.to(compute_dtype), mean.to(compute_dtype), std.to(compute_dtype)
-    elementwise = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    return reduce_per_sample(-((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI, reduction)
+
+
+def reduce_per_sample(elementwise: torch.Tensor, reduction: Reduction = "mean") -> torch.Tensor:
+    """``[B, *S] -> [B]``: the mean (``"mean"``, per dimension) or the sum (``"sum"``, whole sample) over every
+    non-batch dimension."""
     dims = tuple(range(1, elementwise.ndim))
     if reduction == "mean":
         return elementwise.mean(dim=dims)
