@@ -24,6 +24,8 @@ STD_MODES: tuple[str, ...] = ("group", "global")
 __all__ = [
     "GRPOStats",
     "STD_MODES",
+    "add_kl_term",
+    "check_kl_term",
     "gathered_group_advantages",
     "gaussian_mean_kl",
     "group_advantages",
@@ -250,19 +252,9 @@ def grpo_loss(
             gradients; ``None`` for no KL term.
         kl_coef: its weight ``beta`` (Flow-GRPO: 0.04 GenEval/OCR, 0.01 PickScore, 0 in the Fast variants).
     """
-    if kl_coef < 0:
-        raise ValueError(f"kl_coef={kl_coef} must be >= 0.")
-    if kl_coef > 0 and kl is None:
-        raise ValueError(f"kl_coef={kl_coef} > 0 but no kl was given: pass kl=gaussian_mean_kl(...).")
+    check_kl_term(kl, kl_coef, log_prob.shape, source="gaussian_mean_kl")
     policy, base = ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range)
-    if kl is None:
-        kl_mean = torch.zeros((), dtype=policy.dtype, device=policy.device)
-        loss = policy
-    else:
-        if kl.shape != log_prob.shape:
-            raise ValueError(f"kl has shape {tuple(kl.shape)}; expected one value per sample, {tuple(log_prob.shape)}.")
-        kl_mean = kl.mean()
-        loss = policy + kl_coef * kl_mean
+    loss, kl_mean = add_kl_term(policy, kl, kl_coef)
     stats = GRPOStats(
         approx_kl=base.approx_kl,
         clipfrac=base.clipfrac,
@@ -271,3 +263,22 @@ def grpo_loss(
         kl_ref=kl_mean.detach(),
     )
     return loss, stats
+
+
+def check_kl_term(kl: torch.Tensor | None, kl_coef: float, shape: torch.Size, *, source: str) -> None:
+    """Validate a loss's reference-KL inputs: ``kl_coef >= 0``, a ``kl`` when ``kl_coef > 0`` (from the function
+    named ``source``), and one value per sample (``shape``, ``[B]``)."""
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef={kl_coef} must be >= 0.")
+    if kl_coef > 0 and kl is None:
+        raise ValueError(f"kl_coef={kl_coef} > 0 but no kl was given: pass kl={source}(...).")
+    if kl is not None and kl.shape != shape:
+        raise ValueError(f"kl has shape {tuple(kl.shape)}; expected one value per sample, {tuple(shape)}.")
+
+
+def add_kl_term(policy: torch.Tensor, kl: torch.Tensor | None, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(policy + kl_coef * mean(kl), mean(kl))``; without ``kl``, ``(policy, 0)``."""
+    if kl is None:
+        return policy, torch.zeros((), dtype=policy.dtype, device=policy.device)
+    kl_mean = kl.mean()
+    return policy + kl_coef * kl_mean, kl_mean

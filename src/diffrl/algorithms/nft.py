@@ -36,7 +36,7 @@ from typing import Mapping, MutableMapping, NamedTuple
 
 import torch
 
-from diffrl.algorithms.grpo import StdMode, group_advantages
+from diffrl.algorithms.grpo import StdMode, add_kl_term, check_kl_term, group_advantages
 
 __all__ = [
     "EMA_SCHEDULES",
@@ -179,22 +179,13 @@ def nft_loss(
         )
     if r.shape != x0.shape[:1]:
         raise ValueError(f"r has shape {tuple(r.shape)}; expected one value per sample, ({x0.shape[0]},).")
-    if kl_coef < 0:
-        raise ValueError(f"kl_coef={kl_coef} must be >= 0.")
-    if kl_coef > 0 and kl is None:
-        raise ValueError(f"kl_coef={kl_coef} > 0 but no kl was given: pass kl=prediction_kl(...).")
+    check_kl_term(kl, kl_coef, r.shape, source="prediction_kl")
     x0_plus, x0_minus = implicit_policies(x0_theta, x0_old, beta)
     target = x0.detach()
     positive, negative = adaptive_mse(x0_plus, target), adaptive_mse(x0_minus, target)
     r = r.detach().to(positive.dtype)
     policy = policy_scale * (r * positive + (1.0 - r) * negative).mean() / beta
-    if kl is None:
-        kl_mean, loss = torch.zeros((), dtype=policy.dtype, device=policy.device), policy
-    else:
-        if kl.shape != r.shape:
-            raise ValueError(f"kl has shape {tuple(kl.shape)}; expected one value per sample, {tuple(r.shape)}.")
-        kl_mean = kl.mean()
-        loss = policy + kl_coef * kl_mean
+    loss, kl_mean = add_kl_term(policy, kl, kl_coef)
     with torch.no_grad():
         deviation = ((x0_theta.detach().float() - x0_old.detach().float()) ** 2).mean()
     stats = NFTStats(
