@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,19 @@ def test_config_mistakes_are_reported_without_importing_torch(tmp_path):
                          timeout=120)
     assert out.stdout.split() == ["2", "False"], out.stderr
     assert "did you mean 'sample_batch_size'" in out.stderr
+
+
+def test_accelerate_launch_mixed_precision_reaches_a_run_whose_config_is_silent(tiny_ddpm_path, tmp_path):
+    """``accelerate launch --mixed_precision bf16`` decides when the config leaves ``mixed_precision`` unset, and
+    the run's config.yaml records the precision in force."""
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_ddpm_path}\nreward: jpeg_compressibility\nnum_epochs: 1\nsample_num_steps: 2\n"
+                      "sample_batch_size: 2\nsample_num_batches_per_epoch: 1\ntrain_batch_size: 1\n"
+                      f"logdir: {tmp_path}\nrun_name: bf16\n")
+    assert "mixed_precision" not in config.read_text()
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "diffrl.cli", "train", str(config)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "mixed_precision: bf16" in (tmp_path / "bf16" / "config.yaml").read_text()
