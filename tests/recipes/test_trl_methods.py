@@ -84,3 +84,14 @@ def test_alignprop_loss_and_rewards(tiny_sd_path, tmp_path):
     rewards = trainer.compute_rewards(pairs)
     assert rewards.shape == (2,) and rewards.requires_grad
     torch.testing.assert_close(trainer.loss(rewards), -rewards.mean())
+
+
+def test_the_saved_result_carries_a_grid_of_samples_in_its_card(ddpo, tmp_path):
+    from PIL import Image
+
+    ddpo.train()
+    ddpo.save_pretrained(str(tmp_path / "final"))
+    grid = Image.open(tmp_path / "final" / "samples.png")
+    assert grid.size[0] > grid.size[1] > 0  # 8 samples, 4 per row
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert "![samples" in card and "(samples.png)" in card

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
+from PIL import Image
 from accelerate.utils import DistributedType
 
 from diffrl import checkpoint as ckpt
@@ -36,8 +37,9 @@ from diffrl.recipes.guard import DivergenceGuard
 from diffrl.recipes.optim import (apply_optimizer_settings, build_lr_scheduler, build_optimizer, clip_gradients,
                                   optimizer_step)
 from diffrl.recipes.records import ImageFolderTracker, MetricsLogger, last_batch_images, write_config_record
-from diffrl.recipes.results import model_card, push_result, save_result
+from diffrl.recipes.results import model_card, push_result, sample_grid, save_result
 from diffrl.run_folder import CONFIG_FILE
+from diffrl.seeding import sample_on_seeds
 
 
 class EpochResult(NamedTuple):
@@ -305,12 +307,28 @@ class Trainer:
     def _check_finite_weights(self) -> None:
         self.guard.check_weights(self._params, self.first_epoch, self.global_step, self.config.train_learning_rate)
 
+    def card_samples(self, count: int = 8) -> Image.Image | None:
+        """What the model now generates, for the model card: ``count`` images on fixed seeds (``eval_seed + i``)
+        with the evaluation's prompts (or ``count`` fresh draws of the prompt function); main process only."""
+        if not self.accelerator.is_main_process:
+            return None
+        c = self.config
+        prompts = list(self.evaluator.prompts[:count]) or [self.prompt_fn()[0] for _ in range(count)]
+        images = [batch.images.cpu() for batch in sample_on_seeds(
+            self.policy, prompts, [c.eval_seed + i for i in range(len(prompts))],
+            num_inference_steps=getattr(c, "eval_num_steps", None) or c.sample_num_steps,
+            guidance_scale=c.sample_guidance_scale, eta=c.sample_eta, batch_size=count,
+            height=c.sample_height, width=c.sample_width)]
+        return sample_grid(torch.cat(images))
+
     def save_pretrained(self, save_directory: str) -> None:
-        """Write the fine-tuned model (LoRA weights or a full pipeline) and a model card; all processes call it."""
+        """Write the fine-tuned model (LoRA weights or a full pipeline), a grid of samples and a model card; all
+        processes call it."""
         self._check_finite_weights()
+        samples = self.card_samples()
         with self._whole_weights():
             save_result(self.accelerator, self.policy, self.config, self.last_metrics, self.trainer_name,
-                        save_directory)
+                        save_directory, samples=samples)
 
     def create_model_card(self, path: str | None = None, model_name: str | None = None,
                           dataset_name: str | None = None, tags: list[str] | None = None):
@@ -334,9 +352,11 @@ class Trainer:
         self._check_finite_weights()
         repo = repo_id or getattr(self.config, "hub_model_id", None) or self.run_name
         private = private if private is not None else getattr(self.config, "hub_private", None)
+        samples = self.card_samples()
         with self._whole_weights():
             return push_result(self.accelerator, self.policy, self.config, self.last_metrics, self.trainer_name,
-                               repo, commit_message or f"diffrl {self.trainer_name} fine-tune", private)
+                               repo, commit_message or f"diffrl {self.trainer_name} fine-tune", private,
+                               samples=samples, dataset_name=dataset_name)
 
     def _save_pretrained(self, save_directory: str) -> None:  # TRL's private name, kept for old scripts
         self.save_pretrained(save_directory)
