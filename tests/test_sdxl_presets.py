@@ -75,6 +75,7 @@ def test_sdxl_preset_at_a_smaller_size_samples_it_with_matching_add_time_ids(tin
         [f"model={tiny_sdxl}", "sample_height=8", "sample_width=8"])
     config.validate(num_processes=8, check_environment=False)
     policy = build.build_policy(config, mixed_precision="no")
+    build.apply_gradient_checkpointing(policy, config)  # what the trainer does with the preset's setting
     assert policy.trainable_module.is_gradient_checkpointing
     out = policy.sample(["a cat"], num_inference_steps=2, guidance_scale=config.sample_guidance_scale,
                         height=config.sample_height, width=config.sample_width)
