@@ -8,7 +8,7 @@ from diffrl import DDPOConfig, DDPOTrainer, DefaultDDPODDPMPipeline, DefaultDDPO
 from diffrl.config import ConfigError
 from diffrl.rewards import RewardError
 
-from .helpers import logged_metrics, trainable_weights
+from .helpers import assert_same_run, interrupt_and_resume, logged_metrics, trainable_weights
 
 
 def brightness(images, prompts, metadata):
@@ -93,20 +93,9 @@ def test_resume_matches_an_uninterrupted_run(tiny_sd_path, tmp_path):
 
     straight = make("straight")
     straight.train()
-    interrupted = make("split")
-    interrupted.train(epochs=2)  # stop after epoch 1 (a checkpoint is written every epoch)
-    random.seed(12345)  # whatever happens in between must not matter
-    torch.manual_seed(999)
-    resumed = make("split", resume_from=str(tmp_path / "logs" / "split"))
-    assert resumed.first_epoch == 2 and resumed.global_step == interrupted.global_step
+    interrupted, resumed = interrupt_and_resume(make, tmp_path, stop_after=2)
     resumed.train()
-    a, b = trainable_weights(straight), trainable_weights(resumed)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
-    last_a, last_b = logged_metrics(tmp_path, "straight")[-1], logged_metrics(tmp_path, "split")[-1]
-    for key in last_a:
-        if not key.startswith("perf/"):
-            assert last_a[key] == pytest.approx(last_b[key], rel=1e-5, abs=1e-7), key
+    assert_same_run(straight, resumed, tmp_path)
     assert resumed.global_step == straight.global_step
 
 

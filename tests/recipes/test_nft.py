@@ -12,7 +12,7 @@ from diffrl.config import ConfigError
 from diffrl.recipes.nft import OLD_POLICY_FILE
 from diffrl.seeding import generator_for
 
-from .helpers import logged_metrics, trainable_weights
+from .helpers import assert_same_run, interrupt_and_resume, logged_metrics, trainable_weights
 
 
 def brightness(images, prompts, metadata):
@@ -131,24 +131,13 @@ def test_resume_matches_an_uninterrupted_run(tiny_sd_path, tmp_path):
 
     straight = make("straight")
     straight.train()
-    interrupted = make("split")
-    interrupted.train(epochs=2)
-    random.seed(12345)  # whatever happens in between must not matter
-    torch.manual_seed(999)
-    resumed = make("split", resume_from=str(tmp_path / "logs" / "split"))
-    assert resumed.first_epoch == 2 and resumed.global_step == interrupted.global_step
+    interrupted, resumed = interrupt_and_resume(make, tmp_path, stop_after=2)
     for name, value in interrupted.old.items():  # the old policy came back from the checkpoint
         torch.testing.assert_close(resumed.old[name], value, rtol=0, atol=0)
     resumed.train()
-    a, b = trainable_weights(straight), trainable_weights(resumed)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    assert_same_run(straight, resumed, tmp_path)
     for name in straight.old:
         torch.testing.assert_close(straight.old[name], resumed.old[name], rtol=0, atol=1e-6)
-    last_a, last_b = logged_metrics(tmp_path, "straight")[-1], logged_metrics(tmp_path, "split")[-1]
-    for key in last_a:
-        if not key.startswith("perf/"):
-            assert last_a[key] == pytest.approx(last_b[key], rel=1e-5, abs=1e-7), key
 
 
 def test_dpm_solver_samples_match_diffusers_and_train(tiny_ddpm_path, tmp_path):
