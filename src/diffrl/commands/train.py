@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from diffrl import build, prompts, rewards
+from diffrl import build
 from diffrl import checkpoint as ckpt
 from diffrl.config import SharedConfig, load_config, registry
 from diffrl.evaluate.report import write_report
@@ -22,13 +22,8 @@ class PreflightError(ValueError):
 
 
 def preflight(config: SharedConfig) -> None:
-    """Check the reward and prompt names, ``resume_from`` and that ``logdir`` is writable, before models load."""
-    if config.reward is not None and config.reward not in rewards.available():
-        raise PreflightError(f"reward={config.reward!r} is not a known reward; use one of "
-                             f"{', '.join(rewards.available())} (or register your own with diffrl.rewards.register)")
-    if config.prompts is not None and config.prompts not in prompts.available():
-        raise PreflightError(f"prompts={config.prompts!r} is not a known prompt source; use one of "
-                             f"{', '.join(prompts.available())}")
+    """Check ``resume_from`` and that ``logdir`` is writable, before models load (reward and prompt names are
+    checked by their registries when :func:`make_trainer` builds them, also before the model loads)."""
     if config.resume_from:
         try:
             ckpt.find_latest(config.resume_from)
@@ -51,9 +46,10 @@ def make_trainer(config: SharedConfig, image_samples_hook=None):
     preflight(config)
     spec = registry.spec_of(type(config))
     trainer_cls = registry.resolve(spec.trainer)
-    reward = build.build_reward(config)
+    reward = build.build_reward(config)  # rewards and prompt sources load lazily: their names fail here, cheaply
+    prompt_fn = build.build_prompt_fn(config, conditional=True) if config.prompts is not None else None
     policy = build.build_policy(config)
-    prompt_fn = build.build_prompt_fn(config, policy.is_conditional)
+    prompt_fn = prompt_fn or build.build_prompt_fn(config, policy.is_conditional)
     return trainer_cls(config, reward, prompt_fn, policy, image_samples_hook=image_samples_hook)
 
 
