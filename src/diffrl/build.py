@@ -13,8 +13,8 @@ from diffrl.config import AlignPropConfig, ConfigError, SharedConfig, Violation
 from diffrl.config.shared import SDXL_SIZE_FIELDS, SIZE_FIELDS
 from diffrl.digits import load_digits_ddpm_path
 from diffrl.pipelines import LoraSettings
-from diffrl.pipelines.auto import load_policy
-from diffrl.pipelines.stable_diffusion_xl import load_vae
+from diffrl.pipelines.auto import load_policy, model_kind
+from diffrl.pipelines.loading import load_vae
 
 
 def default_model() -> str:
@@ -55,18 +55,20 @@ def build_policy(config: SharedConfig, **kwargs: Any):
     return policy
 
 
-def _model_words(config: SharedConfig, policy: Any) -> str:
-    kind = {"ddpm": "an unconditional pixel-space DDPM", "stable_diffusion": "a Stable Diffusion model",
-            "sdxl": "an SDXL model"}.get(policy.kind, f"a {policy.kind} model")
-    return f"model={config.model!r} is {kind}" if config.model else f"the default digits model is {kind}"
+_KIND_WORDS = {"ddpm": "an unconditional pixel-space DDPM", "stable_diffusion": "a Stable Diffusion model",
+               "sdxl": "an SDXL model"}
 
 
-def check_policy_settings(config: SharedConfig, policy: Any) -> None:
-    """Refuse settings that the loaded model's kind cannot honour (known only once it is loaded): sample sizes on
-    a DDPM (its size is fixed) or not a multiple of the VAE's factor, a VAE on a DDPM, SDXL size conditioning on
-    anything but SDXL. One :class:`ConfigError` naming every such field."""
-    what, violations = _model_words(config, policy), []
-    if policy.kind == "ddpm":
+def _model_words(config: SharedConfig, kind: str) -> str:
+    words = _KIND_WORDS.get(kind, f"a {kind} model")
+    return f"model={config.model!r} is {words}" if config.model else f"the default digits model is {words}"
+
+
+def kind_violations(config: SharedConfig, kind: str) -> list[Violation]:
+    """Settings a model of ``kind`` cannot honour: sample sizes or a VAE on a DDPM (its size is fixed, it has no
+    VAE), SDXL size conditioning on anything but SDXL."""
+    what, violations = _model_words(config, kind), []
+    if kind == "ddpm":
         for name in SIZE_FIELDS:
             if getattr(config, name) is not None:
                 violations.append(Violation(name, getattr(config, name), f"cannot be set: {what}, whose image size "
@@ -74,31 +76,47 @@ def check_policy_settings(config: SharedConfig, policy: Any) -> None:
         if config.vae is not None:
             violations.append(Violation("vae", config.vae, f"cannot be set: {what}, which has no VAE",
                                         "remove vae (null)"))
-    else:
+    if kind != "sdxl":
+        for name in SDXL_SIZE_FIELDS:
+            value = getattr(config, name)
+            if value != type(config)._default(name):
+                violations.append(Violation(name, value, f"is SDXL size conditioning, but {what}",
+                                            f"remove {name}, or use an SDXL model"))
+    return violations
+
+
+def _raise(violations: list[Violation], config: SharedConfig) -> None:
+    if violations:
+        raise ConfigError(violations, f"{type(config).__name__} does not fit the model")
+
+
+def check_model_settings(config: SharedConfig) -> None:
+    """:func:`kind_violations` of the configured model, read from its small files before any weights load (so
+    ``diffrl train`` refuses an SDXL-only setting on an SD model in a second, not after minutes of loading)."""
+    _raise(kind_violations(config, model_kind(base_model(config), config.model_revision)), config)
+
+
+def check_policy_settings(config: SharedConfig, policy: Any) -> None:
+    """Refuse settings that the loaded model cannot honour: those of :func:`kind_violations`, and sample sizes not
+    a multiple of the VAE's factor (known once it is loaded). One :class:`ConfigError` naming every such field."""
+    violations = kind_violations(config, policy.kind)
+    if policy.kind != "ddpm":
         factor = getattr(policy, "vae_scale_factor", 8)
         for name in SIZE_FIELDS:
             value = getattr(config, name)
             if value is not None and value % factor:
                 violations.append(Violation(name, value, f"is not a multiple of {factor}, the VAE factor of the model",
                                             f"set {name}={max(factor, -(-value // factor) * factor)}"))
-    if policy.kind != "sdxl":
-        for name in SDXL_SIZE_FIELDS:
-            value = getattr(config, name)
-            if value != type(config)._default(name):
-                violations.append(Violation(name, value, f"is SDXL size conditioning, but {what}",
-                                            f"remove {name}, or use an SDXL model"))
-    if violations:
-        raise ConfigError(violations, f"{type(config).__name__} does not fit the model")
+    _raise(violations, config)
 
 
 def replace_vae(policy: Any, source: str) -> None:
     """Swap the policy's VAE for ``source`` (a folder, single file or Hub id; see
-    :func:`~diffrl.pipelines.stable_diffusion_xl.load_vae`), placed on the policy's device and precision."""
+    :func:`~diffrl.pipelines.loading.load_vae`), placed on the policy's device and precision."""
     vae = load_vae(source).requires_grad_(False).eval()
     policy.pipeline.vae = vae
     policy.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if hasattr(policy, "vae_source"):
-        policy.vae_source = source  # recorded in an SDXL result's diffrl_model.json
+    policy.vae_source = source  # recorded in a result's diffrl_model.json
     policy.to(policy.device, policy.mixed_precision)
 
 

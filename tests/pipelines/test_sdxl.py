@@ -142,7 +142,7 @@ def test_lora_result_continues_training(tiny_sdxl_path, tmp_path):
     policy.save_pretrained(tmp_path / "lora")
     info = json.loads((tmp_path / "lora" / "diffrl_model.json").read_text())
     assert info["kind"] == "sdxl" and info["base_model"] == tiny_sdxl_path and info["lora"]["rank"] == 4
-    assert info["sdxl"]["vae"] == str(vae_dir) and info["sdxl"]["original_size"] == [32, 32]
+    assert info["vae"] == str(vae_dir) and info["sdxl"]["original_size"] == [32, 32]
     resumed = StableDiffusionXLPolicy.from_pretrained(tmp_path / "lora")
     assert resumed.original_size == (32, 32) and resumed.pipeline.vae.config.force_upcast is False
     before = {n: p.detach() for n, p in policy._unet.named_parameters() if p.requires_grad}

@@ -147,6 +147,19 @@ def test_settings_a_model_cannot_take_are_refused_when_it_is_built(tiny_sd_path,
     assert {v.field for v in err.value.violations} == {"vae", "sample_width"}
 
 
+def test_diffrl_train_refuses_sdxl_conditioning_on_sd_before_any_weights_load(tiny_sd_path, tmp_path, capsys,
+                                                                              monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model's weights were loaded before the kind check")
+
+    monkeypatch.setattr(build, "load_policy", no_loading)
+    assert main(["train", f"model={tiny_sd_path}", "reward=jpeg_compressibility", "prompts=simple_animals",
+                 "sdxl_target_size=[512, 512]", "mixed_precision=no", f"logdir={tmp_path / 'logs'}"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("diffrl")]
+    assert len(lines) == 1 and lines[0].startswith("diffrl train: error: sdxl_target_size=")
+    assert "is SDXL size conditioning, but model=" in lines[0] and "a Stable Diffusion model" in lines[0]
+
+
 def test_sdxl_size_conditioning_reaches_the_unets_add_time_ids(tiny_sdxl_path, tmp_path):
     config = _config(tmp_path, tiny_sdxl_path, sdxl_original_size=(64, 48), sdxl_target_size=(16, 24),
                      sdxl_crops_coords_top_left=(4, 2), sample_width=24)
@@ -181,7 +194,11 @@ def test_the_vae_field_loads_a_separate_vae_and_checkpoints_rebuild_with_it(tiny
         torch.testing.assert_close(value, policy.trainable_state_dict()[name])
     policy.save_pretrained(tmp_path / "result")
     final = json.loads((tmp_path / "result" / "diffrl_model.json").read_text())
-    assert final["sdxl"]["vae"] == fp16_safe_vae and final["sdxl"]["original_size"] == [40, 40]
+    assert final["vae"] == fp16_safe_vae and final["sdxl"]["original_size"] == [40, 40]
+    # a result written before the VAE moved out of the "sdxl" record still loads its VAE
+    final["sdxl"]["vae"] = final.pop("vae")
+    (tmp_path / "result" / "diffrl_model.json").write_text(json.dumps(final))
+    assert build.load_policy(str(tmp_path / "result")).pipeline.vae.config.force_upcast is False
 
 
 def test_the_vae_field_replaces_a_stable_diffusion_vae(tiny_sd_path, tmp_path):
@@ -190,6 +207,13 @@ def test_the_vae_field_replaces_a_stable_diffusion_vae(tiny_sd_path, tmp_path):
     policy = build.build_policy(_config(tmp_path, tiny_sd_path, vae=str(other)))
     saved = load_file(other / "diffusion_pytorch_model.safetensors")
     for name, value in policy.pipeline.vae.state_dict().items():
+        torch.testing.assert_close(value, saved[name], rtol=0, atol=0)
+    # a LoRA result records the VAE and loads it again, as an SDXL one does
+    policy.save_pretrained(tmp_path / "result")
+    assert json.loads((tmp_path / "result" / "diffrl_model.json").read_text())["vae"] == str(other)
+    reloaded = build.load_policy(str(tmp_path / "result"))
+    assert reloaded.vae_source == str(other)
+    for name, value in reloaded.pipeline.vae.state_dict().items():
         torch.testing.assert_close(value, saved[name], rtol=0, atol=0)
 
 

@@ -46,6 +46,7 @@ def make_trainer(config: SharedConfig, image_samples_hook=None):
     preflight(config)
     spec = registry.spec_of(type(config))
     trainer_cls = registry.resolve(spec.trainer)
+    build.check_model_settings(config)  # reads the model's small files only
     reward = build.build_reward(config)  # rewards and prompt sources load lazily: their names fail here, cheaply
     prompt_fn = build.build_prompt_fn(config, conditional=True) if config.prompts is not None else None
     policy = build.build_policy(config)

@@ -29,15 +29,23 @@ def _pipeline_class(name_or_path: str, revision: str) -> str | None:
         return None
 
 
-def load_policy(name_or_path: str | os.PathLike, *, revision: str = "main", **kwargs: Any):
-    """``DDPMPolicy`` for DDPM/DDIM pipelines and diffrl DDPM results, ``StableDiffusionXLPolicy`` for SDXL
-    pipelines (``model_index.json``), single files and results, ``StableDiffusionPolicy`` otherwise."""
+def model_kind(name_or_path: str | os.PathLike, revision: str = "main") -> str:
+    """``"ddpm"``, ``"sdxl"`` or ``"stable_diffusion"`` (or a diffrl result's recorded kind), read from the small
+    files only (``diffrl_model.json``, ``model_index.json``, a single file's key names): no weights load."""
     name = os.fspath(name_or_path)
     info = read_model_info(name, revision)
     kind = info.get("kind") if info else None
     if kind is None:
         cls_name = _pipeline_class(name, revision)
         kind = "ddpm" if cls_name in _UNCONDITIONAL else "sdxl" if cls_name == "StableDiffusionXLPipeline" else "stable_diffusion"
+    return kind
+
+
+def load_policy(name_or_path: str | os.PathLike, *, revision: str = "main", **kwargs: Any):
+    """``DDPMPolicy`` for DDPM/DDIM pipelines and diffrl DDPM results, ``StableDiffusionXLPolicy`` for SDXL
+    pipelines (``model_index.json``), single files and results, ``StableDiffusionPolicy`` otherwise."""
+    name = os.fspath(name_or_path)
+    kind = model_kind(name, revision)
     if kind == "ddpm":
         return DDPMPolicy.from_pretrained(name, revision=revision, **kwargs)
     kwargs.pop("sampler", None)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import huggingface_hub.constants as hub_constants
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline
 
 P = TypeVar("P", bound=DiffusionPipeline)
 
@@ -134,3 +134,20 @@ def _load_from_hub(pipeline_cls: type[P], repo_id: str, revision: str, **kwargs:
                 f"(`hf download {repo_id}`), or give a local folder or single-file checkpoint."
             ) from err
         raise ModelLoadError(f"Could not load model '{repo_id}'. {tried}. Cause: {err}") from err
+
+
+def load_vae(source: str | os.PathLike, revision: str = "main") -> AutoencoderKL:
+    """An ``AutoencoderKL`` from a folder (itself, or a pipeline folder's ``vae/``), a single file, or a Hub id
+    (e.g. the fp16-safe ``madebyollin/sdxl-vae-fp16-fix``)."""
+    name = os.fspath(source)
+    path = Path(name).expanduser()
+    try:
+        if path.is_file():
+            return AutoencoderKL.from_single_file(str(path))
+        if path.is_dir():
+            sub = "vae" if (path / "vae" / "config.json").is_file() and not (path / "config.json").is_file() else None
+            return AutoencoderKL.from_pretrained(str(path), subfolder=sub)
+        return AutoencoderKL.from_pretrained(name, revision=revision)
+    except Exception as err:  # noqa: BLE001 - re-raised with the setting named
+        raise ModelLoadError(f"vae={name!r} could not be loaded as an AutoencoderKL (tried: a VAE folder or a "
+                             f"pipeline folder's vae/, a single file, a Hub id): {err}") from err

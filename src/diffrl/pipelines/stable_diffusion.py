@@ -12,7 +12,9 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_
 
 from diffrl.pipelines.base import TrainableUNetPolicy
 from diffrl.pipelines.chain import chain_options
+from diffrl.pipelines.loading import load_vae
 from diffrl.pipelines.lora import load_lora_state_dict, lora_state_dict
+from diffrl.pipelines.saved import read_model_info
 from diffrl.pipelines.types import SampleResult, TextConditioning
 
 
@@ -32,17 +34,36 @@ class StableDiffusionPolicy(TrainableUNetPolicy):
 
     kind = "stable_diffusion"
     pipeline_class = StableDiffusionPipeline
-    load_options = ("single_file_config",)
+    load_options = ("single_file_config", "vae")
     is_conditional = True
 
-    def __init__(self, pipeline: StableDiffusionPipeline, **settings: Any) -> None:
-        """``settings``: as for :class:`~diffrl.pipelines.base.TrainableUNetPolicy` (``use_lora``, ``lora``,
+    def __init__(self, pipeline: StableDiffusionPipeline, *, vae_source: str | None = None, **settings: Any) -> None:
+        """``vae_source``: where a replaced VAE came from (recorded in saved LoRA results, which load it again);
+        ``settings``: as for :class:`~diffrl.pipelines.base.TrainableUNetPolicy` (``use_lora``, ``lora``,
         ``mixed_precision``, ``device``, ``base_model``, ``revision``)."""
         pipeline.safety_checker = None
+        self.vae_source = vae_source
         self.vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
         super().__init__(pipeline, **settings)
 
     # ----------------------------------------------------------------- loading
+    @classmethod
+    def _split_options(cls, name_or_path: str | os.PathLike, revision: str,
+                       options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``vae`` (a folder, single file or Hub id; see :func:`~diffrl.pipelines.loading.load_vae`) replaces the
+        pipeline's VAE; unset, a saved LoRA result's recorded VAE is used (a full result saved its VAE)."""
+        load_kwargs, init_kwargs = super()._split_options(name_or_path, revision, options)
+        vae = load_kwargs.pop("vae", None)
+        if vae is None:
+            info = read_model_info(name_or_path, revision) or {}
+            if info.get("kind") == cls.kind and info.get("lora"):
+                # "sdxl": {"vae": ...} is where diffrl 0.x before this release recorded an SDXL result's VAE
+                vae = info.get("vae") or info.get("sdxl", {}).get("vae")
+        if vae is not None:
+            load_kwargs["vae"] = load_vae(vae, revision)
+            init_kwargs["vae_source"] = os.fspath(vae)
+        return load_kwargs, init_kwargs
+
     def load_lora_weights(self, source: str | os.PathLike) -> None:
         """Load diffusers-format LoRA weights (``pytorch_lora_weights.safetensors``; the UNet part) into the
         trainable adapter."""
@@ -138,6 +159,10 @@ class StableDiffusionPolicy(TrainableUNetPolicy):
             self.pipeline.unet = self._unet
             self.pipeline.save_pretrained(directory, safe_serialization=True)
         self._write_model_info(directory)
+
+    def _model_info_extra(self) -> dict[str, Any]:
+        """The replaced VAE's source (``None``: the base model's), which a LoRA result loads again."""
+        return {"vae": self.vae_source}
 
 
 def per_prompt_negatives(prompts: Sequence[str], negative_prompts: Sequence[str] | str | None) -> list[str] | None:

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline
 
 from diffrl.pipelines import precision
-from diffrl.pipelines.loading import ModelLoadError
 from diffrl.pipelines.saved import read_model_info
 from diffrl.pipelines.stable_diffusion import StableDiffusionPolicy, per_prompt_negatives
 from diffrl.pipelines.types import SampleResult
@@ -84,23 +83,6 @@ def is_sdxl_single_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def load_vae(source: str | os.PathLike, revision: str = "main") -> AutoencoderKL:
-    """An ``AutoencoderKL`` from a folder (itself, or a pipeline folder's ``vae/``), a single file, or a Hub id
-    (e.g. the fp16-safe ``madebyollin/sdxl-vae-fp16-fix``)."""
-    name = os.fspath(source)
-    path = Path(name).expanduser()
-    try:
-        if path.is_file():
-            return AutoencoderKL.from_single_file(str(path))
-        if path.is_dir():
-            sub = "vae" if (path / "vae" / "config.json").is_file() and not (path / "config.json").is_file() else None
-            return AutoencoderKL.from_pretrained(str(path), subfolder=sub)
-        return AutoencoderKL.from_pretrained(name, revision=revision)
-    except Exception as err:  # noqa: BLE001 - re-raised with the setting named
-        raise ModelLoadError(f"vae={name!r} could not be loaded as an AutoencoderKL (tried: a VAE folder or a "
-                             f"pipeline folder's vae/, a single file, a Hub id): {err}") from err
-
-
 class StableDiffusionXLPolicy(StableDiffusionPolicy):
     """SDXL sampled with DDIM (``eta > 0``) as a Gaussian policy; LoRA on the UNet or full fine-tuning.
 
@@ -113,18 +95,15 @@ class StableDiffusionXLPolicy(StableDiffusionPolicy):
     kind = "sdxl"
     pipeline_class = StableDiffusionXLPipeline
 
-    load_options = ("single_file_config", "vae")
 
     def __init__(self, pipeline: StableDiffusionXLPipeline, *, original_size: Size | None = None,
-                 crops_coords_top_left: Size = (0, 0), target_size: Size | None = None, vae_source: str | None = None,
-                 **settings: Any) -> None:
-        """``vae_source``: where a replaced VAE came from (recorded in saved results); ``settings``: as for
-        :class:`~diffrl.pipelines.base.TrainableUNetPolicy`."""
+                 crops_coords_top_left: Size = (0, 0), target_size: Size | None = None, **settings: Any) -> None:
+        """``settings``: as for :class:`~diffrl.pipelines.StableDiffusionPolicy` (``vae_source``, ``use_lora``,
+        ...)."""
         _check_added_conditioning(pipeline)
         self.original_size = tuple(original_size) if original_size is not None else None
         self.crops_coords_top_left = tuple(crops_coords_top_left)
         self.target_size = tuple(target_size) if target_size is not None else None
-        self.vae_source = vae_source
         super().__init__(pipeline, **settings)
 
     # ----------------------------------------------------------------- loading
@@ -135,7 +114,8 @@ class StableDiffusionXLPolicy(StableDiffusionPolicy):
         """Load from a Hub id, a diffusers folder, a single-file SDXL checkpoint, or an SDXL result saved by diffrl
         (its base model, VAE, size conditioning and LoRA adapter, ready to continue training).
 
-        ``vae`` replaces the pipeline's VAE (a folder, single file or Hub id; see :func:`load_vae`); ``options``:
+        ``vae`` replaces the pipeline's VAE (a folder, single file or Hub id; see
+        :func:`~diffrl.pipelines.loading.load_vae`); ``options``:
         as for :meth:`StableDiffusionPolicy.from_pretrained` (``revision``, ``use_lora``, ``lora``,
         ``lora_weights``, ``mixed_precision``, ``device``, ``single_file_config``)."""
         return super().from_pretrained(name_or_path, vae=vae, original_size=original_size,
@@ -145,16 +125,10 @@ class StableDiffusionXLPolicy(StableDiffusionPolicy):
     @classmethod
     def _split_options(cls, name_or_path: str | os.PathLike, revision: str,
                        options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The VAE (given, or the one a saved LoRA result names) is loaded for the pipeline; unset size
-        conditioning is taken from a saved result."""
+        """As for Stable Diffusion (the VAE); unset size conditioning is taken from a saved result."""
         load_kwargs, init_kwargs = super()._split_options(name_or_path, revision, options)
         info = read_model_info(name_or_path, revision) or {}
         saved = info.get("sdxl", {}) if info.get("kind") == cls.kind else {}
-        vae = load_kwargs.pop("vae", None)
-        vae = vae if vae is not None else (saved.get("vae") if info.get("lora") else None)
-        if vae is not None:
-            load_kwargs["vae"] = load_vae(vae, revision)
-            init_kwargs["vae_source"] = os.fspath(vae)
         for name in ("original_size", "target_size"):
             init_kwargs[name] = init_kwargs.get(name) or saved.get(name)
         init_kwargs["crops_coords_top_left"] = (init_kwargs.get("crops_coords_top_left")
@@ -260,9 +234,9 @@ class StableDiffusionXLPolicy(StableDiffusionPolicy):
 
     # ----------------------------------------------------------------- saving
     def _model_info_extra(self) -> dict[str, Any]:
-        """The VAE and size conditioning, so that a saved SDXL result continues with them."""
-        return {"sdxl": {"vae": self.vae_source, "original_size": self.original_size,
-                         "crops_coords_top_left": self.crops_coords_top_left, "target_size": self.target_size}}
+        """The VAE and the size conditioning, so that a saved SDXL result continues with them."""
+        return {**super()._model_info_extra(), "sdxl": {"original_size": self.original_size,
+                "crops_coords_top_left": self.crops_coords_top_left, "target_size": self.target_size}}
 
 
 def _check_added_conditioning(pipeline: StableDiffusionXLPipeline) -> None:
