@@ -155,6 +155,60 @@ def test_draft_lv_draws_run_in_one_unet_call(tiny_sd_path):
     assert [c for c in calls if c[0]] == [(True, 2 * 4 * 2)]
 
 
+@pytest.mark.parametrize("truncation,extra", [("draft_k", {"draft_k": 2}), ("draft_lv", {"draft_lv_draws": 2}),
+                                               ("random", {"truncated_rand_backprop_minmax": (0, 2)})])
+def test_alignprop_micro_batches_in_one_chain_give_the_one_chain_each_weights(tiny_sd_path, tmp_path, truncation,
+                                                                              extra):
+    """AlignProp: consecutive micro-batches with equal truncation plans share one chain; the loss of ``G`` of them
+    is their mean, backpropagated with weight ``G / accumulate``, so the weights after two epochs are those of one
+    chain per micro-batch (TRL's loop). ``random`` draws a plan per micro-batch: only equal ones are grouped."""
+    from diffrl import AlignPropConfig, AlignPropTrainer
+
+    results = {}
+    for chunk in (1, 0):  # one chain per micro-batch; automatic (all of an optimizer step's, on the CPU)
+        config = AlignPropConfig(num_epochs=2, sample_num_steps=3, train_batch_size=2,
+                                 train_gradient_accumulation_steps=3, mixed_precision="no",
+                                 logdir=str(tmp_path / "logs"), run_name=f"m{chunk}", seed=3, truncation=truncation,
+                                 train_learning_rate=1e-3, sample_guidance_scale=5.0, negative_prompts="blurry,dark,grey",
+                                 train_micro_batch_chunk=chunk, save_freq=10, **extra)
+        torch.manual_seed(0)
+        trainer = AlignPropTrainer(config, brightness, lambda: ("a cat", {}),
+                                   DefaultDDPOStableDiffusionPipeline(tiny_sd_path))
+        rows = []
+        trainer.policy._unet.register_forward_hook(
+            lambda m, a, o: rows.append(a[0].shape[0]) if torch.is_grad_enabled() else None)
+        before = trainable_weights(trainer)
+        trainer.train()
+        results[chunk] = (trainable_weights(trainer), logged_metrics(tmp_path, f"m{chunk}"), rows)
+    (one, one_metrics, one_rows), (fused, fused_metrics, fused_rows) = results[1], results[0]
+    assert any((one[n] - before[n]).abs().max() > 1e-4 for n in before)
+    for name in one:
+        torch.testing.assert_close(fused[name], one[name], atol=1e-5, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+    for a, b in zip(fused_metrics, one_metrics):
+        assert a["reward/mean"] == pytest.approx(b["reward/mean"], abs=1e-6)
+        assert a["loss/reward"] == pytest.approx(b["loss/reward"], abs=1e-6)
+    draws = extra.get("draft_lv_draws", 1)
+    assert set(one_rows) == {2 * 2 * draws}  # 2 samples x CFG (x draws) per call
+    if truncation != "random":  # equal plans: the three micro-batches of a step run as one chain
+        assert set(fused_rows) == {3 * 2 * 2 * draws} and len(fused_rows) == len(one_rows) // 3
+    else:
+        assert len(fused_rows) <= len(one_rows) and sum(fused_rows) == sum(one_rows)
+
+
+def test_micro_batches_are_grouped_by_equal_plans_up_to_the_chunk():
+    from diffrl.algorithms.truncation import GradientPlan
+    from diffrl.recipes.alignprop import group_equal_plans
+
+    a, b = GradientPlan([False, True]), GradientPlan([True, True])
+    assert group_equal_plans([a, a, b, a], 4) == [[0, 1], [2], [3]]
+    assert group_equal_plans([a, a, a, a, a], 2) == [[0, 1], [2, 3], [4]]
+    assert group_equal_plans([a, a], 1) == [[0], [1]]
+    with pytest.raises(ConfigError, match="train_micro_batch_chunk"):
+        from diffrl import AlignPropConfig
+
+        AlignPropConfig(train_micro_batch_chunk=-1).validate()
+
+
 @pytest.mark.slow
 def test_compiled_unet_gives_the_same_loss(tiny_ddpm_path, tmp_path):
     paths = {"ddpm": tiny_ddpm_path}

@@ -62,6 +62,14 @@ class AlignPropConfig(SharedConfig):
                                                             "hard-coded 10 - reward).")
     gradient_checkpointing: bool = option(True, trl=False, help="Recompute each UNet call in the backward pass "
                                                                 "(memory does not grow with the steps kept).")
+    train_micro_batch_chunk: int = option(
+        0, trl=False,
+        help="Micro-batches of an optimizer step sampled and backpropagated as one chain when their truncation "
+             "plans are equal (the same gradient as one chain each; memory grows with it). 0: automatic (all of "
+             "them on the CPU; 1 on an accelerator, where accumulation is there to bound memory). 1: one chain "
+             "per micro-batch, as TRL.")
+
+    resume_applied = frozenset({"train_micro_batch_chunk"})
 
     @property
     def truncation_strategy(self) -> Truncation:
@@ -73,6 +81,7 @@ class AlignPropConfig(SharedConfig):
     def _check(self, c: Checks, num_processes: int, check_environment: bool) -> None:
         super()._check(c, num_processes, check_environment)
         c.at_least("log_image_freq", 1)
+        c.at_least("train_micro_batch_chunk", 0)
         if not c.ok("truncation", "truncated_backprop_rand", "sample_num_steps"):
             return
         strategy, steps, explicit = self.truncation_strategy, self.sample_num_steps, self.truncation is not None

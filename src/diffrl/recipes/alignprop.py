@@ -59,28 +59,35 @@ class AlignPropTrainer(Trainer):
 
     # ------------------------------------------------------------------ the epoch
     def run_epoch(self, epoch: int, global_step: int) -> EpochResult:
-        """``train_gradient_accumulation_steps`` micro-batches, one optimizer step."""
+        """``train_gradient_accumulation_steps`` micro-batches, one optimizer step.
+
+        Micro-batch ``m`` draws its truncation plan from its own generator and sample ``j`` of it its noise from
+        another, so consecutive micro-batches with equal plans can share one chain (:meth:`_micro_batch_chunk`)
+        and give the same images and gradient: the loss of a chain of ``G`` micro-batches is the mean over its
+        ``G * B`` images, and ``backward(loss * G / accumulate)`` accumulates exactly
+        ``sum_m backward(loss_m / accumulate)``.
+        """
         c, acc = self.config, self.accelerator
         timer = Timer()
         accumulate = c.train_gradient_accumulation_steps
-        rewards, losses, plans = [], [], []
+        plans = [self.gradient_plan(generator_for(c.seed, epoch, acc.process_index, m)) for m in range(accumulate)]
+        chains = group_equal_plans(plans, self._micro_batch_chunk())
+        rewards, losses = [], []
         forward_s = backward_s = 0.0
         self.policy.unet.train()
-        for micro in tqdm(range(accumulate), desc=f"epoch {epoch}: sampling with gradients",
-                          disable=not acc.is_local_main_process, leave=False):
-            generator = generator_for(c.seed, epoch, acc.process_index, micro)
+        for i, group in enumerate(tqdm(chains, desc=f"epoch {epoch}: sampling with gradients",
+                                       disable=not acc.is_local_main_process, leave=False)):
             with torch.enable_grad():
-                pairs = self._generate_samples(c.train_batch_size, generator=generator)
+                pairs = self._sample_micro_batches(epoch, group, plans[group[0]])
                 self.guard.check_samples({"images": pairs["images"]}, epoch, global_step, c.train_learning_rate)
                 pairs["rewards"] = self.compute_rewards(pairs)
                 loss = self.calculate_loss(pairs["rewards"])
                 forward_s += timer.lap()
-                self.backward(loss / accumulate, sync=micro == accumulate - 1)
+                self.backward(loss * (len(group) / accumulate), sync=i == len(chains) - 1)
             backward_s += timer.lap()
             pairs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in pairs.items()}
             rewards.append(pairs["rewards"])
-            losses.append(loss.detach())
-            plans.append(self.last_plan)
+            losses += [loss.detach()] * len(group)  # the chain's loss is its micro-batches' mean loss
         if not is_sharded(acc):
             average_gradients(acc, self._params)
         stats: dict[str, list[torch.Tensor]] = {}
@@ -100,7 +107,39 @@ class AlignPropTrainer(Trainer):
                    "perf/epoch_s": forward_s + backward_s + train_s,
                    "perf/samples_per_s": c.train_batch_size * accumulate * acc.num_processes
                    / max(1e-9, forward_s + backward_s + train_s)}
+        self.last_plan = plans[-1]
         return EpochResult(global_step, metrics, len(all_rewards))
+
+    def _micro_batch_chunk(self) -> int:
+        """Micro-batches per chain at most: ``train_micro_batch_chunk``, or (0) all of them on the CPU and one on
+        an accelerator or under FSDP/DeepSpeed, where accumulation is what keeps a step inside memory."""
+        c, acc = self.config, self.accelerator
+        if c.train_micro_batch_chunk:
+            return min(c.train_micro_batch_chunk, c.train_gradient_accumulation_steps)
+        if acc.device.type != "cpu" or is_sharded(acc):
+            return 1
+        return c.train_gradient_accumulation_steps
+
+    def _sample_micro_batches(self, epoch: int, group: Sequence[int], plan: GradientPlan) -> dict[str, Any]:
+        """The micro-batches ``group`` (equal ``plan``) sampled as one chain with gradients, as
+        :meth:`_generate_samples` returns them; each sample's noise comes from its own seeded generator, so the
+        images do not depend on how micro-batches are grouped."""
+        c, acc = self.config, self.accelerator
+        prompts, metadata, generators, negatives = [], [], [], []
+        for m in group:
+            for j in range(c.train_batch_size):
+                prompt, meta = self.prompt_fn()
+                prompts.append(prompt)
+                metadata.append(meta)
+                generators.append(generator_for(c.seed, epoch, acc.process_index, m, 1 + j))
+                if self.negative_prompts:
+                    negatives.append(self.negative_prompts[j % len(self.negative_prompts)])
+        kwargs = self._sample_kwargs(len(prompts), generators)
+        kwargs["negative_prompts"] = negatives or None
+        images = self.policy.sample_for_plan(prompts, plan, gradient_checkpointing=c.gradient_checkpointing,
+                                             **kwargs)
+        draws = max(1, plan.renoise_draws)
+        return {"images": images, "prompts": prompts * draws, "prompt_metadata": metadata * draws}
 
     # ------------------------------------------------------------------ sampling, rewards, loss (TRL's names)
     def _generate_samples(self, batch_size: int, with_grad: bool = True, prompts: Sequence[str] | None = None, *,
@@ -161,3 +200,15 @@ class AlignPropTrainer(Trainer):
     def loss(self, rewards: torch.Tensor) -> torch.Tensor:
         """TRL's name for :meth:`calculate_loss`."""
         return self.calculate_loss(rewards)
+
+
+def group_equal_plans(plans: Sequence[GradientPlan], chunk: int) -> list[list[int]]:
+    """Consecutive micro-batch indices in groups of at most ``chunk`` whose plans are equal (each group is one
+    chain): ``[A, A, B, A]`` with ``chunk=4`` gives ``[[0, 1], [2], [3]]``."""
+    groups: list[list[int]] = []
+    for m, plan in enumerate(plans):
+        if groups and len(groups[-1]) < chunk and plans[groups[-1][0]] == plan:
+            groups[-1].append(m)
+        else:
+            groups.append([m])
+    return groups
