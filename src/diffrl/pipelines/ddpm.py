@@ -11,6 +11,7 @@ import torch
 from diffusers import DDPMPipeline
 from safetensors.torch import load_file, save_file
 
+from diffrl.pipelines import precision
 from diffrl.pipelines.base import TrainableUNetPolicy
 from diffrl.pipelines.chain import chain_options
 from diffrl.pipelines.lora import load_lora_state_dict, lora_state_dict
@@ -64,7 +65,7 @@ class DDPMPolicy(TrainableUNetPolicy):
                 guidance_scale: float = 1.0, *, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """UNet output at ``x_t`` (float32); ``params`` replace trainable weights for this call."""
         with self.autocast():
-            return self._network(params)(x.to(self._unet.dtype), t).sample.float()
+            return self._network(params)(x.to(precision.module_dtype(self._unet)), t).sample.float()
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         images = (x.float() / 2 + 0.5).clamp(0, 1)

@@ -19,6 +19,18 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
     return _DTYPES[mixed_precision]
 
 
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s first floating-point weight: what its inputs are cast to outside autocast.
+
+    diffusers' ``ModelMixin.dtype`` says the same for the modules diffrl loads (no layerwise-casting hooks,
+    no ``_keep_in_fp32_modules``), but walks every submodule looking for such hooks first: 2.5 ms per call on
+    the tiny PEFT UNet of the tests, about 15% of sampling time at 8x8 latents, once per UNet call."""
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, mixed_precision: str) -> Iterator[None]:
     """``torch.autocast`` to the half dtype, or nothing in full precision."""

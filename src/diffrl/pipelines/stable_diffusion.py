@@ -10,6 +10,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 
+from diffrl.pipelines import precision
 from diffrl.pipelines.base import TrainableUNetPolicy
 from diffrl.pipelines.chain import chain_options
 from diffrl.pipelines.loading import load_vae
@@ -102,7 +103,7 @@ class StableDiffusionPolicy(TrainableUNetPolicy):
         if conditioning is None:
             raise ValueError("Stable Diffusion needs text conditioning; pass prompts (an empty string is allowed).")
         guided = conditioning.negative_prompt_embeds is not None and guidance_scale > 1.0
-        dtype = self._unet.dtype  # inputs follow the weights when not autocasting (e.g. a UNet moved to fp16)
+        dtype = precision.module_dtype(self._unet)  # inputs follow the weights outside autocast (a UNet in fp16)
         unet = self._network(params)
         with self.autocast():
             if guided:
@@ -117,7 +118,7 @@ class StableDiffusionPolicy(TrainableUNetPolicy):
         """Latents to images in ``[0, 1]`` (float32, ``[B, 3, H, W]``)."""
         vae = self.pipeline.vae
         with self.autocast():
-            images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+            images = vae.decode(latents.to(precision.module_dtype(vae)) / vae.config.scaling_factor).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     # ----------------------------------------------------------------- policy interface

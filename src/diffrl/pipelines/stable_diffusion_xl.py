@@ -187,7 +187,7 @@ class StableDiffusionXLPolicy(StableDiffusionPolicy):
                             "drop guidance with conditioning.without_guidance() rather than a new TextConditioning.")
         c = conditioning
         guided = c.negative_prompt_embeds is not None and guidance_scale > 1.0
-        dtype = self._unet.dtype  # inputs follow the weights when not autocasting
+        dtype = precision.module_dtype(self._unet)  # inputs follow the weights when not autocasting
         if guided:
             x, t = torch.cat([x, x]), torch.cat([t, t])
             states = torch.cat([c.negative_prompt_embeds, c.prompt_embeds])
@@ -216,7 +216,7 @@ class StableDiffusionXLPolicy(StableDiffusionPolicy):
             z = latents / config.scaling_factor
         ctx = torch.autocast(self.device.type, enabled=False) if self._vae_upcast else self.autocast()
         with ctx:
-            images = vae.decode(z.to(vae.dtype)).sample
+            images = vae.decode(z.to(precision.module_dtype(vae))).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     # ----------------------------------------------------------------- policy interface
