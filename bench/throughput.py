@@ -26,8 +26,8 @@ Each (library, workload) runs in a fresh process with ``--threads`` torch/OpenMP
 trainer, one warm-up epoch, then ``--epochs`` timed epochs (``trainer.step``). The split is measured the same
 way for both libraries, by wrapping methods of the trainer object: *reward* is the time inside the reward
 function; *sampling* is the time in the trainer's sampling method (DDPO: diffrl ``_sample_epoch``, TRL
-``_generate_samples``; AlignProp: ``_generate_samples`` in both, i.e. the forward pass through the sampler
-with gradients) less the reward time inside it; *training* is the rest of the epoch (DDPO: the policy-gradient
+``_generate_samples``; AlignProp: diffrl ``_sample_micro_batches``, TRL ``_generate_samples``, i.e. the forward
+pass through the sampler with gradients) less the reward time inside it; *training* is the rest of the epoch (DDPO: the policy-gradient
 updates; AlignProp: the backward pass and the optimizer step). Samples per second = samples per epoch / epoch
 seconds. Memory on the CPU is the resident set size (see ``bench/README.md``): ``peak_memory_mb`` is
 ``ru_maxrss``, the process's high-water mark, and ``training_peak_mb`` that peak minus the RSS once the trainer
@@ -141,7 +141,7 @@ def _diffrl_trainer(args, logdir: str, reward):
         return DDPOTrainer(config, reward, prompt, pipeline), "_sample_epoch"
     config = AlignPropConfig(run_name="bench", gradient_checkpointing=True, **_common(args, logdir),
                              **_alignprop_fields(args))
-    return AlignPropTrainer(config, reward, prompt, pipeline), "_generate_samples"
+    return AlignPropTrainer(config, reward, prompt, pipeline), "_sample_micro_batches"
 
 
 def _trl_trainer(args, logdir: str, reward):
