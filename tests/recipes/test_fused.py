@@ -15,7 +15,7 @@ import torch
 
 from diffrl import DDPOConfig, DDPOTrainer, DefaultDDPODDPMPipeline, DefaultDDPOStableDiffusionPipeline
 from diffrl.config import ConfigError
-from diffrl.recipes.ddpo import fit_timestep_chunk
+from diffrl.recipes.memory import SavedTensorProbe, fit_timestep_chunk
 from diffrl.recipes.samples import EpochSamples
 
 from .helpers import logged_metrics, trainable_weights
@@ -120,7 +120,9 @@ def test_fused_epoch_gives_the_step_by_step_weights(paths, tmp_path, kind, algor
     rows = 2 if kind == "sd" else 1  # train_batch_size 1, doubled by classifier-free guidance on SD
     rows = 1 if algorithm == "rwr" else rows  # RWR regresses without guidance
     assert calls == [rows] * 12  # 4 micro-batches x 3 timesteps
-    assert results[2][3] == [2 * rows, rows] * 4 and results[0][3] == [3 * rows] * 4
+    assert results[2][3] == [2 * rows, rows] * 4
+    # automatic: the first call runs one timestep and measures it; the tiny model then fits all 3 per call
+    assert results[0][3] == [rows, 2 * rows] + [3 * rows] * 3
     for chunk in (2, 0):
         weights, fused_steps, fused_metrics, _ = results[chunk]
         assert fused_steps == steps == (1 if algorithm == "ddpo_sf" else 2)
@@ -137,6 +139,21 @@ def test_chunk_setting_is_checked_and_fitted():
     assert fit_timestep_chunk(100, 1000, 20) == 5  # half of 1000 bytes at 100 per timestep
     assert fit_timestep_chunk(100, 10, 20) == 1 and fit_timestep_chunk(1, 10**9, 20) == 20
     assert fit_timestep_chunk(0, 10, 7) == 7
+
+
+def test_the_cpu_probe_counts_the_activations_a_call_keeps_not_the_weights(monkeypatch):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.SiLU(), torch.nn.Linear(256, 64))
+    measured = {}
+    for rows in (8, 16):
+        with SavedTensorProbe(net) as probe:
+            net(torch.randn(rows, 64)).square().sum().backward()
+        measured[rows] = probe.bytes
+    # per row: the input (64) kept by the first Linear, its output (256) by SiLU, SiLU's output (256) by the second
+    # Linear, the output (64) by square: 640 floats; the weights (~33k floats) are not counted
+    assert measured[8] == 8 * 640 * 4 and measured[16] == 2 * measured[8]
+    monkeypatch.setattr("psutil.virtual_memory", lambda: type("M", (), {"available": 10 * measured[8]})())
+    assert probe.fit(20) == 2  # half of 10 calls' worth of the 16-row call (2x the 8-row bytes) is 2.5 -> 2
 
 
 def test_draft_lv_draws_run_in_one_unet_call(tiny_sd_path):

@@ -54,8 +54,8 @@ class DDPOConfig(SharedConfig):
     train_timestep_chunk: int = option(
         0, trl=False,
         help="Timesteps of a training micro-batch that run in one UNet call (the same loss and gradient as one call "
-             "per timestep; memory grows with it). 0: automatic (all of them; on CUDA as many as fit half the free "
-             "memory, measured on the first call). 1: one call per timestep, as TRL.")
+             "per timestep; memory grows with it). 0: automatic (the first call runs one timestep and measures its "
+             "activations, the rest as many as fit half the free memory). 1: one call per timestep, as TRL.")
     compile_unet: bool = option(False, trl=False, help="torch.compile the UNet for sampling and training (the first "
                                                        "calls of each batch shape compile; pays off on long runs).")
 

@@ -20,6 +20,7 @@ from diffrl.algorithms import (PerPromptStatTracker, batch_advantages, denoising
 from diffrl.config import DDPOConfig
 from diffrl.pipelines.types import TextConditioning
 from diffrl.recipes.lifecycle import EpochResult, Timer, Trainer, call_image_hook
+from diffrl.recipes.memory import ChunkProbe, probe_for
 from diffrl.recipes.samples import EpochSamples, training_conditioning
 from diffrl.rewards import score
 from diffrl.seeding import generator_for
@@ -41,7 +42,7 @@ class DDPOTrainer(Trainer):
                              if config.per_prompt_stat_tracking else None)
         self.executor = ThreadPoolExecutor(config.max_workers) if config.async_reward_computation else None
         self.negative_prompts = config.negative_prompt_list
-        self._fitted_chunk: int | None = None  # automatic train_timestep_chunk on CUDA, once measured
+        self._fitted_chunk: int | None = None  # automatic train_timestep_chunk, once measured
         super().__init__(config, reward_function, prompt_function, sd_pipeline, image_samples_hook)
 
     # ------------------------------------------------------------------ sizes and state
@@ -155,13 +156,12 @@ class DDPOTrainer(Trainer):
         return optimizer
 
     def _timestep_chunk(self) -> int:
-        """Timesteps of a micro-batch per UNet call: ``train_timestep_chunk``, or (0) all of them, except on CUDA
-        where the first call runs one timestep and measures what it takes (:func:`fit_timestep_chunk`)."""
+        """Timesteps of a micro-batch per UNet call: ``train_timestep_chunk``, or (0) automatic: the first call runs
+        one timestep and measures what it keeps for the backward pass, the rest as many as fit half the free
+        memory (:mod:`diffrl.recipes.memory`)."""
         n, asked = self.config.num_train_timesteps, self.config.train_timestep_chunk
         if asked:
             return min(asked, n)
-        if self.accelerator.device.type != "cuda":
-            return n
         return self._fitted_chunk or 1
 
     def _train_inner(self, samples: EpochSamples, weights: torch.Tensor, epoch: int, inner: int, global_step: int,
@@ -190,11 +190,12 @@ class DDPOTrainer(Trainer):
                 sync = micro % accumulate == 0
                 ctx = contextlib.nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(self.policy.unet)
                 probe = self._memory_probe()
-                with ctx:
+                with ctx, probe or contextlib.nullcontext():
                     loss, infos = self._loss(shuffled, weights, idx, steps, generator)
                     self.backward(loss * (len(steps) / accumulate), sync)
-                if probe is not None:
-                    self._fitted_chunk = probe.fit(n)
+                if probe is not None:  # every process takes the smallest fit, so all run the same calls
+                    fitted = torch.tensor([probe.fit(n)], device=acc.device)
+                    self._fitted_chunk = int(acc.gather(fitted).min()) if acc.num_processes > 1 else int(fitted)
                 for info in infos:
                     for k, v in info.items():
                         stats.setdefault(k, []).append(v)
@@ -203,11 +204,11 @@ class DDPOTrainer(Trainer):
         self.policy.unet.eval()
         return global_step
 
-    def _memory_probe(self) -> MemoryProbe | None:
-        """On CUDA with an automatic chunk, the first training call is measured (once per run)."""
-        if self.config.train_timestep_chunk or self._fitted_chunk or self.accelerator.device.type != "cuda":
+    def _memory_probe(self) -> ChunkProbe | None:
+        """With an automatic chunk, the first training call is measured (once per run)."""
+        if self.config.train_timestep_chunk or self._fitted_chunk:
             return None
-        return MemoryProbe(self.accelerator.device)
+        return probe_for(self.accelerator.device, self.policy.trainable_module)
 
     def _loss(self, s: EpochSamples, weights: torch.Tensor, idx: slice, steps: range,
               generator: torch.Generator) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
@@ -308,29 +309,6 @@ class DDPOTrainer(Trainer):
             })
             pairs.append([traj.images, list(prompts), list(prompt_meta)])
         return samples, pairs
-
-
-def fit_timestep_chunk(per_timestep_bytes: int, free_bytes: int, num_timesteps: int, fraction: float = 0.5) -> int:
-    """How many timesteps of a micro-batch one training call may take: as many as fit in ``fraction`` of the free
-    accelerator memory when one timestep takes ``per_timestep_bytes``, between 1 and ``num_timesteps``."""
-    if per_timestep_bytes <= 0:
-        return num_timesteps
-    return max(1, min(num_timesteps, int(fraction * free_bytes // per_timestep_bytes)))
-
-
-class MemoryProbe:
-    """Measures one CUDA training call: the allocator's peak during it above what was allocated before (an upper
-    bound when an earlier peak was higher; the peak counter is not reset, the epoch's memory metric reads it)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.before = torch.cuda.memory_allocated(device)
-
-    def fit(self, num_timesteps: int) -> int:
-        used = torch.cuda.max_memory_allocated(self.device) - self.before
-        free, _ = torch.cuda.mem_get_info(self.device)
-        reusable = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return fit_timestep_chunk(used, free + reusable, num_timesteps)
 
 
 def _prompt_ids(policy, prompts: list[str]) -> torch.Tensor | None:
