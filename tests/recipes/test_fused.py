@@ -133,6 +133,38 @@ def test_fused_epoch_gives_the_step_by_step_weights(paths, tmp_path, kind, algor
                 assert fused_metrics[key] == pytest.approx(metrics[key], rel=1e-3, abs=1e-6), key
 
 
+@pytest.mark.parametrize("kind", MODELS)
+def test_sample_batches_in_one_chain_give_the_one_chain_each_samples_and_weights(paths, tmp_path, kind):
+    """DDPO sampling: an epoch's batches drawn as one chain (no gradients, the weights fixed) are the same samples as
+    one chain per batch, since each sample draws its noise from its own generator; rewards are still computed per
+    batch, and the epoch ends on the same weights."""
+    results = {}
+    for chunk in (1, 0):  # one chain per batch (TRL's loop); automatic (all of them, on the CPU)
+        trainer = _trainer(kind, paths, tmp_path, f"s{chunk}", "ddpo_is", 1, sample_batch_chunk=chunk,
+                           sample_num_batches_per_epoch=3, train_learning_rate=1e-3, negative_prompts="blurry,dark")
+        calls, reward_batches = [], []
+        trainer.policy._unet.register_forward_hook(
+            lambda m, a, o: calls.append(a[0].shape[0]) if not torch.is_grad_enabled() else None)
+        inner = trainer.reward_fn
+        trainer.reward_fn = lambda images, prompts, meta: (reward_batches.append(len(images)), inner(images, prompts, meta))[1]
+        batches = trainer._sample_epoch(0, 0)
+        samples = EpochSamples.from_trajectories([b[0] for b in batches])
+        rewards = torch.cat([b[3] for b in batches])
+        trainer.train()
+        results[chunk] = (samples, rewards, calls, reward_batches, trainable_weights(trainer))
+    (one, one_rewards, one_calls, one_scored, one_w), (fused, fused_rewards, fused_calls, fused_scored, fused_w) = \
+        results[1], results[0]
+    for a, b in zip(fused, one):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_rewards, one_rewards, atol=1e-5, rtol=1e-5)
+    rows = 2 * 2 if kind == "sd" else 2  # sample_batch_size 2, doubled by guidance on SD
+    assert one_calls[:9] == [rows] * 9 and fused_calls[:3] == [3 * rows] * 3  # 3 steps x 3 batches, or 3 steps
+    assert one_scored == fused_scored and set(one_scored) == {2}  # the reward sees batches of sample_batch_size
+    for name in one_w:
+        torch.testing.assert_close(fused_w[name], one_w[name], atol=1e-5, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_chunk_setting_is_checked_and_fitted():
     with pytest.raises(ConfigError, match="train_timestep_chunk"):
         DDPOConfig(train_timestep_chunk=-1).validate()

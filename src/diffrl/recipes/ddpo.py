@@ -104,35 +104,51 @@ class DDPOTrainer(Trainer):
     # ------------------------------------------------------------------ sampling and rewards
     def _sample_epoch(self, epoch: int, global_step: int) -> list[tuple]:
         """``sample_num_batches_per_epoch`` batches of ``(trajectory, prompts, prompt_metadata, rewards,
-        reward_metadata)``; with ``async_reward_computation`` each batch is scored while the next one samples."""
+        reward_metadata)``. Up to :meth:`_sample_batch_chunk` batches are drawn as one chain; sample ``j`` of batch
+        ``b`` draws its noise from its own generator, so the samples do not depend on the grouping. Rewards are
+        computed per batch; with ``async_reward_computation`` each batch is scored while the next chain samples."""
         c, acc = self.config, self.accelerator
         sampled, pending = [], []
         timer = Timer()
-        self._sampling_s = 0.0
-        for b in tqdm(range(c.sample_num_batches_per_epoch), desc=f"epoch {epoch}: sampling",
-                      disable=not acc.is_local_main_process, leave=False):
-            prompts, prompt_meta = zip(*[self.prompt_fn() for _ in range(c.sample_batch_size)])
+        self._sampling_s = reward_s = 0.0
+        size, chunk = c.sample_batch_size, self._sample_batch_chunk()
+        for first in tqdm(range(0, c.sample_num_batches_per_epoch, chunk), desc=f"epoch {epoch}: sampling",
+                          disable=not acc.is_local_main_process, leave=False):
+            group = range(first, min(first + chunk, c.sample_num_batches_per_epoch))
+            batches = [tuple(zip(*[self.prompt_fn() for _ in range(size)])) for _ in group]
             negatives = None
             if self.negative_prompts:
-                negatives = [self.negative_prompts[i % len(self.negative_prompts)] for i in range(c.sample_batch_size)]
+                negatives = [self.negative_prompts[i % len(self.negative_prompts)] for i in range(size)] * len(group)
+            generators = [generator_for(c.seed, epoch, acc.process_index, b, 1 + j) for b in group for j in range(size)]
             with torch.no_grad():
-                traj = self.policy.sample(list(prompts), batch_size=c.sample_batch_size,
+                traj = self.policy.sample([p for prompts, _ in batches for p in prompts], batch_size=size * len(group),
                                           num_inference_steps=c.sample_num_steps, guidance_scale=c.sample_guidance_scale,
-                                          eta=c.sample_eta, negative_prompts=negatives,
-                                          generator=generator_for(c.seed, epoch, acc.process_index, b),
+                                          eta=c.sample_eta, negative_prompts=negatives, generator=generators,
                                           height=c.sample_height, width=c.sample_width).trajectory
             self.guard.check_samples({"images": traj.images, "latents": traj.latents, "log-probabilities":
                                       traj.log_probs}, epoch, global_step, c.train_learning_rate)
             self._sampling_s += timer.lap()
-            sampled.append((traj, prompts, prompt_meta))
-            if self.executor is not None:  # score this batch while the next one samples
-                pending.append(self.executor.submit(score, self.reward_fn, traj.images, prompts, prompt_meta))
-            else:
-                pending.append(score(self.reward_fn, traj.images, prompts, prompt_meta))
-                timer.lap()
+            for k, (prompts, prompt_meta) in enumerate(batches):
+                part = traj.rows(slice(k * size, (k + 1) * size)) if len(group) > 1 else traj
+                sampled.append((part, prompts, prompt_meta))
+                if self.executor is not None:  # score this batch while the next chain samples
+                    pending.append(self.executor.submit(score, self.reward_fn, part.images, prompts, prompt_meta))
+                else:
+                    pending.append(score(self.reward_fn, part.images, prompts, prompt_meta))
+                    reward_s += timer.lap()
         results = [p.result() if isinstance(p, Future) else p for p in pending]
-        self._reward_s = timer.lap()
+        self._reward_s = reward_s + timer.lap()  # with async scoring: the wait for what was still running
         return [(traj, p, m, r[0], r[1]) for (traj, p, m), r in zip(sampled, results)]
+
+    def _sample_batch_chunk(self) -> int:
+        """Sample batches per chain at most: ``sample_batch_chunk``, or (0) all of an epoch's on the CPU when rewards
+        are not scored asynchronously (that overlaps scoring with the next batch), one otherwise."""
+        c = self.config
+        if c.sample_batch_chunk:
+            return min(c.sample_batch_chunk, c.sample_num_batches_per_epoch)
+        if self.accelerator.device.type != "cpu" or self.executor is not None:
+            return 1
+        return c.sample_num_batches_per_epoch
 
     def _sample_weights(self, all_rewards: np.ndarray, all_prompts: list[str]) -> torch.Tensor:
         """This process's per-sample weights: clipped advantages (DDPO) or RWR weights."""
