@@ -15,7 +15,7 @@ import torch
 
 from diffrl import DDPOConfig, DDPOTrainer, DefaultDDPODDPMPipeline, DefaultDDPOStableDiffusionPipeline
 from diffrl.config import ConfigError
-from diffrl.recipes.ddpo import fit_timestep_chunk
+from diffrl.recipes.memory import SavedTensorProbe, fit_timestep_chunk
 from diffrl.recipes.samples import EpochSamples
 
 from .helpers import logged_metrics, trainable_weights
@@ -120,7 +120,9 @@ def test_fused_epoch_gives_the_step_by_step_weights(paths, tmp_path, kind, algor
     rows = 2 if kind == "sd" else 1  # train_batch_size 1, doubled by classifier-free guidance on SD
     rows = 1 if algorithm == "rwr" else rows  # RWR regresses without guidance
     assert calls == [rows] * 12  # 4 micro-batches x 3 timesteps
-    assert results[2][3] == [2 * rows, rows] * 4 and results[0][3] == [3 * rows] * 4
+    assert results[2][3] == [2 * rows, rows] * 4
+    # automatic: the first call runs one timestep and measures it; the tiny model then fits all 3 per call
+    assert results[0][3] == [rows, 2 * rows] + [3 * rows] * 3
     for chunk in (2, 0):
         weights, fused_steps, fused_metrics, _ = results[chunk]
         assert fused_steps == steps == (1 if algorithm == "ddpo_sf" else 2)
@@ -131,12 +133,59 @@ def test_fused_epoch_gives_the_step_by_step_weights(paths, tmp_path, kind, algor
                 assert fused_metrics[key] == pytest.approx(metrics[key], rel=1e-3, abs=1e-6), key
 
 
+@pytest.mark.parametrize("kind", MODELS)
+def test_sample_batches_in_one_chain_give_the_one_chain_each_samples_and_weights(paths, tmp_path, kind):
+    """DDPO sampling: an epoch's batches drawn as one chain (no gradients, the weights fixed) are the same samples as
+    one chain per batch, since each sample draws its noise from its own generator; rewards are still computed per
+    batch, and the epoch ends on the same weights."""
+    results = {}
+    for chunk in (1, 0):  # one chain per batch (TRL's loop); automatic (all of them, on the CPU)
+        trainer = _trainer(kind, paths, tmp_path, f"s{chunk}", "ddpo_is", 1, sample_batch_chunk=chunk,
+                           sample_num_batches_per_epoch=3, train_learning_rate=1e-3, negative_prompts="blurry,dark")
+        calls, reward_batches = [], []
+        trainer.policy._unet.register_forward_hook(
+            lambda m, a, o: calls.append(a[0].shape[0]) if not torch.is_grad_enabled() else None)
+        inner = trainer.reward_fn
+        trainer.reward_fn = lambda images, prompts, meta: (reward_batches.append(len(images)), inner(images, prompts, meta))[1]
+        batches = trainer._sample_epoch(0, 0)
+        samples = EpochSamples.from_trajectories([b[0] for b in batches])
+        rewards = torch.cat([b[3] for b in batches])
+        trainer.train()
+        results[chunk] = (samples, rewards, calls, reward_batches, trainable_weights(trainer))
+    (one, one_rewards, one_calls, one_scored, one_w), (fused, fused_rewards, fused_calls, fused_scored, fused_w) = \
+        results[1], results[0]
+    for a, b in zip(fused, one):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_rewards, one_rewards, atol=1e-5, rtol=1e-5)
+    rows = 2 * 2 if kind == "sd" else 2  # sample_batch_size 2, doubled by guidance on SD
+    assert one_calls[:9] == [rows] * 9 and fused_calls[:3] == [3 * rows] * 3  # 3 steps x 3 batches, or 3 steps
+    assert one_scored == fused_scored and set(one_scored) == {2}  # the reward sees batches of sample_batch_size
+    for name in one_w:
+        torch.testing.assert_close(fused_w[name], one_w[name], atol=1e-5, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_chunk_setting_is_checked_and_fitted():
     with pytest.raises(ConfigError, match="train_timestep_chunk"):
         DDPOConfig(train_timestep_chunk=-1).validate()
     assert fit_timestep_chunk(100, 1000, 20) == 5  # half of 1000 bytes at 100 per timestep
     assert fit_timestep_chunk(100, 10, 20) == 1 and fit_timestep_chunk(1, 10**9, 20) == 20
     assert fit_timestep_chunk(0, 10, 7) == 7
+
+
+def test_the_cpu_probe_counts_the_activations_a_call_keeps_not_the_weights(monkeypatch):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.SiLU(), torch.nn.Linear(256, 64))
+    measured = {}
+    for rows in (8, 16):
+        with SavedTensorProbe(net) as probe:
+            net(torch.randn(rows, 64)).square().sum().backward()
+        measured[rows] = probe.bytes
+    # per row: the input (64) kept by the first Linear, its output (256) by SiLU, SiLU's output (256) by the second
+    # Linear, the output (64) by square: 640 floats; the weights (~33k floats) are not counted
+    assert measured[8] == 8 * 640 * 4 and measured[16] == 2 * measured[8]
+    monkeypatch.setattr("psutil.virtual_memory", lambda: type("M", (), {"available": 10 * measured[8]})())
+    assert probe.fit(20) == 2  # half of 10 calls' worth of the 16-row call (2x the 8-row bytes) is 2.5 -> 2
 
 
 def test_draft_lv_draws_run_in_one_unet_call(tiny_sd_path):

@@ -54,13 +54,18 @@ class DDPOConfig(SharedConfig):
     train_timestep_chunk: int = option(
         0, trl=False,
         help="Timesteps of a training micro-batch that run in one UNet call (the same loss and gradient as one call "
-             "per timestep; memory grows with it). 0: automatic (all of them; on CUDA as many as fit half the free "
-             "memory, measured on the first call). 1: one call per timestep, as TRL.")
+             "per timestep; memory grows with it). 0: automatic (the first call runs one timestep and measures its "
+             "activations, the rest as many as fit half the free memory). 1: one call per timestep, as TRL.")
+    sample_batch_chunk: int = option(
+        0, trl=False,
+        help="Sample batches of an epoch drawn as one chain (the same samples: each draws its noise from its own "
+             "seeded generator; rewards are still computed per batch; memory grows with it). 0: automatic (all of "
+             "them on the CPU without async_reward_computation, else 1). 1: one chain per batch, as TRL.")
     compile_unet: bool = option(False, trl=False, help="torch.compile the UNet for sampling and training (the first "
                                                        "calls of each batch shape compile; pays off on long runs).")
 
     may_be_infinite = frozenset({"train_max_grad_norm", "train_adv_clip_max"})
-    resume_applied = frozenset({"train_timestep_chunk", "compile_unet"})
+    resume_applied = frozenset({"train_timestep_chunk", "sample_batch_chunk", "compile_unet"})
 
     @property
     def num_train_timesteps(self) -> int:
@@ -77,6 +82,7 @@ class DDPOConfig(SharedConfig):
                      "per_prompt_stat_tracking_buffer_size", "per_prompt_stat_tracking_min_count", "max_workers"):
             c.at_least(name, 1)
         c.at_least("train_timestep_chunk", 0)
+        c.at_least("sample_batch_chunk", 0)
         self._check_batches(c, num_processes)
         c.positive("train_adv_clip_max")
         c.positive("train_clip_range", "set train_clip_range > 0 (the paper uses 1e-4)")

@@ -77,6 +77,13 @@ class Trajectory(NamedTuple):
     prompts: list[str]
     stochastic: torch.Tensor | None = None
 
+    def rows(self, idx: slice) -> "Trajectory":
+        """The samples ``idx`` of this batch, every field cut the same way."""
+        cond = None if self.conditioning is None else self.conditioning.index(idx)
+        return Trajectory(self.images[idx], self.latents[idx], self.timesteps[idx], self.prev_timesteps[idx],
+                          self.log_probs[idx], cond, list(self.prompts[idx]),
+                          None if self.stochastic is None else self.stochastic[idx])
+
 
 class SampleResult(NamedTuple):
     """Output of :meth:`DiffusionPolicy.sample`: the trajectory and, when sampling with gradients, the

@@ -33,8 +33,9 @@ class AlignPropTrainer(Trainer):
 
     ``config.truncation_strategy`` picks the steps that carry gradients: TRL's ``"fixed"`` and ``"random"``,
     ``"draft_k"``, ``"draft_lv"`` or ``"refl"``. The image hook is called as
-    ``hook({"images", "prompts", "prompt_metadata", "rewards"}, global_step, tracker)`` with the last micro-batch
-    of every ``log_image_freq``-th step and the first tracker, or ``None``.
+    ``hook({"images", "prompts", "prompt_metadata", "rewards"}, global_step, tracker)`` with the last chain of every
+    ``log_image_freq``-th step (its last micro-batch, or all the micro-batches that shared the chain; see
+    ``train_micro_batch_chunk``) and the first tracker, or ``None``.
     """
 
     trainer_name = "AlignProp"

@@ -20,6 +20,7 @@ from diffrl.algorithms import (PerPromptStatTracker, batch_advantages, denoising
 from diffrl.config import DDPOConfig
 from diffrl.pipelines.types import TextConditioning
 from diffrl.recipes.lifecycle import EpochResult, Timer, Trainer, call_image_hook
+from diffrl.recipes.memory import ChunkProbe, probe_for
 from diffrl.recipes.samples import EpochSamples, training_conditioning
 from diffrl.rewards import score
 from diffrl.seeding import generator_for
@@ -41,7 +42,7 @@ class DDPOTrainer(Trainer):
                              if config.per_prompt_stat_tracking else None)
         self.executor = ThreadPoolExecutor(config.max_workers) if config.async_reward_computation else None
         self.negative_prompts = config.negative_prompt_list
-        self._fitted_chunk: int | None = None  # automatic train_timestep_chunk on CUDA, once measured
+        self._fitted_chunk: int | None = None  # automatic train_timestep_chunk, once measured
         super().__init__(config, reward_function, prompt_function, sd_pipeline, image_samples_hook)
 
     # ------------------------------------------------------------------ sizes and state
@@ -103,35 +104,51 @@ class DDPOTrainer(Trainer):
     # ------------------------------------------------------------------ sampling and rewards
     def _sample_epoch(self, epoch: int, global_step: int) -> list[tuple]:
         """``sample_num_batches_per_epoch`` batches of ``(trajectory, prompts, prompt_metadata, rewards,
-        reward_metadata)``; with ``async_reward_computation`` each batch is scored while the next one samples."""
+        reward_metadata)``. Up to :meth:`_sample_batch_chunk` batches are drawn as one chain; sample ``j`` of batch
+        ``b`` draws its noise from its own generator, so the samples do not depend on the grouping. Rewards are
+        computed per batch; with ``async_reward_computation`` each batch is scored while the next chain samples."""
         c, acc = self.config, self.accelerator
         sampled, pending = [], []
         timer = Timer()
-        self._sampling_s = 0.0
-        for b in tqdm(range(c.sample_num_batches_per_epoch), desc=f"epoch {epoch}: sampling",
-                      disable=not acc.is_local_main_process, leave=False):
-            prompts, prompt_meta = zip(*[self.prompt_fn() for _ in range(c.sample_batch_size)])
+        self._sampling_s = reward_s = 0.0
+        size, chunk = c.sample_batch_size, self._sample_batch_chunk()
+        for first in tqdm(range(0, c.sample_num_batches_per_epoch, chunk), desc=f"epoch {epoch}: sampling",
+                          disable=not acc.is_local_main_process, leave=False):
+            group = range(first, min(first + chunk, c.sample_num_batches_per_epoch))
+            batches = [tuple(zip(*[self.prompt_fn() for _ in range(size)])) for _ in group]
             negatives = None
             if self.negative_prompts:
-                negatives = [self.negative_prompts[i % len(self.negative_prompts)] for i in range(c.sample_batch_size)]
+                negatives = [self.negative_prompts[i % len(self.negative_prompts)] for i in range(size)] * len(group)
+            generators = [generator_for(c.seed, epoch, acc.process_index, b, 1 + j) for b in group for j in range(size)]
             with torch.no_grad():
-                traj = self.policy.sample(list(prompts), batch_size=c.sample_batch_size,
+                traj = self.policy.sample([p for prompts, _ in batches for p in prompts], batch_size=size * len(group),
                                           num_inference_steps=c.sample_num_steps, guidance_scale=c.sample_guidance_scale,
-                                          eta=c.sample_eta, negative_prompts=negatives,
-                                          generator=generator_for(c.seed, epoch, acc.process_index, b),
+                                          eta=c.sample_eta, negative_prompts=negatives, generator=generators,
                                           height=c.sample_height, width=c.sample_width).trajectory
             self.guard.check_samples({"images": traj.images, "latents": traj.latents, "log-probabilities":
                                       traj.log_probs}, epoch, global_step, c.train_learning_rate)
             self._sampling_s += timer.lap()
-            sampled.append((traj, prompts, prompt_meta))
-            if self.executor is not None:  # score this batch while the next one samples
-                pending.append(self.executor.submit(score, self.reward_fn, traj.images, prompts, prompt_meta))
-            else:
-                pending.append(score(self.reward_fn, traj.images, prompts, prompt_meta))
-                timer.lap()
+            for k, (prompts, prompt_meta) in enumerate(batches):
+                part = traj.rows(slice(k * size, (k + 1) * size)) if len(group) > 1 else traj
+                sampled.append((part, prompts, prompt_meta))
+                if self.executor is not None:  # score this batch while the next chain samples
+                    pending.append(self.executor.submit(score, self.reward_fn, part.images, prompts, prompt_meta))
+                else:
+                    pending.append(score(self.reward_fn, part.images, prompts, prompt_meta))
+                    reward_s += timer.lap()
         results = [p.result() if isinstance(p, Future) else p for p in pending]
-        self._reward_s = timer.lap()
+        self._reward_s = reward_s + timer.lap()  # with async scoring: the wait for what was still running
         return [(traj, p, m, r[0], r[1]) for (traj, p, m), r in zip(sampled, results)]
+
+    def _sample_batch_chunk(self) -> int:
+        """Sample batches per chain at most: ``sample_batch_chunk``, or (0) all of an epoch's on the CPU when rewards
+        are not scored asynchronously (that overlaps scoring with the next batch), one otherwise."""
+        c = self.config
+        if c.sample_batch_chunk:
+            return min(c.sample_batch_chunk, c.sample_num_batches_per_epoch)
+        if self.accelerator.device.type != "cpu" or self.executor is not None:
+            return 1
+        return c.sample_num_batches_per_epoch
 
     def _sample_weights(self, all_rewards: np.ndarray, all_prompts: list[str]) -> torch.Tensor:
         """This process's per-sample weights: clipped advantages (DDPO) or RWR weights."""
@@ -155,13 +172,12 @@ class DDPOTrainer(Trainer):
         return optimizer
 
     def _timestep_chunk(self) -> int:
-        """Timesteps of a micro-batch per UNet call: ``train_timestep_chunk``, or (0) all of them, except on CUDA
-        where the first call runs one timestep and measures what it takes (:func:`fit_timestep_chunk`)."""
+        """Timesteps of a micro-batch per UNet call: ``train_timestep_chunk``, or (0) automatic: the first call runs
+        one timestep and measures what it keeps for the backward pass, the rest as many as fit half the free
+        memory (:mod:`diffrl.recipes.memory`)."""
         n, asked = self.config.num_train_timesteps, self.config.train_timestep_chunk
         if asked:
             return min(asked, n)
-        if self.accelerator.device.type != "cuda":
-            return n
         return self._fitted_chunk or 1
 
     def _train_inner(self, samples: EpochSamples, weights: torch.Tensor, epoch: int, inner: int, global_step: int,
@@ -190,11 +206,12 @@ class DDPOTrainer(Trainer):
                 sync = micro % accumulate == 0
                 ctx = contextlib.nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(self.policy.unet)
                 probe = self._memory_probe()
-                with ctx:
+                with ctx, probe or contextlib.nullcontext():
                     loss, infos = self._loss(shuffled, weights, idx, steps, generator)
                     self.backward(loss * (len(steps) / accumulate), sync)
-                if probe is not None:
-                    self._fitted_chunk = probe.fit(n)
+                if probe is not None:  # every process takes the smallest fit, so all run the same calls
+                    fitted = torch.tensor([probe.fit(n)], device=acc.device)
+                    self._fitted_chunk = int(acc.gather(fitted).min()) if acc.num_processes > 1 else int(fitted)
                 for info in infos:
                     for k, v in info.items():
                         stats.setdefault(k, []).append(v)
@@ -203,11 +220,11 @@ class DDPOTrainer(Trainer):
         self.policy.unet.eval()
         return global_step
 
-    def _memory_probe(self) -> MemoryProbe | None:
-        """On CUDA with an automatic chunk, the first training call is measured (once per run)."""
-        if self.config.train_timestep_chunk or self._fitted_chunk or self.accelerator.device.type != "cuda":
+    def _memory_probe(self) -> ChunkProbe | None:
+        """With an automatic chunk, the first training call is measured (once per run)."""
+        if self.config.train_timestep_chunk or self._fitted_chunk:
             return None
-        return MemoryProbe(self.accelerator.device)
+        return probe_for(self.accelerator.device, self.policy.trainable_module)
 
     def _loss(self, s: EpochSamples, weights: torch.Tensor, idx: slice, steps: range,
               generator: torch.Generator) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
@@ -308,29 +325,6 @@ class DDPOTrainer(Trainer):
             })
             pairs.append([traj.images, list(prompts), list(prompt_meta)])
         return samples, pairs
-
-
-def fit_timestep_chunk(per_timestep_bytes: int, free_bytes: int, num_timesteps: int, fraction: float = 0.5) -> int:
-    """How many timesteps of a micro-batch one training call may take: as many as fit in ``fraction`` of the free
-    accelerator memory when one timestep takes ``per_timestep_bytes``, between 1 and ``num_timesteps``."""
-    if per_timestep_bytes <= 0:
-        return num_timesteps
-    return max(1, min(num_timesteps, int(fraction * free_bytes // per_timestep_bytes)))
-
-
-class MemoryProbe:
-    """Measures one CUDA training call: the allocator's peak during it above what was allocated before (an upper
-    bound when an earlier peak was higher; the peak counter is not reset, the epoch's memory metric reads it)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.before = torch.cuda.memory_allocated(device)
-
-    def fit(self, num_timesteps: int) -> int:
-        used = torch.cuda.max_memory_allocated(self.device) - self.before
-        free, _ = torch.cuda.mem_get_info(self.device)
-        reusable = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return fit_timestep_chunk(used, free + reusable, num_timesteps)
 
 
 def _prompt_ids(policy, prompts: list[str]) -> torch.Tensor | None:
