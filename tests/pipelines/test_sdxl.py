@@ -275,15 +275,17 @@ def test_a_short_ddpo_run_raises_brightness_on_sdxl(tiny_sdxl_path, tmp_path):
 
     The tiny random VAE maps latents to images whose brightness differs by about 0.01 (one standard deviation
     across images), so the reward rise is small in absolute terms; the standard error of the 64-image mean is
-    about 0.0013. Measured (seeds 0, 1, 2 of this config): 0.449 -> 0.510, 0.509, 0.499. LoRA at this
-    budget is noisier (lr 0.1: 0.454 to 0.528 across seeds), so full fine-tuning is what is asserted.
+    about 0.0013. Training is chaotic at this learning rate (the same seed moves with the fp32 summation order of
+    the automatic chunk), so the bound is well below what was measured: seeds 0-3 of this config went from 0.449
+    to 0.508, 0.504, 0.512 and 0.480. LoRA at this budget is noisier (lr 0.1: 0.454 to 0.528 across seeds), so
+    full fine-tuning is what is asserted.
     """
     from diffrl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionXLPipeline
 
     def brightness(images, prompts, metadata):
         return images.mean(dim=(1, 2, 3)), {}
 
-    config = DDPOConfig(num_epochs=20, sample_num_steps=10, sample_batch_size=8, sample_num_batches_per_epoch=2,
+    config = DDPOConfig(num_epochs=30, sample_num_steps=10, sample_batch_size=8, sample_num_batches_per_epoch=2,
                         train_batch_size=8, train_gradient_accumulation_steps=2, mixed_precision="no",
                         logdir=str(tmp_path / "logs"), run_name="sdxl", train_learning_rate=3e-3,
                         train_clip_range=0.2, seed=1, save_freq=1000)
@@ -292,7 +294,7 @@ def test_a_short_ddpo_run_raises_brightness_on_sdxl(tiny_sdxl_path, tmp_path):
     before = _fixed_seed_brightness(pipe.policy, 10, n=64)
     trainer.train()
     after = _fixed_seed_brightness(pipe.policy, 10, n=64)
-    assert after > before + 0.03, (before, after)  # measured 0.449 -> 0.509
+    assert after > before + 0.02, (before, after)  # measured 0.449 -> 0.48-0.51 (seeds 0-3)
 
 
 def test_reference_params_give_the_base_model(tiny_sdxl_path):
