@@ -128,7 +128,8 @@ def test_a_failed_save_leaves_no_partial_result(tiny_ddpm_path, tmp_path, monkey
 def test_async_rewards_give_the_same_run(tiny_ddpm_path, tmp_path):
     results = []
     for run_async in (False, True):
-        cfg = _config(tmp_path, run_name=f"async{run_async}", async_reward_computation=run_async)
+        # one chain per batch in both (async scoring keeps that by default; fused chains round differently)
+        cfg = _config(tmp_path, run_name=f"async{run_async}", async_reward_computation=run_async, sample_batch_chunk=1)
         trainer = DDPOTrainer(cfg, brightness, lambda: ("", {}), DefaultDDPODDPMPipeline(tiny_ddpm_path))
         trainer.train()
         results.append(trainable_weights(trainer))

@@ -104,9 +104,9 @@ def test_fused_gradient_and_stats_equal_the_step_by_step_ones(paths, tmp_path, k
 def test_fused_epoch_gives_the_step_by_step_weights(paths, tmp_path, kind, algorithm):
     results = {}
     for chunk in (1, 2, 0):  # one call per timestep; chunks of 2 and 1 of the 3 timesteps; all 3 in one call
-        # lr 1e-3: Adam's first steps are near lr * sign(g), so fp32 rounding of a gradient element near 0 can move
-        # a weight by up to ~lr * 1e-2; at 1e-3 that stays inside the 1e-5 asked for.
-        trainer = _trainer(kind, paths, tmp_path, f"c{chunk}", algorithm, chunk, train_learning_rate=1e-3)
+        # lr 3e-4: Adam's first steps are near lr * sign(g), so fp32 rounding of a gradient element near 0 can move
+        # a weight by up to ~lr * 2e-2 (1.9e-5 seen at lr 1e-3); at 3e-4 that stays inside the 1e-5 asked for.
+        trainer = _trainer(kind, paths, tmp_path, f"c{chunk}", algorithm, chunk, train_learning_rate=3e-4)
         calls = []
         hook = trainer.policy._unet.register_forward_hook(
             lambda m, args, out: calls.append(args[0].shape[0]) if torch.is_grad_enabled() else None)

@@ -64,11 +64,14 @@ class DDPOTrainer(Trainer):
         return max(1, c.num_epochs * c.train_num_inner_epochs * micro // self._accumulation_steps())
 
     def trainer_state(self) -> dict[str, Any]:
-        return {"stat_tracker": self.stat_tracker.state_dict() if self.stat_tracker else None}
+        # The fitted chunk is kept so a resumed run makes the same calls (the same fp32 sums) as an uninterrupted one.
+        return {"stat_tracker": self.stat_tracker.state_dict() if self.stat_tracker else None,
+                "fitted_timestep_chunk": self._fitted_chunk}
 
     def load_trainer_state(self, state: dict[str, Any]) -> None:
         if self.stat_tracker is not None and state.get("stat_tracker"):
             self.stat_tracker.load_state_dict(state["stat_tracker"])
+        self._fitted_chunk = state.get("fitted_timestep_chunk") or self._fitted_chunk
 
     # ------------------------------------------------------------------ the epoch
     def run_epoch(self, epoch: int, global_step: int) -> EpochResult:
