@@ -16,6 +16,11 @@ from tqdm.auto import tqdm
 __all__ = ["SeededBatch", "generator_for", "sample_on_seeds"]
 
 
+#: ``generator_for(seed, epoch, SAMPLE_NOISE, ...)``: the noise of one training sample (its initial noise and every
+#: step's), a stream no other draw of a run uses (shuffles, truncation plans and windows have their own parts).
+SAMPLE_NOISE = 13
+
+
 def generator_for(*parts: int) -> torch.Generator:
     """A CPU generator seeded from ``parts`` (seed, epoch, process, batch, ...), independent of the global RNG,
     so a resumed run draws the same noise as an uninterrupted one."""

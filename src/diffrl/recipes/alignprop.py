@@ -23,7 +23,7 @@ from diffrl.recipes.checkpoints import is_sharded
 from diffrl.recipes.lifecycle import EpochResult, Timer, Trainer, call_image_hook
 from diffrl.recipes.optim import average_gradients
 from diffrl.rewards import require_differentiable, score
-from diffrl.seeding import generator_for
+from diffrl.seeding import SAMPLE_NOISE, generator_for
 
 __all__ = ["AlignPropTrainer"]
 
@@ -132,7 +132,7 @@ class AlignPropTrainer(Trainer):
                 prompt, meta = self.prompt_fn()
                 prompts.append(prompt)
                 metadata.append(meta)
-                generators.append(generator_for(c.seed, epoch, acc.process_index, m, 1 + j))
+                generators.append(generator_for(c.seed, epoch, SAMPLE_NOISE, acc.process_index, m, j))
                 if self.negative_prompts:
                     negatives.append(self.negative_prompts[j % len(self.negative_prompts)])
         kwargs = self._sample_kwargs(len(prompts), generators)

@@ -23,7 +23,7 @@ from diffrl.recipes.lifecycle import EpochResult, Timer, Trainer, call_image_hoo
 from diffrl.recipes.memory import ChunkProbe, probe_for
 from diffrl.recipes.samples import EpochSamples, training_conditioning
 from diffrl.rewards import score
-from diffrl.seeding import generator_for
+from diffrl.seeding import SAMPLE_NOISE, generator_for
 
 
 class DDPOTrainer(Trainer):
@@ -122,7 +122,7 @@ class DDPOTrainer(Trainer):
             negatives = None
             if self.negative_prompts:
                 negatives = [self.negative_prompts[i % len(self.negative_prompts)] for i in range(size)] * len(group)
-            generators = [generator_for(c.seed, epoch, acc.process_index, b, 1 + j) for b in group for j in range(size)]
+            generators = [generator_for(c.seed, epoch, SAMPLE_NOISE, acc.process_index, b, j) for b in group for j in range(size)]
             with torch.no_grad():
                 traj = self.policy.sample([p for prompts, _ in batches for p in prompts], batch_size=size * len(group),
                                           num_inference_steps=c.sample_num_steps, guidance_scale=c.sample_guidance_scale,

@@ -32,12 +32,12 @@ from diffrl.config import GRPOConfig
 from diffrl.recipes.lifecycle import EpochResult, Timer, Trainer, call_image_hook
 from diffrl.recipes.samples import EpochSamples, training_conditioning
 from diffrl.rewards import score
-from diffrl.seeding import generator_for
+from diffrl.seeding import SAMPLE_NOISE, generator_for
 
 __all__ = ["EpochLayout", "GRPOTrainer", "epoch_advantages", "epoch_layout", "epoch_window"]
 
 # Streams of generator_for(seed, epoch, STREAM, ...): one per kind of draw, so no two draws share noise.
-_WINDOW, _GROUP_NOISE, _SAMPLE_NOISE, _STEP_NOISE = 11, 12, 13, 14
+_WINDOW, _GROUP_NOISE, _STEP_NOISE = 11, 12, 14  # and seeding.SAMPLE_NOISE (13)
 
 
 class EpochLayout(NamedTuple):
@@ -169,7 +169,7 @@ class GRPOTrainer(Trainer):
             groups = layout.group_ids[b:b + c.sample_batch_size].tolist()
             names, meta = [prompts[g][0] for g in groups], [prompts[g][1] for g in groups]
             noise = [generator_for(c.seed, epoch, _GROUP_NOISE, g) if c.group_shared_noise
-                     else generator_for(c.seed, epoch, _SAMPLE_NOISE, i) for g, i in zip(groups, ids)]
+                     else generator_for(c.seed, epoch, SAMPLE_NOISE, i) for g, i in zip(groups, ids)]
             steps = [generator_for(c.seed, epoch, _STEP_NOISE, i) for i in ids]
             with torch.no_grad():
                 x_T = self.policy.initial_noise(len(ids), noise, c.sample_height, c.sample_width)
