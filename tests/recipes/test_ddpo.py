@@ -1,3 +1,4 @@
+import itertools
 import random
 
 import numpy as np
@@ -69,7 +70,9 @@ def test_trl_example_runs_unchanged_but_for_the_import(tiny_sd_path, tmp_path):
                         logdir=str(tmp_path / "logs"), per_prompt_stat_tracking=True,
                         per_prompt_stat_tracking_buffer_size=4, per_prompt_stat_tracking_min_count=2)
     pipeline = DefaultDDPOStableDiffusionPipeline(tiny_sd_path, pretrained_model_revision="main", use_lora=True)
-    trainer = DDPOTrainer(config, brightness, random_prompt, pipeline, image_samples_hook=image_outputs_hook)
+    animals = itertools.cycle(["cat", "dog"])  # two different prompts, so the example's two captions differ
+    trainer = DDPOTrainer(config, brightness, lambda: (f"a {next(animals)}", {}), pipeline,
+                          image_samples_hook=image_outputs_hook)
     trainer.train()
     # No tracker: instead of TRL's IndexError (or None, which the example's log_images call cannot take), the
     # hook gets a tracker that saves the images in the run folder.

@@ -141,7 +141,7 @@ def test_sample_batches_in_one_chain_give_the_one_chain_each_samples_and_weights
     results = {}
     for chunk in (1, 0):  # one chain per batch (TRL's loop); automatic (all of them, on the CPU)
         trainer = _trainer(kind, paths, tmp_path, f"s{chunk}", "ddpo_is", 1, sample_batch_chunk=chunk,
-                           sample_num_batches_per_epoch=3, train_learning_rate=1e-3, negative_prompts="blurry,dark")
+                           sample_num_batches_per_epoch=3, train_learning_rate=3e-4, negative_prompts="blurry,dark")
         calls, reward_batches = [], []
         trainer.policy._unet.register_forward_hook(
             lambda m, a, o: calls.append(a[0].shape[0]) if not torch.is_grad_enabled() else None)
