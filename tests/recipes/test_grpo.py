@@ -198,6 +198,9 @@ def test_impossible_settings_are_refused_with_the_fix():
         assert expected in text, expected
     GRPOConfig(mixed_precision="no", prompts_per_epoch=3, group_size=4, sample_batch_size=6,
                train_batch_size=3).validate(num_processes=2)  # groups may straddle processes
+    with pytest.raises(ConfigError) as err:  # DDPO's speed settings that GRPO's loop would silently ignore
+        GRPOConfig(mixed_precision="no", train_timestep_chunk=2, sample_batch_chunk=1, compile_unet=True).validate()
+    assert [v.field for v in err.value.violations] == ["train_timestep_chunk", "sample_batch_chunk", "compile_unet"]
 
 
 def test_diffrl_train_algorithm_grpo_runs_the_digits_preset(tmp_path, capsys):
