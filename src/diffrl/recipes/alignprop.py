@@ -22,6 +22,7 @@ from diffrl.config import AlignPropConfig
 from diffrl.recipes.checkpoints import is_sharded
 from diffrl.recipes.lifecycle import EpochResult, Timer, Trainer, call_image_hook
 from diffrl.recipes.optim import average_gradients
+from diffrl.recipes.samples import chain_chunk, cycled_negatives
 from diffrl.rewards import require_differentiable, score
 from diffrl.seeding import SAMPLE_NOISE, generator_for
 
@@ -115,28 +116,22 @@ class AlignPropTrainer(Trainer):
         """Micro-batches per chain at most: ``train_micro_batch_chunk``, or (0) all of them on the CPU and one on
         an accelerator or under FSDP/DeepSpeed, where accumulation is what keeps a step inside memory."""
         c, acc = self.config, self.accelerator
-        if c.train_micro_batch_chunk:
-            return min(c.train_micro_batch_chunk, c.train_gradient_accumulation_steps)
-        if acc.device.type != "cpu" or is_sharded(acc):
-            return 1
-        return c.train_gradient_accumulation_steps
+        return chain_chunk(c.train_micro_batch_chunk, c.train_gradient_accumulation_steps,
+                           acc.device.type == "cpu" and not is_sharded(acc))
 
     def _sample_micro_batches(self, epoch: int, group: Sequence[int], plan: GradientPlan) -> dict[str, Any]:
         """The micro-batches ``group`` (equal ``plan``) sampled as one chain with gradients, as
         :meth:`_generate_samples` returns them; each sample's noise comes from its own seeded generator, so the
         images do not depend on how micro-batches are grouped."""
         c, acc = self.config, self.accelerator
-        prompts, metadata, generators, negatives = [], [], [], []
+        prompts, metadata, generators = [], [], []
         for m in group:
             for j in range(c.train_batch_size):
                 prompt, meta = self.prompt_fn()
                 prompts.append(prompt)
                 metadata.append(meta)
                 generators.append(generator_for(c.seed, epoch, SAMPLE_NOISE, acc.process_index, m, j))
-                if self.negative_prompts:
-                    negatives.append(self.negative_prompts[j % len(self.negative_prompts)])
-        kwargs = self._sample_kwargs(len(prompts), generators)
-        kwargs["negative_prompts"] = negatives or None
+        kwargs = self._sample_kwargs(c.train_batch_size, generators, batches=len(group))
         images = self.policy.sample_for_plan(prompts, plan, gradient_checkpointing=c.gradient_checkpointing,
                                              **kwargs)
         draws = max(1, plan.renoise_draws)
@@ -178,13 +173,13 @@ class AlignPropTrainer(Trainer):
                               start=c.truncated_backprop_timestep, minmax=tuple(c.truncated_rand_backprop_minmax),
                               k=c.draft_k, draws=c.draft_lv_draws, refl_range=(c.refl_min_step, c.refl_max_step))
 
-    def _sample_kwargs(self, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
+    def _sample_kwargs(self, batch_size: int, generator: torch.Generator | list[torch.Generator],
+                       batches: int = 1) -> dict[str, Any]:
+        """``policy.sample`` keywords for ``batches`` batches of ``batch_size`` drawn as one chain."""
         c = self.config
-        negatives = None
-        if self.negative_prompts:
-            negatives = [self.negative_prompts[i % len(self.negative_prompts)] for i in range(batch_size)]
-        return dict(batch_size=batch_size, num_inference_steps=c.sample_num_steps,
-                    guidance_scale=c.sample_guidance_scale, eta=c.sample_eta, negative_prompts=negatives,
+        return dict(batch_size=batch_size * batches, num_inference_steps=c.sample_num_steps,
+                    guidance_scale=c.sample_guidance_scale, eta=c.sample_eta,
+                    negative_prompts=cycled_negatives(self.negative_prompts, batch_size, batches),
                     generator=generator, height=c.sample_height, width=c.sample_width)
 
     def compute_rewards(self, prompt_image_pairs: dict[str, Any]) -> torch.Tensor:

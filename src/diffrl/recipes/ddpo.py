@@ -21,7 +21,7 @@ from diffrl.config import DDPOConfig
 from diffrl.pipelines.types import TextConditioning
 from diffrl.recipes.lifecycle import EpochResult, Timer, Trainer, call_image_hook
 from diffrl.recipes.memory import ChunkProbe, probe_for
-from diffrl.recipes.samples import EpochSamples, training_conditioning
+from diffrl.recipes.samples import EpochSamples, chain_chunk, cycled_negatives, training_conditioning
 from diffrl.rewards import score
 from diffrl.seeding import SAMPLE_NOISE, generator_for
 
@@ -119,9 +119,7 @@ class DDPOTrainer(Trainer):
                           disable=not acc.is_local_main_process, leave=False):
             group = range(first, min(first + chunk, c.sample_num_batches_per_epoch))
             batches = [tuple(zip(*[self.prompt_fn() for _ in range(size)])) for _ in group]
-            negatives = None
-            if self.negative_prompts:
-                negatives = [self.negative_prompts[i % len(self.negative_prompts)] for i in range(size)] * len(group)
+            negatives = cycled_negatives(self.negative_prompts, size, len(group))
             generators = [generator_for(c.seed, epoch, SAMPLE_NOISE, acc.process_index, b, j) for b in group for j in range(size)]
             with torch.no_grad():
                 traj = self.policy.sample([p for prompts, _ in batches for p in prompts], batch_size=size * len(group),
@@ -147,11 +145,8 @@ class DDPOTrainer(Trainer):
         """Sample batches per chain at most: ``sample_batch_chunk``, or (0) all of an epoch's on the CPU when rewards
         are not scored asynchronously (that overlaps scoring with the next batch), one otherwise."""
         c = self.config
-        if c.sample_batch_chunk:
-            return min(c.sample_batch_chunk, c.sample_num_batches_per_epoch)
-        if self.accelerator.device.type != "cpu" or self.executor is not None:
-            return 1
-        return c.sample_num_batches_per_epoch
+        return chain_chunk(c.sample_batch_chunk, c.sample_num_batches_per_epoch,
+                           self.accelerator.device.type == "cpu" and self.executor is None)
 
     def _sample_weights(self, all_rewards: np.ndarray, all_prompts: list[str]) -> torch.Tensor:
         """This process's per-sample weights: clipped advantages (DDPO) or RWR weights."""

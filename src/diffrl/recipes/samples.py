@@ -69,3 +69,19 @@ def training_conditioning(samples: EpochSamples, idx: slice, train_cfg: bool, gu
     if train_cfg and cond.negative_prompt_embeds is not None:
         return cond, guidance_scale
     return cond.without_guidance(), 1.0
+
+
+def cycled_negatives(negative_prompts: list[str], batch_size: int, batches: int = 1) -> list[str] | None:
+    """One negative prompt per sample: the configured ones in turn within each batch of ``batch_size`` (as TRL
+    assigned them), for ``batches`` batches drawn together; ``None`` when there are none."""
+    if not negative_prompts:
+        return None
+    return [negative_prompts[i % len(negative_prompts)] for i in range(batch_size)] * batches
+
+
+def chain_chunk(asked: int, total: int, fuse_by_default: bool) -> int:
+    """How many batches one sampling chain takes: ``asked`` (at most ``total``), or with ``asked == 0``
+    (automatic) all ``total`` when ``fuse_by_default``, else one."""
+    if asked:
+        return min(asked, total)
+    return total if fuse_by_default else 1
