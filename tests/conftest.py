@@ -27,3 +27,10 @@ def tiny_ddpm_path(tmp_path_factory):
     from diffrl.testing.models import save_tiny_ddpm
 
     return str(save_tiny_ddpm(tmp_path_factory.mktemp("tiny-ddpm")))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory):
+    from diffrl.testing.sdxl import save_tiny_sdxl
+
+    return str(save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl")))

@@ -5,16 +5,11 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
 from diffrl.pipelines.stable_diffusion_xl import SDXLConditioning, StableDiffusionXLPolicy, add_time_ids
-from diffrl.testing.sdxl import save_tiny_sdxl, save_tiny_sdxl_vae
+from diffrl.testing.sdxl import save_tiny_sdxl_vae
 
 from .helpers import perturb_trainable, recompute_log_probs
 
 PROMPTS = ["a cat", "a dog riding a bike", ""]
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl_path(tmp_path_factory):
-    return str(save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl")))
 
 
 def _policy(path, use_lora=True, scale=0.05, **kw):

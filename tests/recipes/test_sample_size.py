@@ -17,7 +17,7 @@ from diffrl.config import AlignPropConfig, ConfigError, DDPOConfig, GRPOConfig, 
 from diffrl.config.resume import diff_for_resume
 from diffrl.evaluate.loading import load_model
 from diffrl.testing.models import build_tiny_stable_diffusion
-from diffrl.testing.sdxl import save_tiny_sdxl, save_tiny_sdxl_vae
+from diffrl.testing.sdxl import save_tiny_sdxl_vae
 
 
 def brightness(images, prompts, metadata):
@@ -26,11 +26,6 @@ def brightness(images, prompts, metadata):
 
 def cat():
     return "a cat", {}
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl_path(tmp_path_factory):
-    return str(save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl")))
 
 
 @pytest.fixture(scope="module")
