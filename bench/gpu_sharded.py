@@ -119,7 +119,7 @@ def _check_resume(case: str, model: Path, logdir: str, args, trained: dict) -> d
     from diffrl.recipes.checkpoints import full_trainable_state_dict
 
     resumed = _trainer(case, model, logdir, args, resume_from=str(Path(logdir) / case))
-    weights = full_trainable_state_dict(resumed.accelerator, resumed.policy, resumed._prepared_module)
+    weights = full_trainable_state_dict(resumed.accelerator, resumed.policy, resumed.recipe.update.module)
     if weights is None:  # not the main process
         return {"ok": True}
     differing = sorted(k for k in trained if k not in weights or not bool((weights[k] == trained[k]).all()))
@@ -167,7 +167,7 @@ def run_case(case: str, args) -> dict:
             record["reward_mean_last_epoch"] = float(trainer.last_metrics.get("reward/mean", math.nan))
             saved = Path(tmp) / "saved"
             trainer.save_pretrained(str(saved))
-            trained = full_trainable_state_dict(acc, trainer.policy, trainer._prepared_module)
+            trained = full_trainable_state_dict(acc, trainer.policy, trainer.recipe.update.module)
             if acc.is_main_process:
                 record["checks"] = _check_lora(saved) if case.endswith("-lora") else _check_full(saved, model)
                 record["checkpoint"] = _check_checkpoint(trainer, args.epochs)

@@ -112,8 +112,8 @@ def child(args) -> None:
                   "save_freq=100000", "num_checkpoint_limit=1", "eval_every=1",
                   f"eval_num_samples={args.eval_samples}", f"eval_seed={args.eval_seed}"]
         trainer = METHODS[args.method].build(common, args.queries)
-        trainer.evaluator.reward_fn = with_brightness(trainer.evaluator.reward_fn)
-        base = trainer.evaluator.run()
+        trainer.run.evaluator.reward_fn = with_brightness(trainer.run.evaluator.reward_fn)
+        base = trainer.run.evaluator.run()
         meta = metadata_means(base.metadata)
         rows = [{"epoch": -1, "queries": 0, "wall_s": 0.0, "target_share": meta["eval/target_share"],
                  "diversity": prompt_diversity(base.images, base.prompts), "brightness": meta["eval/brightness"],

@@ -23,10 +23,9 @@ latents, or with ``--sd15-random`` one with Stable Diffusion 1.5's architecture 
 768-wide CLIP text encoder over a small generated vocabulary), built here, no download.
 
 Each (library, workload) runs in a fresh process with ``--threads`` torch/OpenMP threads: load, build the
-trainer, one warm-up epoch, then ``--epochs`` timed epochs (``trainer.step``). The split is measured the same
-way for both libraries, by wrapping methods of the trainer object: *reward* is the time inside the reward
-function; *sampling* is the time in the trainer's sampling method (DDPO: diffrl ``_sample_epoch``, TRL
-``_generate_samples``; AlignProp: diffrl ``_sample_micro_batches``, TRL ``_generate_samples``, i.e. the forward
+trainer, one warm-up epoch, then ``--epochs`` timed epochs (``trainer.step``). The split: *reward* is the time
+inside the reward function (a wrapper, both libraries); *sampling* is, for diffrl, the run's own ``perf/sampling_s`` (AlignProp: less the reward's time), and for
+TRL the time in its sampling method (``_generate_samples``; for AlignProp the forward
 pass through the sampler with gradients) less the reward time inside it; *training* is the rest of the epoch (DDPO: the policy-gradient
 updates; AlignProp: the backward pass and the optimizer step). Samples per second = samples per epoch / epoch
 seconds. Memory on the CPU is the resident set size (see ``bench/README.md``): ``peak_memory_mb`` is
@@ -138,10 +137,10 @@ def _diffrl_trainer(args, logdir: str, reward):
     if args.workload == "ddpo":
         config = DDPOConfig(run_name="bench", train_timestep_chunk=args.timestep_chunk, **_common(args, logdir),
                             **_ddpo_fields(args))
-        return DDPOTrainer(config, reward, prompt, pipeline), "_sample_epoch"
+        return DDPOTrainer(config, reward, prompt, pipeline), None
     config = AlignPropConfig(run_name="bench", gradient_checkpointing=True, **_common(args, logdir),
                              **_alignprop_fields(args))
-    return AlignPropTrainer(config, reward, prompt, pipeline), "_sample_micro_batches"
+    return AlignPropTrainer(config, reward, prompt, pipeline), None
 
 
 def _trl_trainer(args, logdir: str, reward):
@@ -199,17 +198,18 @@ def child(args) -> None:
         build = _diffrl_trainer if args.impl == "diffrl" else _trl_trainer
         trainer, sampling_method = build(args, logdir, reward)
         sampling = {"s": 0.0}
-        inner = getattr(trainer, sampling_method)
+        if sampling_method is not None:  # TRL: time its sampling method; diffrl reports perf/sampling_s itself
+            inner = getattr(trainer, sampling_method)
 
-        def timed_sampling(*a, **kw):
-            sync()
-            start = time.perf_counter()
-            out = inner(*a, **kw)
-            sync()
-            sampling["s"] += time.perf_counter() - start
-            return out
+            def timed_sampling(*a, **kw):
+                sync()
+                start = time.perf_counter()
+                out = inner(*a, **kw)
+                sync()
+                sampling["s"] += time.perf_counter() - start
+                return out
 
-        setattr(trainer, sampling_method, timed_sampling)
+            setattr(trainer, sampling_method, timed_sampling)
         samples = (args.sample_batch * args.sample_batches if args.workload == "ddpo"
                    else args.ap_batch * args.ap_accumulation)
         _page_in(trainer.sd_pipeline)
@@ -228,7 +228,10 @@ def child(args) -> None:
             sync()
             total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             reward_s = reward.seconds
-            sampling_s = sampling["s"] - (reward_s if args.impl == "diffrl" and args.workload == "ddpo" else 0.0)
+            if args.impl == "diffrl":  # the run's own metrics; AlignProp's sampling with gradients includes scoring
+                sampling_s = trainer.last_metrics["perf/sampling_s"] - (reward_s if args.workload == "alignprop" else 0.0)
+            else:
+                sampling_s = sampling["s"]
             epochs.append({"epoch_s": total, "epoch_cpu_s": cpu, "sampling_s": sampling_s, "reward_s": reward_s,
                            "training_s": total - sampling_s - reward_s, "samples_per_s": samples / total})
         own = {k: v for k, v in getattr(trainer, "last_metrics", {}).items() if k.startswith("perf/")}

@@ -10,11 +10,9 @@ from typing import Any, Callable
 
 from diffrl import prompts, rewards
 from diffrl.config import AlignPropConfig, ConfigError, SharedConfig, Violation
-from diffrl.config.shared import SDXL_SIZE_FIELDS, SIZE_FIELDS
 from diffrl.digits import load_digits_ddpm_path
 from diffrl.pipelines import LoraSettings
-from diffrl.pipelines.auto import load_policy, model_kind
-from diffrl.pipelines.loading import load_vae
+from diffrl.pipelines.auto import load_policy, model_kind, policy_class
 
 
 def default_model() -> str:
@@ -40,49 +38,19 @@ def lora_settings(config: SharedConfig) -> LoraSettings | None:
 
 def build_policy(config: SharedConfig, **kwargs: Any):
     """The run's policy (``kwargs``: ``device``, ``mixed_precision`` for loading outside a trainer), with the
-    config's VAE and SDXL size conditioning applied (the trainer turns on gradient checkpointing); settings the loaded model cannot take
-    are a :class:`ConfigError` (:func:`check_policy_settings`)."""
+    family's settings of the config applied (``policy.configure``: a VAE, size conditioning; the trainer turns on
+    gradient checkpointing); settings the loaded model cannot take are a :class:`ConfigError`
+    (:func:`check_policy_settings`)."""
     policy = load_policy(base_model(config), revision=config.model_revision, use_lora=uses_lora(config),
                          lora=lora_settings(config), **kwargs)
     check_policy_settings(config, policy)
-    if config.vae is not None:
-        replace_vae(policy, config.vae)
-    if policy.kind == "sdxl":
-        for name, attribute in zip(SDXL_SIZE_FIELDS, ("original_size", "target_size", "crops_coords_top_left")):
-            value = getattr(config, name)
-            if value != type(config)._default(name):  # unset: keep what a loaded diffrl result recorded
-                setattr(policy, attribute, tuple(value))
+    policy.configure(config)
     return policy
 
 
-_KIND_WORDS = {"ddpm": "an unconditional pixel-space DDPM", "stable_diffusion": "a Stable Diffusion model",
-               "sdxl": "an SDXL model"}
-
-
-def _model_words(config: SharedConfig, kind: str) -> str:
-    words = _KIND_WORDS.get(kind, f"a {kind} model")
-    return f"model={config.model!r} is {words}" if config.model else f"the default digits model is {words}"
-
-
-def kind_violations(config: SharedConfig, kind: str) -> list[Violation]:
-    """Settings a model of ``kind`` cannot honour: sample sizes or a VAE on a DDPM (its size is fixed, it has no
-    VAE), SDXL size conditioning on anything but SDXL."""
-    what, violations = _model_words(config, kind), []
-    if kind == "ddpm":
-        for name in SIZE_FIELDS:
-            if getattr(config, name) is not None:
-                violations.append(Violation(name, getattr(config, name), f"cannot be set: {what}, whose image size "
-                                            "is fixed by its UNet", f"remove {name} (null)"))
-        if config.vae is not None:
-            violations.append(Violation("vae", config.vae, f"cannot be set: {what}, which has no VAE",
-                                        "remove vae (null)"))
-    if kind != "sdxl":
-        for name in SDXL_SIZE_FIELDS:
-            value = getattr(config, name)
-            if value != type(config)._default(name):
-                violations.append(Violation(name, value, f"is SDXL size conditioning, but {what}",
-                                            f"remove {name}, or use an SDXL model"))
-    return violations
+def _model_words(config: SharedConfig, family: type) -> str:
+    return f"model={config.model!r} is {family.description}" if config.model else \
+        f"the default digits model is {family.description}"
 
 
 def _raise(violations: list[Violation], config: SharedConfig) -> None:
@@ -91,46 +59,30 @@ def _raise(violations: list[Violation], config: SharedConfig) -> None:
 
 
 def check_model_settings(config: SharedConfig) -> None:
-    """:func:`kind_violations` of the configured model, read from its small files before any weights load (so
-    ``diffrl train`` refuses an SDXL-only setting on an SD model in a second, not after minutes of loading)."""
-    _raise(kind_violations(config, model_kind(base_model(config), config.model_revision)), config)
+    """The settings the configured model's family cannot take, read from its small files before any weights load
+    (so ``diffrl train`` refuses a setting of another family in a second, not after minutes of loading)."""
+    family = policy_class(model_kind(base_model(config), config.model_revision))
+    _raise(family.setting_violations(config, _model_words(config, family)), config)
 
 
 def check_policy_settings(config: SharedConfig, policy: Any) -> None:
-    """Refuse settings that the loaded model cannot honour: those of :func:`kind_violations`, and sample sizes not
-    a multiple of the VAE's factor (known once it is loaded). One :class:`ConfigError` naming every such field."""
-    violations = kind_violations(config, policy.kind)
-    if policy.kind != "ddpm":
-        factor = getattr(policy, "vae_scale_factor", 8)
-        for name in SIZE_FIELDS:
-            value = getattr(config, name)
-            if value is not None and value % factor:
-                violations.append(Violation(name, value, f"is not a multiple of {factor}, the VAE factor of the model",
-                                            f"set {name}={max(factor, -(-value // factor) * factor)}"))
-    _raise(violations, config)
-
-
-def replace_vae(policy: Any, source: str) -> None:
-    """Swap the policy's VAE for ``source`` (a folder, single file or Hub id; see
-    :func:`~diffrl.pipelines.loading.load_vae`), placed on the policy's device and precision."""
-    vae = load_vae(source).requires_grad_(False).eval()
-    policy.pipeline.vae = vae
-    policy.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    policy.vae_source = source  # recorded in a result's diffrl_model.json
-    policy.to(policy.device, policy.mixed_precision)
+    """Refuse settings that the loaded model cannot honour: its family's (see :func:`check_model_settings`) and
+    those known once loaded (e.g. sample sizes the VAE cannot produce). One :class:`ConfigError` naming each."""
+    family = type(policy)
+    _raise(family.setting_violations(config, _model_words(config, family)) + policy.loaded_violations(config), config)
 
 
 def apply_gradient_checkpointing(policy: Any, config: SharedConfig) -> None:
-    """With ``gradient_checkpointing``, the UNet recomputes its blocks' activations in the backward pass
+    """With ``gradient_checkpointing``, the trained network recomputes its blocks' activations in the backward pass
     (diffusers' ``enable_gradient_checkpointing``; active only where gradients are on, so sampling is unchanged).
-    AlignProp's trainer checkpoints each UNet call of the chain itself, so its UNet is left as is."""
+    AlignProp's trainer checkpoints each model call of the chain itself, so its network is left as is."""
     if not config.gradient_checkpointing or isinstance(config, AlignPropConfig):
         return
-    unet = policy.trainable_module
-    if not getattr(unet, "_supports_gradient_checkpointing", False):
+    module = policy.trainable_module
+    if not getattr(module, "_supports_gradient_checkpointing", False):
         raise ConfigError([Violation("gradient_checkpointing", True, f"is not supported by the model's "
-                                     f"{type(unet).__name__}", "set gradient_checkpointing=false")])
-    unet.enable_gradient_checkpointing()
+                                     f"{type(module).__name__}", "set gradient_checkpointing=false")])
+    module.enable_gradient_checkpointing()
 
 
 def build_reward(config: SharedConfig) -> Callable:

@@ -10,7 +10,7 @@ from diffrl.evaluate.compare import ModelSource, evaluate_models
 from diffrl.evaluate.inputs import HELDOUT, TRAIN, EvaluationError, PromptItem
 from diffrl.evaluate.sample import SampleSettings, generate, make_jobs
 from diffrl.pipelines.auto import load_policy
-from diffrl.seeding import generator_for
+from diffrl.seeding import image_generator
 
 SETTINGS = SampleSettings(num_inference_steps=2, guidance_scale=5.0, eta=1.0, batch_size=4)
 PROMPTS = [PromptItem("a cat", {}, TRAIN), PromptItem("a dog", {}, TRAIN), PromptItem("a horse", {}, HELDOUT)]
@@ -28,7 +28,7 @@ class CollapsedPolicy:
         return self.policy.initial_noise(batch_size, generator)
 
     def sample(self, prompts, *, latents=None, generator=None, **kwargs):
-        generators = [generator_for(1234) for _ in range(latents.shape[0])]
+        generators = [image_generator(1234) for _ in range(latents.shape[0])]
         x_T = self.policy.initial_noise(latents.shape[0], generators)
         return self.policy.sample(prompts, latents=x_T, generator=generators, **kwargs)
 

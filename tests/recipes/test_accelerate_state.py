@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from diffrl import DDPOConfig, DDPOTrainer, DefaultDDPODDPMPipeline
 from diffrl import checkpoint as ckpt
 from diffrl.recipes.checkpoints import full_trainable_state_dict, whole_parameters
-from diffrl.recipes.lifecycle import configure_deepspeed
+from diffrl.recipes.update import configure_deepspeed
 from diffrl.run_folder import OPTIMIZER_FILE, SCHEDULER_FILE, TRAINABLE_FILE
 
 from .helpers import trainable_weights
@@ -122,7 +122,7 @@ def test_trl_style_automatic_checkpoint_naming_keeps_diffrls_folders(tiny_ddpm_p
 
 def test_the_gathered_state_is_the_trained_weights_without_sharding(tiny_ddpm_path, tmp_path):
     trainer = _trainer(tiny_ddpm_path, tmp_path, num_epochs=1)
-    full = full_trainable_state_dict(trainer.accelerator, trainer.policy, trainer._prepared_module)
+    full = full_trainable_state_dict(trainer.accelerator, trainer.policy, trainer.recipe.update.module)
     assert set(full) == set(trainable_weights(trainer))
     for name, value in trainable_weights(trainer).items():
         assert torch.equal(full[name], value)
@@ -152,8 +152,8 @@ def test_deepspeed_gets_the_trainers_batch_accumulation_and_clipping():
     fake = types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2,
                                  state=types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(deepspeed_config=ds)))
     config = DDPOConfig(train_batch_size=3, train_max_grad_norm=0.5, sample_batch_size=6)
-    configure_deepspeed(fake, config, accumulation_steps=4)
+    configure_deepspeed(fake, config, backward_calls=4)
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 4
     assert ds["train_batch_size"] == 3 * 4 * 2 and ds["gradient_clipping"] == 0.5
     plain = types.SimpleNamespace(distributed_type=DistributedType.NO, state=types.SimpleNamespace())
-    configure_deepspeed(plain, config, accumulation_steps=4)  # a no-op without DeepSpeed
+    configure_deepspeed(plain, config, backward_calls=4)  # a no-op without DeepSpeed

@@ -39,12 +39,12 @@ def test_one_epoch_raises_the_likelihood_of_high_advantage_trajectories(kind, ti
                         train_batch_size=8, mixed_precision="no", logdir=str(tmp_path / "logs"), seed=0,
                         train_learning_rate=3e-3, train_clip_range=0.2, sample_guidance_scale=1.0)
     trainer = DDPOTrainer(config, brightness, lambda: ("a cat", {}), pipe)
-    batches = trainer._sample_epoch(0, 0)
-    samples = EpochSamples.from_trajectories([b[0] for b in batches])
-    rewards = torch.cat([b[3] for b in batches])
-    advantages = trainer._sample_weights(rewards.numpy(), ["a cat"] * samples.size)
+    batches = trainer.recipe.sample_epoch(0, 0)[0]
+    samples = EpochSamples.from_trajectories([b.samples for b in batches])
+    rewards = torch.cat([b.rewards for b in batches])
+    advantages = trainer.recipe.sample_weights(rewards.numpy(), ["a cat"] * samples.size)
     before = _trajectory_log_likelihood(trainer, samples, config.sample_num_steps)
-    trainer._train_inner(samples, advantages, 0, 0, 0, {})
+    trainer.recipe.train_inner(samples, advantages, 0, 0, 0, {})
     change = _trajectory_log_likelihood(trainer, samples, config.sample_num_steps) - before
     assert change.abs().max() > 0
     correlation = torch.corrcoef(torch.stack([change, advantages.cpu()]))[0, 1]

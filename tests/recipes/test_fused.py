@@ -50,10 +50,10 @@ def paths(tiny_sd_path, tiny_ddpm_path):
 
 
 def _one_epoch_of_samples(trainer) -> tuple[EpochSamples, torch.Tensor]:
-    batches = trainer._sample_epoch(0, 0)
-    samples = EpochSamples.from_trajectories([b[0] for b in batches])
-    rewards = torch.cat([b[3] for b in batches]).numpy()
-    return samples, trainer._sample_weights(rewards, [p for b in batches for p in b[1]])
+    batches = trainer.recipe.sample_epoch(0, 0)[0]
+    samples = EpochSamples.from_trajectories([b.samples for b in batches])
+    rewards = torch.cat([b.rewards for b in batches]).numpy()
+    return samples, trainer.recipe.sample_weights(rewards, [p for b in batches for p in b.prompts])
 
 
 def _grads(trainer) -> dict[str, torch.Tensor]:
@@ -65,21 +65,21 @@ def _grads(trainer) -> dict[str, torch.Tensor]:
 def test_fused_gradient_and_stats_equal_the_step_by_step_ones(paths, tmp_path, kind, algorithm):
     trainer = _trainer(kind, paths, tmp_path, "g", algorithm, 1)
     samples, weights = _one_epoch_of_samples(trainer)
-    n, accumulate, idx = trainer.config.num_train_timesteps, trainer._accumulation_steps(), slice(1, 3)
-    trainer.policy.unet.train()
+    n, accumulate, idx = trainer.config.num_train_timesteps, trainer.recipe.accumulation_steps(), slice(1, 3)
+    trainer.policy.train()
 
     trainer.optimizer.zero_grad(set_to_none=True)
     generator = torch.Generator().manual_seed(5)
     step_stats = []
     for j in range(n):
-        loss, infos = trainer._loss(samples, weights, idx, range(j, j + 1), generator)
+        loss, infos = trainer.recipe.loss(samples, weights, idx, range(j, j + 1), generator)
         (loss / accumulate).backward()
         step_stats += infos
     stepwise = _grads(trainer)
 
     trainer.optimizer.zero_grad(set_to_none=True)
     generator = torch.Generator().manual_seed(5)
-    loss, fused_stats = trainer._loss(samples, weights, idx, range(0, n), generator)
+    loss, fused_stats = trainer.recipe.loss(samples, weights, idx, range(0, n), generator)
     (loss * (n / accumulate)).backward()
     fused = _grads(trainer)
 
@@ -145,11 +145,11 @@ def test_sample_batches_in_one_chain_give_the_one_chain_each_samples_and_weights
         calls, reward_batches = [], []
         trainer.policy._unet.register_forward_hook(
             lambda m, a, o: calls.append(a[0].shape[0]) if not torch.is_grad_enabled() else None)
-        inner = trainer.reward_fn
-        trainer.reward_fn = lambda images, prompts, meta: (reward_batches.append(len(images)), inner(images, prompts, meta))[1]
-        batches = trainer._sample_epoch(0, 0)
-        samples = EpochSamples.from_trajectories([b[0] for b in batches])
-        rewards = torch.cat([b[3] for b in batches])
+        inner = trainer.recipe.reward_fn
+        trainer.recipe.reward_fn = lambda images, prompts, meta: (reward_batches.append(len(images)), inner(images, prompts, meta))[1]
+        batches = trainer.recipe.sample_epoch(0, 0)[0]
+        samples = EpochSamples.from_trajectories([b.samples for b in batches])
+        rewards = torch.cat([b.rewards for b in batches])
         trainer.train()
         results[chunk] = (samples, rewards, calls, reward_batches, trainable_weights(trainer))
     (one, one_rewards, one_calls, one_scored, one_w), (fused, fused_rewards, fused_calls, fused_scored, fused_w) = \
@@ -292,10 +292,10 @@ def test_compiled_unet_gives_the_same_loss(tiny_ddpm_path, tmp_path):
     paths = {"ddpm": tiny_ddpm_path}
     losses = {}
     for compiled in (False, True):
-        trainer = _trainer("ddpm", paths, tmp_path, f"k{compiled}", "ddpo_is", 0, compile_unet=compiled)
+        trainer = _trainer("ddpm", paths, tmp_path, f"k{compiled}", "ddpo_is", 0, compile_model=compiled)
         samples, weights = _one_epoch_of_samples(trainer)
         start = time.perf_counter()
-        loss, _ = trainer._loss(samples, weights, slice(0, 1), range(0, 3), torch.Generator().manual_seed(0))
+        loss, _ = trainer.recipe.loss(samples, weights, slice(0, 1), range(0, 3), torch.Generator().manual_seed(0))
         loss.backward()
         losses[compiled] = (loss.detach(), time.perf_counter() - start, samples.log_probs)
     torch.testing.assert_close(losses[True][2], losses[False][2], atol=1e-5, rtol=1e-5)  # sampling, compiled

@@ -6,7 +6,7 @@ import torch
 from diffrl import DefaultDDPODDPMPipeline, DefaultDDPOStableDiffusionPipeline, GRPOConfig, GRPOTrainer
 from diffrl.config import ConfigError
 from diffrl.recipes import grpo as grpo_module
-from diffrl.recipes import lifecycle as lifecycle_module
+from diffrl.recipes import update as update_module
 from diffrl.recipes.grpo import epoch_advantages, epoch_layout, epoch_window
 
 from .helpers import assert_same_run, interrupt_and_resume, logged_metrics
@@ -33,7 +33,7 @@ class Recorder:
 
     def __init__(self, monkeypatch):
         self.calls, self.updates = [], 0
-        loss, step = grpo_module.grpo_loss, lifecycle_module.optimizer_step
+        loss, step = grpo_module.grpo_loss, update_module.optimizer_step
 
         def recorded_loss(log_prob, old_log_prob, advantages, clip_range, kl=None, kl_coef=0.0):
             self.calls.append({"update": self.updates, "ratio": (log_prob - old_log_prob).detach().exp(),
@@ -45,7 +45,7 @@ class Recorder:
             step(optimizer, scheduler)
 
         monkeypatch.setattr(grpo_module, "grpo_loss", recorded_loss)
-        monkeypatch.setattr(lifecycle_module, "optimizer_step", counted_step)  # Trainer.optimizer_update calls it
+        monkeypatch.setattr(update_module, "optimizer_step", counted_step)  # UpdateLoop.step calls it
 
 
 def test_ratio_is_one_and_kl_zero_before_the_first_update_then_kl_grows(tiny_ddpm_path, tmp_path, monkeypatch):
@@ -89,10 +89,10 @@ def test_groups_split_over_two_processes_get_the_single_process_advantages(tiny_
     cfg = _config(tmp_path, prompts_per_epoch=3, group_size=4, sample_batch_size=2, train_batch_size=2,
                   group_shared_noise=True)
     trainer = GRPOTrainer(cfg, brightness, lambda: ("", {}), DefaultDDPODDPMPipeline(tiny_ddpm_path))
-    prompts, window = trainer.epoch_prompts(), epoch_window(cfg, 0)
+    prompts, window = trainer.recipe.epoch_prompts(), epoch_window(cfg, 0)
 
     def rewards_of(layout):
-        return torch.cat([b[3] for b in trainer.sample_batches(0, 0, layout, prompts, window)])
+        return torch.cat([b.rewards for b in trainer.recipe.sample_batches(0, 0, layout, prompts, window)[0]])
 
     single = epoch_layout(3, 4, 1, 0)
     halves = [epoch_layout(3, 4, 2, r) for r in (0, 1)]
@@ -106,7 +106,7 @@ def test_groups_split_over_two_processes_get_the_single_process_advantages(tiny_
     torch.testing.assert_close(split, epoch_advantages(all_rewards, cfg, 0, 1), rtol=0, atol=0)
     torch.testing.assert_close(split.double(), by_hand.flatten(), rtol=1e-5, atol=1e-6)
     # group_shared_noise: one x_T per group, different between groups.
-    x_T = torch.cat([b[0].latents[:, 0] for b in trainer.sample_batches(0, 0, single, prompts, window)])
+    x_T = torch.cat([b.samples.latents[:, 0] for b in trainer.recipe.sample_batches(0, 0, single, prompts, window)[0]])
     assert torch.equal(x_T[0], x_T[3]) and not torch.equal(x_T[3], x_T[4])
 
 
@@ -160,9 +160,9 @@ def test_full_fine_tuning_reference_and_multi_reward(tiny_ddpm_path, tmp_path):
     reward = WeightedSum([("bright", bright, 1.0), ("dark", darkness, 0.5)])
     cfg = _config(tmp_path, train_lora=False, kl_coef=0.1, multi_reward=True)
     trainer = GRPOTrainer(cfg, reward, lambda: ("", {}), DefaultDDPODDPMPipeline(tiny_ddpm_path, use_lora=False))
-    batches = trainer.sample_batches(0, 0, epoch_layout(1, 4, 1, 0), trainer.epoch_prompts(), epoch_window(cfg, 0))
-    adv = trainer._advantages(torch.cat([b[3] for b in batches]), batches)
-    values = batches[0][4]["components"]["bright"].double()
+    batches = trainer.recipe.sample_batches(0, 0, epoch_layout(1, 4, 1, 0), trainer.recipe.epoch_prompts(), epoch_window(cfg, 0))[0]
+    adv = trainer.recipe.advantages(torch.cat([b.rewards for b in batches]), batches)
+    values = batches[0].reward_metadata["components"]["bright"].double()
 
     def norm(r):
         return (r - r.mean()) / (r.std(correction=0) + cfg.adv_eps)
@@ -199,8 +199,8 @@ def test_impossible_settings_are_refused_with_the_fix():
     GRPOConfig(mixed_precision="no", prompts_per_epoch=3, group_size=4, sample_batch_size=6,
                train_batch_size=3).validate(num_processes=2)  # groups may straddle processes
     with pytest.raises(ConfigError) as err:  # DDPO's speed settings that GRPO's loop would silently ignore
-        GRPOConfig(mixed_precision="no", train_timestep_chunk=2, sample_batch_chunk=1, compile_unet=True).validate()
-    assert [v.field for v in err.value.violations] == ["train_timestep_chunk", "sample_batch_chunk", "compile_unet"]
+        GRPOConfig(mixed_precision="no", train_timestep_chunk=2, sample_batch_chunk=1, compile_model=True).validate()
+    assert [v.field for v in err.value.violations] == ["train_timestep_chunk", "sample_batch_chunk", "compile_model"]
 
 
 def test_diffrl_train_algorithm_grpo_runs_the_digits_preset(tmp_path, capsys):

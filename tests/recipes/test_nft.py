@@ -10,7 +10,7 @@ from diffrl.algorithms import EMA_SCHEDULES, EMASchedule
 from diffrl.commands.quickstart import run_quickstart
 from diffrl.config import ConfigError
 from diffrl.recipes.nft import OLD_POLICY_FILE
-from diffrl.seeding import generator_for
+from diffrl.seeding import image_generator
 
 from .helpers import assert_same_run, interrupt_and_resume, logged_metrics, trainable_weights
 
@@ -52,25 +52,25 @@ def test_gradients_reach_only_the_trained_weights(tiny_sd_path, tiny_ddpm_path, 
         trainer = _sd_trainer(tiny_sd_path, tmp_path, nft_kl_coef=0.5)
     else:
         trainer = _ddpm_trainer(tiny_ddpm_path, tmp_path, use_lora=False, nft_kl_coef=0.5, nft_old_policy_on_cpu=True)
-        assert all(v.device.type == "cpu" for v in trainer.old.values())
-    samples, _, _, _ = trainer._collect(0, 0)
+        assert all(v.device.type == "cpu" for v in trainer.recipe.old.values())
+    samples, _ = trainer.recipe.optimality(trainer.recipe.sample_epoch(0, 0)[0])
     with torch.no_grad():  # move the old policy away from the current weights so both loss branches differ
-        for v in trainer.old.values():
+        for v in trainer.recipe.old.values():
             v.add_(0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(3)))
-    t = trainer.train_timestep_grid()[:1].expand(samples.x0.shape[0])
+    t = trainer.recipe.train_timestep_grid()[:1].expand(samples.x0.shape[0])
     noise = torch.randn(samples.x0.shape, generator=torch.Generator().manual_seed(4))
-    loss, stats = trainer.compute_loss(samples, t, noise)
+    loss, stats = trainer.recipe.compute_loss(samples, t, noise)
     loss.backward()
     unet = trainer.policy.trainable_module
     trained = {n: p for n, p in unet.named_parameters() if p.requires_grad}
     frozen = [p for p in unet.parameters() if not p.requires_grad]
-    assert set(trained) == set(trainer.old)
+    assert set(trained) == set(trainer.recipe.old)
     assert any(p.grad is not None and p.grad.abs().max() > 0 for p in trained.values())
     assert all(p.grad is not None for p in trained.values())
     assert all(p.grad is None for p in frozen)
     if kind == "sd_lora":
         assert frozen and all(p.grad is None for m in trainer.policy._frozen_modules() for p in m.parameters())
-    assert all(not v.requires_grad and v.grad is None for v in trainer.old.values())
+    assert all(not v.requires_grad and v.grad is None for v in trainer.recipe.old.values())
     assert float(stats.kl_ref) >= 0 and float(stats.old_deviation) > 0
 
 
@@ -105,11 +105,11 @@ def test_brightness_reward_changes_the_weights_and_logs_nft_metrics(tiny_ddpm_pa
 
 
 def test_the_old_policy_follows_the_ema_schedule(tiny_ddpm_path, tmp_path):
-    assert _ddpm_trainer(tiny_ddpm_path, tmp_path / "w", nft_ema_schedule="warm_start").ema_schedule \
+    assert _ddpm_trainer(tiny_ddpm_path, tmp_path / "w", nft_ema_schedule="warm_start").recipe.ema_schedule \
         is EMA_SCHEDULES["warm_start"]
     trainer = _ddpm_trainer(tiny_ddpm_path, tmp_path, num_epochs=3)
-    trainer.ema_schedule = EMASchedule(rate=0.25, max_decay=0.6)  # steps 2, 4, 6 -> decays 0.5, 0.6, 0.6
-    old = {n: v.clone() for n, v in trainer.old.items()}
+    trainer.recipe.ema_schedule = EMASchedule(rate=0.25, max_decay=0.6)  # steps 2, 4, 6 -> decays 0.5, 0.6, 0.6
+    old = {n: v.clone() for n, v in trainer.recipe.old.items()}
     assert all(torch.equal(old[n], trainable_weights(trainer)[n]) for n in old)  # starts as the current weights
     step = 0
     for epoch in range(3):
@@ -118,9 +118,9 @@ def test_the_old_policy_follows_the_ema_schedule(tiny_ddpm_path, tmp_path):
         current = trainable_weights(trainer)
         expected = {n: decay * old[n] + (1 - decay) * current[n] for n in old}
         for name in old:
-            torch.testing.assert_close(trainer.old[name], expected[name], rtol=0, atol=1e-6)
-        assert any((trainer.old[n] - current[n]).abs().max() > 1e-5 for n in old)  # it lags behind
-        old = {n: v.clone() for n, v in trainer.old.items()}
+            torch.testing.assert_close(trainer.recipe.old[name], expected[name], rtol=0, atol=1e-6)
+        assert any((trainer.recipe.old[n] - current[n]).abs().max() > 1e-5 for n in old)  # it lags behind
+        old = {n: v.clone() for n, v in trainer.recipe.old.items()}
     assert [m["stats/ema_decay"] for m in logged_metrics(tmp_path)] == [0.5, 0.6, 0.6]
 
 
@@ -132,29 +132,29 @@ def test_resume_matches_an_uninterrupted_run(tiny_sd_path, tmp_path):
     straight = make("straight")
     straight.train()
     interrupted, resumed = interrupt_and_resume(make, tmp_path, stop_after=2)
-    for name, value in interrupted.old.items():  # the old policy came back from the checkpoint
-        torch.testing.assert_close(resumed.old[name], value, rtol=0, atol=0)
+    for name, value in interrupted.recipe.old.items():  # the old policy came back from the checkpoint
+        torch.testing.assert_close(resumed.recipe.old[name], value, rtol=0, atol=0)
     resumed.train()
     assert_same_run(straight, resumed, tmp_path)
-    for name in straight.old:
-        torch.testing.assert_close(straight.old[name], resumed.old[name], rtol=0, atol=1e-6)
+    for name in straight.recipe.old:
+        torch.testing.assert_close(straight.recipe.old[name], resumed.recipe.old[name], rtol=0, atol=1e-6)
 
 
 def test_dpm_solver_samples_match_diffusers_and_train(tiny_ddpm_path, tmp_path):
     trainer = _ddpm_trainer(tiny_ddpm_path, tmp_path, nft_sampler="dpmsolver++", sample_num_steps=4)
-    x0, cond = trainer.sample_x0(["", ""], generator_for(5))
+    x0, cond = trainer.recipe.sample_x0(["", ""], image_generator(5))
     assert cond is None and x0.shape == (2, *trainer.policy._latent_shape(2)[1:])
     # the same solve written against diffusers directly (the UNet at its initial weights = the old policy)
     policy = trainer.policy
     scheduler = DPMSolverMultistepScheduler.from_config(policy.pipeline.scheduler.config, steps_offset=1,
                                                         algorithm_type="dpmsolver++", solver_order=2)
     scheduler.set_timesteps(4)
-    x = policy.initial_noise(2, generator_for(5))
+    x = policy.initial_noise(2, image_generator(5))
     with torch.no_grad():
         for t in scheduler.timesteps:
             x = scheduler.step(policy.trainable_module(x, t).sample, t, x).prev_sample
     torch.testing.assert_close(x0, x, rtol=1e-4, atol=1e-5)
-    grid = trainer.train_timestep_grid()
+    grid = trainer.recipe.train_timestep_grid()
     assert torch.equal(grid, scheduler.timesteps)
     trainer.train()
     assert logged_metrics(tmp_path)[-1]["epoch"] == 1
@@ -163,9 +163,9 @@ def test_dpm_solver_samples_match_diffusers_and_train(tiny_ddpm_path, tmp_path):
 def test_stochastic_samplers_run(tiny_ddpm_path, tmp_path):
     for sampler, extra in (("ddim", {"sample_eta": 1.0}), ("ddpm", {})):
         trainer = _ddpm_trainer(tiny_ddpm_path, tmp_path / sampler, nft_sampler=sampler, num_epochs=1, **extra)
-        a = trainer.sample_x0(["", ""], generator_for(1))[0]
-        b = trainer.sample_x0(["", ""], generator_for(1))[0]
-        c = trainer.sample_x0(["", ""], generator_for(2))[0]
+        a = trainer.recipe.sample_x0(["", ""], image_generator(1))[0]
+        b = trainer.recipe.sample_x0(["", ""], image_generator(1))[0]
+        c = trainer.recipe.sample_x0(["", ""], image_generator(2))[0]
         assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -205,13 +205,13 @@ model, logdir, *overrides = sys.argv[1:]
 config = load_config(None, ["trainer=nft", f"logdir={logdir}", "run_name=mp", "mixed_precision=no", *overrides])
 torch.manual_seed(0)  # the same LoRA init on every process
 trainer = NFTTrainer(config, brightness, lambda: ("", {}), DefaultDDPODDPMPipeline(model))
-samples, all_rewards, _, _ = trainer._collect(0, 0)
+samples, all_rewards = trainer.recipe.optimality(trainer.recipe.sample_epoch(0, 0)[0])
 trainer.train()
 rank = trainer.accelerator.process_index
 Path(logdir, f"rank_{rank}.json").write_text(json.dumps({
     "num_processes": trainer.accelerator.num_processes, "rewards": all_rewards.tolist(), "r": samples.r.tolist(),
     "weights": [p.detach().double().sum().item() for p in trainer.policy.trainable_parameters()],
-    "old": [v.double().sum().item() for v in trainer.old.values()], "global_step": trainer.global_step}))
+    "old": [v.double().sum().item() for v in trainer.recipe.old.values()], "global_step": trainer.global_step}))
 '''
 
 

@@ -24,7 +24,6 @@ from diffrl.digits import digit_shares
 from diffrl.evaluate.plots import image_grid, reward_curve
 from diffrl.evaluate.report import write_report
 from diffrl.evaluate.runs import compare_run
-from diffrl.pipelines.lora import merged_unet
 from diffrl.presets import quickstart_preset
 from diffrl.recipes.evaluation import EvalResult, evaluate
 
@@ -57,7 +56,7 @@ def run_quickstart(overrides: Sequence[str] = ()) -> int:
         return 0
     after = measure(policy)
     if build.uses_lora(config):
-        _save_merged(policy, run_dir / "final_merged")
+        policy.save_merged(run_dir / "final_merged")
     image_grid([before.images[:16], after.images[:16]], run_dir / "grid_before_after.png", labels=["base", "tuned"])
     reward_curve(run_dir / "metrics.jsonl", run_dir / "reward_curve.png")
     evaluation = compare_run(run_dir, seeds=range(config.eval_seed, config.eval_seed + 16), device=str(acc.device),
@@ -78,13 +77,6 @@ def run_quickstart(overrides: Sequence[str] = ()) -> int:
     if config.push_to_hub:
         print(f"pushed to {trainer.push_to_hub()}", flush=True)
     return 0
-
-
-def _save_merged(policy, directory: Path) -> None:
-    """A plain ``DDPMPipeline`` folder with the LoRA update merged into the UNet weights."""
-    from diffusers import DDPMPipeline
-
-    DDPMPipeline(unet=merged_unet(policy.trainable_module), scheduler=policy.pipeline.scheduler).save_pretrained(directory)
 
 
 def _print_summary(s: dict) -> None:

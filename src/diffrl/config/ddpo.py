@@ -61,11 +61,11 @@ class DDPOConfig(SharedConfig):
         help="Sample batches of an epoch drawn as one chain (the same samples: each draws its noise from its own "
              "seeded generator; rewards are still computed per batch; memory grows with it). 0: automatic (all of "
              "them on the CPU without async_reward_computation, else 1). 1: one chain per batch, as TRL.")
-    compile_unet: bool = option(False, trl=False, help="torch.compile the UNet for sampling and training (the first "
+    compile_model: bool = option(False, trl=False, help="torch.compile the trained network for sampling and training (the first "
                                                        "calls of each batch shape compile; pays off on long runs).")
 
     may_be_infinite = frozenset({"train_max_grad_norm", "train_adv_clip_max"})
-    resume_applied = frozenset({"train_timestep_chunk", "sample_batch_chunk", "compile_unet"})
+    resume_applied = frozenset({"train_timestep_chunk", "sample_batch_chunk", "compile_model"})
 
     @property
     def num_train_timesteps(self) -> int:

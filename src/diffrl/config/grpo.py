@@ -109,8 +109,8 @@ class GRPOConfig(DDPOConfig):
                                                               "sde_window_size)")
         c.unchanged_unless(False, "sample_num_batches_per_epoch", "in GRPO (an epoch is prompts_per_epoch x "
                                                                   "group_size samples)")
-        for name in ("train_timestep_chunk", "sample_batch_chunk", "compile_unet"):
-            c.unchanged_unless(False, name, "in GRPO (its loop makes one UNet call per micro-batch and step; "
+        for name in ("train_timestep_chunk", "sample_batch_chunk", "compile_model"):
+            c.unchanged_unless(False, name, "in GRPO (its loop makes one model call per micro-batch and step; "
                                             "these DDPO speed settings are not wired into it)")
         if c.ok("train_cfg", "sample_guidance_scale") and not self.train_cfg and self.sample_guidance_scale > 1:
             c.add("train_cfg", f"trains the unguided policy but samples are drawn with sample_guidance_scale="

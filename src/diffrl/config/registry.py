@@ -3,7 +3,7 @@ and its trainer class. The CLI, the presets and the config loader all read this 
 
 A new trainer is one :class:`TrainerSpec` entry in :data:`TRAINERS` plus its config class::
 
-    TrainerSpec("grpo", config="diffrl.config.grpo:GRPOConfig", trainer="diffrl.recipes.grpo:GRPOTrainer",
+    TrainerSpec("grpo", config="diffrl.config.grpo:GRPOConfig", trainer="diffrl.recipes.trainers:GRPOTrainer",
                 algorithms={"grpo": {}})
 
 after which ``diffrl train algorithm=grpo`` and ``trainer: grpo`` select it. Classes are named
@@ -49,14 +49,14 @@ def _spec(name: str, config: str, trainer: str, algorithms: dict, quickstart: st
 
 
 TRAINERS: Mapping[str, TrainerSpec] = MappingProxyType({s.name: s for s in (
-    _spec("ddpo", "diffrl.config.ddpo:DDPOConfig", "diffrl.recipes.ddpo:DDPOTrainer",
+    _spec("ddpo", "diffrl.config.ddpo:DDPOConfig", "diffrl.recipes.trainers:DDPOTrainer",
           {"ddpo": {}, "ddpo_is": {"algorithm": "ddpo_is"}, "ddpo_sf": {"algorithm": "ddpo_sf"},
            "rwr": {"algorithm": "rwr"}, "rwr_sparse": {"algorithm": "rwr_sparse"}}, "quickstart"),
-    _spec("alignprop", "diffrl.config.alignprop:AlignPropConfig", "diffrl.recipes.alignprop:AlignPropTrainer",
+    _spec("alignprop", "diffrl.config.alignprop:AlignPropConfig", "diffrl.recipes.trainers:AlignPropTrainer",
           {"alignprop": {}, "draft_k": {"truncation": "draft_k"}, "draft_lv": {"truncation": "draft_lv"},
            "refl": {"truncation": "refl"}}, "quickstart_alignprop"),
-    _spec("nft", "diffrl.config.nft:NFTConfig", "diffrl.recipes.nft:NFTTrainer", {"nft": {}}, "quickstart_nft"),
-    _spec("grpo", "diffrl.config.grpo:GRPOConfig", "diffrl.recipes.grpo:GRPOTrainer", {"grpo": {"algorithm": "grpo"}},
+    _spec("nft", "diffrl.config.nft:NFTConfig", "diffrl.recipes.trainers:NFTTrainer", {"nft": {}}, "quickstart_nft"),
+    _spec("grpo", "diffrl.config.grpo:GRPOConfig", "diffrl.recipes.trainers:GRPOTrainer", {"grpo": {"algorithm": "grpo"}},
           "quickstart_grpo"),
 )})
 """Trainer name -> :class:`TrainerSpec`, in the order ``--help`` lists them."""

@@ -35,7 +35,7 @@ __all__ = ["RENAMED", "SDXL_SIZE_FIELDS", "SIZE_FIELDS", "VAE_FACTOR", "SharedCo
            "split_prompts"]
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-RENAMED = {"use_lora": "train_lora"}
+RENAMED = {"use_lora": "train_lora", "compile_unet": "compile_model"}
 """Old field name -> new one. ``use_lora`` clashed with the ``use_lora`` of TRL's example scripts'
 ``ScriptArguments`` (HfArgumentParser refuses two fields of one name)."""
 VAE_FACTOR = 8

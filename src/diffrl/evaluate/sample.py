@@ -1,7 +1,7 @@
 """Generation on fixed seeds: every image has its own generator, seeded by its seed alone.
 
 Image ``(prompt, seed)`` draws its initial noise ``x_T`` and then the noise of every denoising step from
-``generator_for(seed)`` (:mod:`diffrl.seeding`, the rule training-time evaluation uses too), so it is the same whatever the batch size or the position in the batch, and two
+``image_generator(seed)`` (:mod:`diffrl.seeding`, the rule training-time evaluation uses too), so it is the same whatever the batch size or the position in the batch, and two
 models with the same latent shape start from the same ``x_T`` and receive the same per-step noise.
 """
 

@@ -1,7 +1,8 @@
-"""Pick the policy class for a model: Stable Diffusion or unconditional DDPM."""
+"""Pick the policy class (the model family) for a model, from its small files."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,18 @@ from diffrl.pipelines.saved import read_model_info
 from diffrl.pipelines.stable_diffusion import StableDiffusionPolicy
 from diffrl.pipelines.stable_diffusion_xl import StableDiffusionXLPolicy, is_sdxl_single_file
 
-_UNCONDITIONAL = {"DDPMPipeline", "DDIMPipeline"}
+FAMILIES: tuple[type, ...] = (DDPMPolicy, StableDiffusionXLPolicy, StableDiffusionPolicy)
+"""Every model family; the first whose ``pipeline_class_names`` holds a model's pipeline class loads it, Stable
+Diffusion is the fallback (diffusers' own SD-compatible pipelines)."""
+
+
+def policy_class(kind: str) -> type:
+    """The family recorded as ``kind`` in ``diffrl_model.json`` (a ``ModelLoadError`` for an unknown one)."""
+    for family in FAMILIES:
+        if family.kind == kind:
+            return family
+    raise ModelLoadError(f"a diffrl model of unknown kind {kind!r}; this diffrl knows "
+                         f"{', '.join(f.kind for f in FAMILIES)}.")
 
 
 def _pipeline_class(name_or_path: str, revision: str) -> str | None:
@@ -37,20 +49,16 @@ def model_kind(name_or_path: str | os.PathLike, revision: str = "main") -> str:
     kind = info.get("kind") if info else None
     if kind is None:
         cls_name = _pipeline_class(name, revision)
-        kind = "ddpm" if cls_name in _UNCONDITIONAL else "sdxl" if cls_name == "StableDiffusionXLPipeline" else "stable_diffusion"
+        kind = next((f.kind for f in FAMILIES if cls_name in f.pipeline_class_names), StableDiffusionPolicy.kind)
     return kind
 
 
 def load_policy(name_or_path: str | os.PathLike, *, revision: str = "main", **kwargs: Any):
-    """``DDPMPolicy`` for DDPM/DDIM pipelines and diffrl DDPM results, ``StableDiffusionXLPolicy`` for SDXL
-    pipelines (``model_index.json``), single files and results, ``StableDiffusionPolicy`` otherwise."""
+    """The policy of the model's family (:func:`model_kind`): ``DDPMPolicy`` for DDPM/DDIM pipelines and diffrl
+    DDPM results, ``StableDiffusionXLPolicy`` for SDXL pipelines, single files and results,
+    ``StableDiffusionPolicy`` otherwise. ``sampler`` goes to families that take it (DDPMs)."""
     name = os.fspath(name_or_path)
-    kind = model_kind(name, revision)
-    if kind == "ddpm":
-        return DDPMPolicy.from_pretrained(name, revision=revision, **kwargs)
-    kwargs.pop("sampler", None)
-    if kind == "sdxl":
-        return StableDiffusionXLPolicy.from_pretrained(name, revision=revision, **kwargs)
-    if kind != "stable_diffusion":
-        raise ModelLoadError(f"'{name}' holds a diffrl model of unknown kind {kind!r}.")
-    return StableDiffusionPolicy.from_pretrained(name, revision=revision, **kwargs)
+    family = policy_class(model_kind(name, revision))
+    if "sampler" not in inspect.signature(family.__init__).parameters:
+        kwargs.pop("sampler", None)
+    return family.from_pretrained(name, revision=revision, **kwargs)

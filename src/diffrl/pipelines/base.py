@@ -17,6 +17,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch.utils.checkpoint import checkpoint
 
 from diffrl.algorithms.truncation import GradientPlan
+from diffrl.config import SharedConfig, Violation
+from diffrl.config.shared import SDXL_SIZE_FIELDS, SIZE_FIELDS
 from diffrl.pipelines import precision
 from diffrl.pipelines.chain import run_chain
 from diffrl.pipelines.loading import load_pipeline
@@ -50,6 +52,14 @@ class TrainableUNetPolicy:
     """``from_pretrained`` keyword arguments that go to :func:`~diffrl.pipelines.loading.load_pipeline`; the
     other extra keywords go to ``__init__``."""
     is_conditional: ClassVar[bool]
+    description: ClassVar[str] = "a diffusion model"
+    """How errors name the family ("an SDXL model")."""
+    pipeline_class_names: ClassVar[frozenset[str]] = frozenset()
+    """The ``_class_name`` values of ``model_index.json`` that this family loads (:mod:`diffrl.pipelines.auto`)."""
+    fixed_size: ClassVar[bool] = False
+    """Whether the image size is fixed by the network (pixel DDPMs: no sample sizes, no VAE)."""
+    size_conditioning: ClassVar[bool] = False
+    """Whether the family takes micro-conditioning on image sizes (the ``sdxl_*`` settings)."""
 
     pipeline: Any
     _unet: torch.nn.Module  # kept for callers of the old private name; use trainable_module
@@ -127,6 +137,36 @@ class TrainableUNetPolicy:
     def load_lora_weights(self, source: str | os.PathLike) -> None:
         raise NotImplementedError
 
+    # ----------------------------------------------------------------- the family's run settings
+    @classmethod
+    def setting_violations(cls, config: SharedConfig, what: str) -> list[Violation]:
+        """The settings of ``config`` this family cannot honour, known before any weights load (``what`` names the
+        model in the messages): sample sizes or a VAE where the size is fixed, size conditioning where the family
+        has none."""
+        violations = []
+        if cls.fixed_size:
+            for name in SIZE_FIELDS:
+                if getattr(config, name) is not None:
+                    violations.append(Violation(name, getattr(config, name), f"cannot be set: {what}, whose image "
+                                                "size is fixed by its network", f"remove {name} (null)"))
+            if config.vae is not None:
+                violations.append(Violation("vae", config.vae, f"cannot be set: {what}, which has no VAE",
+                                            "remove vae (null)"))
+        if not cls.size_conditioning:
+            for name in SDXL_SIZE_FIELDS:
+                value = getattr(config, name)
+                if value != type(config)._default(name):
+                    violations.append(Violation(name, value, f"is size conditioning, which {what} does not take",
+                                                f"remove {name}, or use a model that takes it (SDXL)"))
+        return violations
+
+    def loaded_violations(self, config: SharedConfig) -> list[Violation]:
+        """Settings refused once the weights are loaded (e.g. a sample size the VAE cannot produce); none here."""
+        return []
+
+    def configure(self, config: SharedConfig) -> None:
+        """Apply the run's family settings to the loaded policy (a VAE, size conditioning); none here."""
+
     # ----------------------------------------------------------------- saving
     def _write_model_info(self, directory: str | os.PathLike) -> None:
         """``diffrl_model.json`` beside the saved weights: what :meth:`from_pretrained` reads to continue."""
@@ -160,6 +200,15 @@ class TrainableUNetPolicy:
     def trainable_module(self) -> torch.nn.Module:
         """The UNet itself (never a distributed wrapper): its trainable parameters are what is optimised and saved."""
         return self._unet
+
+    def train(self, mode: bool = True) -> "TrainableUNetPolicy":
+        """Put the trained module in training mode (dropout on), or back in evaluation mode with ``mode=False``."""
+        self._unet.train(mode)
+        return self
+
+    def eval(self) -> "TrainableUNetPolicy":
+        """Evaluation mode for the trained module (how every sample is drawn)."""
+        return self.train(False)
 
     def use_forward_module(self, module: torch.nn.Module) -> None:
         """Make forward passes call ``module``: a wrapper of :attr:`trainable_module` such as accelerate's

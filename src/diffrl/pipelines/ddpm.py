@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from diffrl.pipelines import precision
 from diffrl.pipelines.base import TrainableUNetPolicy
 from diffrl.pipelines.chain import chain_options
-from diffrl.pipelines.lora import load_lora_state_dict, lora_state_dict
+from diffrl.pipelines.lora import load_lora_state_dict, lora_state_dict, merged_unet
 from diffrl.pipelines.schedule import DenoisingSchedule, SamplerName
 from diffrl.pipelines.types import SampleResult, TextConditioning
 
@@ -34,8 +34,11 @@ class DDPMPolicy(TrainableUNetPolicy):
     """
 
     kind = "ddpm"
+    description = "an unconditional pixel-space DDPM"
     pipeline_class = DDPMPipeline
+    pipeline_class_names = frozenset({"DDPMPipeline", "DDIMPipeline"})
     is_conditional = False
+    fixed_size = True
 
     def __init__(self, pipeline: DDPMPipeline, *, sampler: SamplerName = "ddim", **settings: Any) -> None:
         """``sampler``: "ddim" or "ddpm" (the ancestral step); ``settings``: as for
@@ -106,3 +109,8 @@ class DDPMPolicy(TrainableUNetPolicy):
         else:
             DDPMPipeline(unet=self._unet, scheduler=self.pipeline.scheduler).save_pretrained(directory, safe_serialization=True)
         self._write_model_info(directory)
+
+    def save_merged(self, directory: str | os.PathLike) -> None:
+        """A plain ``DDPMPipeline`` folder with any LoRA update merged into the weights: it loads with diffusers
+        alone (``DDPMPipeline.from_pretrained``), no PEFT and no diffrl."""
+        DDPMPipeline(unet=merged_unet(self._unet), scheduler=self.pipeline.scheduler).save_pretrained(directory)

@@ -10,6 +10,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 
+from diffrl.config import SharedConfig, Violation
+from diffrl.config.shared import SIZE_FIELDS
 from diffrl.pipelines import precision
 from diffrl.pipelines.base import TrainableUNetPolicy
 from diffrl.pipelines.chain import chain_options
@@ -34,9 +36,35 @@ class StableDiffusionPolicy(TrainableUNetPolicy):
     """
 
     kind = "stable_diffusion"
+    description = "a Stable Diffusion model"
     pipeline_class = StableDiffusionPipeline
+    pipeline_class_names = frozenset({"StableDiffusionPipeline"})
     load_options = ("single_file_config", "vae")
     is_conditional = True
+
+    def loaded_violations(self, config: SharedConfig) -> list[Violation]:
+        """Sample sizes that are not a multiple of the VAE's factor (known once it is loaded)."""
+        factor, violations = getattr(self, "vae_scale_factor", 8), []
+        for name in SIZE_FIELDS:
+            value = getattr(config, name)
+            if value is not None and value % factor:
+                violations.append(Violation(name, value, f"is not a multiple of {factor}, the VAE factor of the model",
+                                            f"set {name}={max(factor, -(-value // factor) * factor)}"))
+        return violations
+
+    def configure(self, config: SharedConfig) -> None:
+        """The run's VAE (``vae``), when it names one."""
+        if config.vae is not None:
+            self.replace_vae(config.vae)
+
+    def replace_vae(self, source: str) -> None:
+        """Swap the VAE for ``source`` (a folder, single file or Hub id; see
+        :func:`~diffrl.pipelines.loading.load_vae`), placed on the policy's device and precision."""
+        vae = load_vae(source).requires_grad_(False).eval()
+        self.pipeline.vae = vae
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_source = source  # recorded in a result's diffrl_model.json
+        self.to(self.device, self.mixed_precision)
 
     def __init__(self, pipeline: StableDiffusionPipeline, *, vae_source: str | None = None, **settings: Any) -> None:
         """``vae_source``: where a replaced VAE came from (recorded in saved LoRA results, which load it again);
@@ -83,8 +111,10 @@ class StableDiffusionPolicy(TrainableUNetPolicy):
         return self.pipeline.tokenizer
 
     def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str] | str | None = None,
-                       guidance: bool = True) -> TextConditioning:
-        """CLIP text states for ``prompts`` and, with guidance, for the negative prompts (empty if none)."""
+                       guidance: bool = True, *, height: int | None = None,
+                       width: int | None = None) -> TextConditioning:
+        """CLIP text states for ``prompts`` and, with guidance, for the negative prompts (empty if none).
+        ``height``/``width`` are accepted for the interface's sake (SDXL's conditioning depends on them)."""
         negative_prompts = per_prompt_negatives(prompts, negative_prompts)
         with torch.no_grad(), self.autocast():
             pos, neg = self.pipeline.encode_prompt(list(prompts), self.device, 1, guidance, negative_prompts)

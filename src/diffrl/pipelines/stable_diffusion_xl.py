@@ -15,6 +15,8 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import torch
 from diffusers import StableDiffusionXLPipeline
 
+from diffrl.config import SharedConfig
+from diffrl.config.shared import SDXL_SIZE_FIELDS
 from diffrl.pipelines import precision
 from diffrl.pipelines.saved import read_model_info
 from diffrl.pipelines.stable_diffusion import StableDiffusionPolicy, per_prompt_negatives
@@ -93,7 +95,18 @@ class StableDiffusionXLPolicy(StableDiffusionPolicy):
     """
 
     kind = "sdxl"
+    description = "an SDXL model"
     pipeline_class = StableDiffusionXLPipeline
+    pipeline_class_names = frozenset({"StableDiffusionXLPipeline"})
+    size_conditioning = True
+
+    def configure(self, config: SharedConfig) -> None:
+        """The run's VAE and its size conditioning (``sdxl_*``; unset: what a loaded diffrl result recorded)."""
+        super().configure(config)
+        for name, attribute in zip(SDXL_SIZE_FIELDS, ("original_size", "target_size", "crops_coords_top_left")):
+            value = getattr(config, name)
+            if value != type(config)._default(name):
+                setattr(self, attribute, tuple(value))
 
 
     def __init__(self, pipeline: StableDiffusionXLPipeline, *, original_size: Size | None = None,

@@ -118,6 +118,14 @@ class DiffusionPolicy(Protocol):
         """The UNet itself (never a distributed wrapper): the module whose parameters are trained and saved."""
         ...
 
+    def train(self, mode: bool = True) -> Any:
+        """Training mode for the trained module (``mode=False``: evaluation mode)."""
+        ...
+
+    def eval(self) -> Any:
+        """Evaluation mode for the trained module (sampling)."""
+        ...
+
     def use_forward_module(self, module: torch.nn.Module) -> None:
         """Make forward passes call ``module`` (e.g. accelerate's DDP wrapper of :attr:`trainable_module`)."""
         ...

@@ -14,14 +14,16 @@ apply it to diffusion sampling, here for epsilon/v-prediction UNets and pixel DD
 4. Every window step of every sample is one PPO-clipped term plus ``kl_coef`` times the closed-form KL of the
    step's Gaussian to the reference model's (:func:`diffrl.algorithms.grpo_loss`).
 
-The run around the epoch (accelerator, resume, evaluation, checkpoints, metrics) is
-:class:`~diffrl.recipes.lifecycle.Trainer`'s.
+The run around the epoch (accelerator, resume, evaluation, checkpoints, metrics) is the
+:class:`~diffrl.recipes.trainer.Trainer`'s. The image hook gets DDPO's ``[[images, prompts, prompt_metadata,
+rewards, reward_metadata], ...]`` per batch. Metrics besides DDPO's: ``stats/kl_ref`` (with ``kl_coef > 0``),
+``stats/window_start``, ``stats/zero_std_groups`` (fraction of groups whose rewards were all equal: no gradient from
+them).
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import torch
 from accelerate.utils import broadcast_object_list
@@ -29,15 +31,16 @@ from tqdm.auto import tqdm
 
 from diffrl.algorithms import gathered_group_advantages, gaussian_mean_kl, grpo_loss, sde_window
 from diffrl.config import GRPOConfig
-from diffrl.recipes.lifecycle import EpochResult, Timer, Trainer, call_image_hook
-from diffrl.recipes.samples import EpochSamples, training_conditioning
+from diffrl.recipes.epoch import EpochResult, Timer, Timings
+from diffrl.recipes.recipe import RecipeBase
+from diffrl.recipes.run import Run
+from diffrl.recipes.samples import EpochSamples, ScoredBatch, cycled_negatives, gather_rewards, training_conditioning
+from diffrl.recipes.update import MicroStep, UpdateLoop
 from diffrl.rewards import score
-from diffrl.seeding import SAMPLE_NOISE, generator_for
+from diffrl.seeding import Stream, generator_for
 
-__all__ = ["EpochLayout", "GRPOTrainer", "epoch_advantages", "epoch_layout", "epoch_window"]
+__all__ = ["EpochLayout", "GRPORecipe", "epoch_advantages", "epoch_layout", "epoch_window"]
 
-# Streams of generator_for(seed, epoch, STREAM, ...): one per kind of draw, so no two draws share noise.
-_WINDOW, _GROUP_NOISE, _STEP_NOISE = 11, 12, 14  # and seeding.SAMPLE_NOISE (13)
 
 
 class EpochLayout(NamedTuple):
@@ -70,7 +73,7 @@ def epoch_window(config: GRPOConfig, epoch: int) -> list[bool]:
         return [True] * c.sample_num_steps
     return sde_window(c.sample_num_steps, c.sde_window_size, schedule=c.sde_window_schedule, epoch=epoch,
                       start=c.sde_window_start, shift_every=c.sde_window_shift_every,
-                      generator=generator_for(c.seed, epoch, _WINDOW))
+                      generator=generator_for(Stream.WINDOW, c.seed, epoch))
 
 
 def epoch_advantages(rewards: torch.Tensor | Mapping[str, torch.Tensor], config: GRPOConfig, process_index: int,
@@ -83,71 +86,63 @@ def epoch_advantages(rewards: torch.Tensor | Mapping[str, torch.Tensor], config:
                                      std=c.adv_std, eps=c.adv_eps, clip=c.train_adv_clip_max)
 
 
-class GRPOTrainer(Trainer):
-    """``GRPOTrainer(config, reward_function, prompt_function, sd_pipeline, image_samples_hook=None)``.
+class GRPORecipe(RecipeBase):
+    """GRPO on any policy (see the module docstring)."""
 
-    The image hook gets DDPO's ``[[images, prompts, prompt_metadata, rewards, reward_metadata], ...]`` per batch.
-    Metrics besides DDPO's: ``stats/kl_ref`` (with ``kl_coef > 0``), ``stats/window_start``,
-    ``stats/zero_std_groups`` (fraction of groups whose rewards were all equal: no gradient from them).
-    """
-
-    trainer_name = "GRPO"
-    config_class = GRPOConfig
-
-    def check_inputs(self) -> None:
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
         if self.config.multi_reward and not getattr(self.reward_fn, "components", None):
             raise ValueError("multi_reward=true needs a combined reward (reward=combined, diffrl.rewards.WeightedSum) "
                              "that returns its components; this reward has none. Set multi_reward=false.")
 
-    def prepare(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        if self.config.kl_coef > 0 and hasattr(self.policy, "snapshot_reference"):
+    def setup(self, run: Run) -> None:
+        c = self.config
+        self.run = run
+        if c.kl_coef > 0:
             # Full fine-tuning keeps a frozen copy of the initial weights (LoRA: nothing to do); taken before any
             # update and before a resume loads trained weights.
-            self.policy.snapshot_reference("cpu" if self.config.reference_on_cpu else None)
-        return super().prepare(optimizer)
+            self.policy.snapshot_reference("cpu" if c.reference_on_cpu else None)
+        per_update = c.train_gradient_accumulation_steps * self.window_steps()
+        self.update = UpdateLoop(run.accelerator, self.policy, c, run.guard, total_steps=self.total_optimizer_steps(),
+                                 backward_calls=per_update)
+
+    def window_steps(self) -> int:
+        """The trained steps of every sample: the window's size (all steps without a window)."""
+        return self.config.sde_window_size or self.config.sample_num_steps
 
     def total_optimizer_steps(self) -> int:
         c = self.config
-        per_process = c.samples_per_process(self.accelerator.num_processes)
+        per_process = c.samples_per_process(self.run.accelerator.num_processes)
         step = c.train_batch_size * c.train_gradient_accumulation_steps
         return max(1, c.num_epochs * c.train_num_inner_epochs * per_process // step)
 
     # ------------------------------------------------------------------ the epoch
     def run_epoch(self, epoch: int, global_step: int) -> EpochResult:
-        """Sample the groups, score, compute group advantages, train ``train_num_inner_epochs`` times."""
-        c, acc = self.config, self.accelerator
-        self.policy.unet.eval()
+        """Sample the groups and score them, compute group advantages, train ``train_num_inner_epochs`` times."""
+        c, acc = self.config, self.run.accelerator
+        self.policy.eval()
         window = epoch_window(c, epoch)
         layout = epoch_layout(c.prompts_per_epoch, c.group_size, acc.num_processes, acc.process_index)
-        batches = self.sample_batches(epoch, global_step, layout, self.epoch_prompts(), window)
-        samples = EpochSamples.from_trajectories([b[0] for b in batches])
-        rewards = torch.cat([b[3] for b in batches])
-        all_rewards = acc.gather(rewards.to(acc.device)).cpu()
-        advantages = self._advantages(all_rewards, batches).to(acc.device)
-        image_data = [[b[0].images, list(b[1]), list(b[2]), b[3], b[4]] for b in batches]
-        call_image_hook(self.image_samples_callback, image_data, global_step, acc)
+        batches, sampling_s, reward_s = self.sample_batches(epoch, global_step, layout, self.epoch_prompts(), window)
+        samples = EpochSamples.from_trajectories([b.samples for b in batches])
+        all_rewards = gather_rewards(acc, [b.rewards for b in batches])
+        advantages = self.advantages(all_rewards, batches).to(acc.device)
+        self.run.show_images([b.hook_row() for b in batches], global_step)
         stats: dict[str, list[torch.Tensor]] = {}
         timer = Timer()
         for inner in range(c.train_num_inner_epochs):
-            global_step = self._train_inner(samples, advantages, epoch, inner, global_step, stats)
-        train_s = timer.lap()
-        groups = all_rewards.reshape(c.prompts_per_epoch, c.group_size)
-        metrics = {"reward/mean": float(all_rewards.mean()), "reward/std": float(all_rewards.std()),
-                   "reward/max": float(all_rewards.max()), "reward/min": float(all_rewards.min()),
-                   "reward/group_std": float(groups.std(dim=1, correction=0).mean()),
-                   "stats/zero_std_groups": float((groups.std(dim=1, correction=0) == 0).float().mean()),
-                   "stats/window_start": float(window.index(True)), "stats/window_size": float(sum(window)),
-                   "perf/sampling_s": self._sampling_s, "perf/reward_s": self._reward_s, "perf/training_s": train_s,
-                   "perf/epoch_s": self._sampling_s + self._reward_s + train_s,
-                   "perf/samples_per_s": len(all_rewards) / max(1e-9, self._sampling_s + self._reward_s)}
-        for key, values in stats.items():
-            metrics[key] = float(acc.reduce(torch.stack(values).float().mean().to(acc.device), "mean"))
-        return EpochResult(global_step, metrics, len(all_rewards))
+            global_step = self.train_inner(samples, advantages, epoch, inner, global_step, stats)
+        training_s = timer.lap()
+        group_std = all_rewards.reshape(c.prompts_per_epoch, c.group_size).std(dim=1, correction=0)
+        extra = {"reward/group_std": float(group_std.mean()),
+                 "stats/zero_std_groups": float((group_std == 0).float().mean()),
+                 "stats/window_start": float(window.index(True)), "stats/window_size": float(sum(window))}
+        return EpochResult(global_step, all_rewards, Timings(sampling_s, reward_s, training_s), stats, extra)
 
     def epoch_prompts(self) -> list[tuple[str, Any]]:
         """``prompts_per_epoch`` ``(prompt, metadata)`` pairs, the main process's draw on every process."""
         drawn = [self.prompt_fn() for _ in range(self.config.prompts_per_epoch)]
-        if self.accelerator.num_processes > 1:
+        if self.run.accelerator.num_processes > 1:
             box = [drawn]
             broadcast_object_list(box, from_process=0)
             drawn = box[0]
@@ -155,32 +150,31 @@ class GRPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ sampling and rewards
     def sample_batches(self, epoch: int, global_step: int, layout: EpochLayout, prompts: list[tuple[str, Any]],
-                       window: list[bool]) -> list[tuple]:
-        """This process's samples in batches of ``sample_batch_size``: ``(trajectory restricted to the window,
-        prompts, prompt_metadata, rewards, reward_metadata)``. Sample ``i`` depends on ``(seed, epoch, i)`` only."""
+                       window: list[bool]) -> tuple[list[ScoredBatch], float, float]:
+        """This process's samples in scored batches of ``sample_batch_size`` (trajectories restricted to the
+        window), and the seconds spent sampling and scoring. Sample ``i`` depends on ``(seed, epoch, i)`` only."""
         c = self.config
         start, size = window.index(True), sum(window)
-        negatives = c.negative_prompt_list
         out, timer = [], Timer()
-        self._sampling_s = self._reward_s = 0.0
+        sampling_s = reward_s = 0.0
         for b in tqdm(range(0, len(layout.sample_ids), c.sample_batch_size), desc=f"epoch {epoch}: sampling",
-                      disable=not self.accelerator.is_local_main_process, leave=False):
+                      disable=not self.run.accelerator.is_local_main_process, leave=False):
             ids = layout.sample_ids[b:b + c.sample_batch_size].tolist()
             groups = layout.group_ids[b:b + c.sample_batch_size].tolist()
             names, meta = [prompts[g][0] for g in groups], [prompts[g][1] for g in groups]
-            noise = [generator_for(c.seed, epoch, _GROUP_NOISE, g) if c.group_shared_noise
-                     else generator_for(c.seed, epoch, SAMPLE_NOISE, i) for g, i in zip(groups, ids)]
-            steps = [generator_for(c.seed, epoch, _STEP_NOISE, i) for i in ids]
+            noise = [generator_for(Stream.GROUP_NOISE, c.seed, epoch, g) if c.group_shared_noise
+                     else generator_for(Stream.SAMPLE_NOISE, c.seed, epoch, i) for g, i in zip(groups, ids)]
+            steps = [generator_for(Stream.STEP_NOISE, c.seed, epoch, i) for i in ids]
             with torch.no_grad():
                 x_T = self.policy.initial_noise(len(ids), noise, c.sample_height, c.sample_width)
                 traj = self.policy.sample(
                     names, batch_size=len(ids), num_inference_steps=c.sample_num_steps,
                     height=c.sample_height, width=c.sample_width,
                     guidance_scale=c.sample_guidance_scale, eta=c.sample_eta, generator=steps, latents=x_T,
-                    negative_prompts=[negatives[i % len(negatives)] for i in ids] if negatives else None,
+                    negative_prompts=cycled_negatives(c.negative_prompt_list, len(ids)),
                     sde_steps=window).trajectory
-            self.guard.check_samples({"images": traj.images, "latents": traj.latents, "log-probabilities":
-                                      traj.log_probs}, epoch, global_step, c.train_learning_rate)
+            self.run.check_samples({"images": traj.images, "latents": traj.latents,
+                                    "log-probabilities": traj.log_probs}, epoch, global_step)
             # Keep only the window: its K + 1 latents, K timesteps and log-probabilities (the deterministic
             # steps are never trained); ``EpochSamples.final`` is then the window's last latent.
             window_traj = traj._replace(latents=traj.latents[:, start:start + size + 1],
@@ -188,55 +182,45 @@ class GRPOTrainer(Trainer):
                                         prev_timesteps=traj.prev_timesteps[:, start:start + size],
                                         log_probs=traj.log_probs[:, start:start + size],
                                         stochastic=None)
-            self._sampling_s += timer.lap()
+            sampling_s += timer.lap()
             rewards, reward_meta = score(self.reward_fn, traj.images, names, meta)
-            self._reward_s += timer.lap()
-            out.append((window_traj, names, meta, rewards, reward_meta))
-        return out
+            reward_s += timer.lap()
+            out.append(ScoredBatch(window_traj, traj.images, names, meta, rewards, reward_meta))
+        return out, sampling_s, reward_s
 
-    def _advantages(self, all_rewards: torch.Tensor, batches: list[tuple]) -> torch.Tensor:
+    def advantages(self, all_rewards: torch.Tensor, batches: list[ScoredBatch]) -> torch.Tensor:
         """This process's ``[n]`` advantages (per-component with ``multi_reward``)."""
-        acc = self.accelerator
+        acc = self.run.accelerator
         if not self.config.multi_reward:
             return epoch_advantages(all_rewards, self.config, acc.process_index, acc.num_processes)
-        metas = [b[4] for b in batches]
+        metas = [b.reward_metadata for b in batches]
         if not all(isinstance(m, Mapping) and "components" in m for m in metas):
             raise ValueError("multi_reward=true: the reward's metadata has no 'components' (a combined reward's "
                              "per-reward values). Use reward=combined, or set multi_reward=false.")
         weights = dict(metas[0]["weights"])
-        parts = {k: acc.gather(torch.cat([m["components"][k].float().cpu() for m in metas]).to(acc.device)).cpu()
-                 for k in weights}
+        parts = {k: gather_rewards(acc, [m["components"][k] for m in metas]) for k in weights}
         return epoch_advantages(parts, self.config, acc.process_index, acc.num_processes, weights)
 
     # ------------------------------------------------------------------ training
-    def _train_inner(self, samples: EpochSamples, advantages: torch.Tensor, epoch: int, inner: int,
-                     global_step: int, stats: dict[str, list[torch.Tensor]]) -> int:
-        c, acc = self.config, self.accelerator
-        generator = generator_for(c.seed, epoch, inner, acc.process_index, 1)
+    def train_inner(self, samples: EpochSamples, advantages: torch.Tensor, epoch: int, inner: int,
+                    global_step: int, stats: dict[str, list[torch.Tensor]]) -> int:
+        """One pass over the shuffled samples, one window step of one micro-batch per call."""
+        c = self.config
+        generator = generator_for(Stream.SHUFFLE, c.seed, epoch, inner, self.run.accelerator.process_index)
         shuffled, perm = samples.shuffled(generator)
         advantages = advantages[perm.to(advantages.device)]
         steps = shuffled.timesteps.shape[1]
-        accumulate = c.train_gradient_accumulation_steps * steps
-        self.policy.unet.train()
-        micro = 0
-        for start in tqdm(range(0, shuffled.size, c.train_batch_size), desc=f"epoch {epoch}.{inner}: training",
-                          disable=not acc.is_local_main_process, leave=False):
-            idx = slice(start, start + c.train_batch_size)
-            for j in range(steps):
-                micro += 1
-                sync = micro % accumulate == 0
-                ctx = contextlib.nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(self.policy.unet)
-                with ctx:
-                    loss, info = self._loss(shuffled, advantages, idx, j)
-                    self.backward(loss / accumulate, sync)
-                for k, v in info.items():
-                    stats.setdefault(k, []).append(v.detach())
-                if sync:
-                    global_step = self.optimizer_update(epoch, global_step, stats)
-        self.policy.unet.eval()
-        return global_step
 
-    def _loss(self, s: EpochSamples, advantages: torch.Tensor, idx: slice, j: int):
+        def calls() -> Iterator[MicroStep]:
+            for start in range(0, shuffled.size, c.train_batch_size):
+                for j in range(steps):
+                    yield MicroStep(1, (slice(start, start + c.train_batch_size), j))
+
+        return self.update.run(calls(), lambda batch: self.loss(shuffled, advantages, *batch),
+                               per_update=c.train_gradient_accumulation_steps * steps, epoch=epoch,
+                               global_step=global_step, stats=stats, desc=f"epoch {epoch}.{inner}: training")
+
+    def loss(self, s: EpochSamples, advantages: torch.Tensor, idx: slice, j: int):
         """The GRPO loss of window step ``j`` of the samples ``idx``, and its stats."""
         c, policy = self.config, self.policy
         cond, guidance = training_conditioning(s, idx, c.train_cfg, c.sample_guidance_scale)
@@ -254,4 +238,4 @@ class GRPOTrainer(Trainer):
                 "stats/adv_abs_mean": advantages[idx].abs().mean()}
         if kl is not None:
             info["stats/kl_ref"] = st.kl_ref
-        return loss, info
+        return loss, [info]

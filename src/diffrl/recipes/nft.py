@@ -5,13 +5,14 @@ DDIM by default, DPM-Solver++, or a stochastic sampler) -> rewards -> group adva
 probabilities ``r`` -> the NFT loss on freshly noised copies of the samples (:func:`diffrl.algorithms.nft_loss`,
 x0 space, no CFG) -> optimizer steps -> one EMA update of the old policy. Only the final samples, their
 conditioning and rewards are stored: no trajectories, no log-probabilities. The run around the epoch
-(accelerator, resume, evaluation, checkpoints, metrics, saving) is :class:`~diffrl.recipes.lifecycle.Trainer`'s.
+(accelerator, resume, evaluation, checkpoints, metrics, saving) is the :class:`~diffrl.recipes.trainer.Trainer`'s.
+The image hook gets DDPO's ``[[images, prompts, prompt_metadata, rewards, reward_metadata], ...]``.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, NamedTuple
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from diffusers import DPMSolverMultistepScheduler
@@ -20,16 +21,19 @@ from tqdm.auto import tqdm
 
 from diffrl.algorithms import (EMA_SCHEDULES, NFTStats, advantages_to_optimality, ema_update,
                                gathered_group_advantages, nft_loss, prediction_kl, sample_train_timesteps)
-from diffrl.config.nft import NFTConfig
 from diffrl.pipelines.schedule import DenoisingSchedule
-from diffrl.recipes.lifecycle import EpochResult, Timer, Trainer, call_image_hook, resolve_policy
+from diffrl.recipes.epoch import EpochResult, Timer, Timings
+from diffrl.recipes.recipe import RecipeBase
+from diffrl.recipes.run import Run
+from diffrl.recipes.samples import ScoredBatch, cycled_negatives, gather_rewards
+from diffrl.recipes.update import MicroStep, UpdateLoop
 from diffrl.rewards import score
-from diffrl.seeding import generator_for
+from diffrl.seeding import Stream, generator_for
 
-__all__ = ["OLD_POLICY_FILE", "NFTSamples", "NFTTrainer"]
+__all__ = ["OLD_POLICY_FILE", "NFTRecipe", "NFTSamples"]
 
 OLD_POLICY_FILE = "nft_old_policy.safetensors"
-"""The old policy's EMA tensors, beside the lifecycle's files in every checkpoint folder."""
+"""The old policy's EMA tensors, beside the trainer's files in every checkpoint folder."""
 
 Params = dict[str, torch.Tensor]
 
@@ -52,24 +56,12 @@ class NFTSamples(NamedTuple):
         return NFTSamples(self.x0[idx], cond, self.r[idx])
 
 
-class NFTTrainer(Trainer):
-    """``NFTTrainer(config, reward_function, prompt_function, sd_pipeline, image_samples_hook=None)``, TRL's signature.
+class NFTRecipe(RecipeBase):
+    """DiffusionNFT on any policy (see the module docstring)."""
 
-    The image hook gets DDPO's ``[[images, prompts, prompt_metadata, rewards, reward_metadata], ...]``.
-    """
-
-    trainer_name = "NFT"
-    config_class = NFTConfig
-
-    def __init__(self, config: NFTConfig, reward_function: Callable, prompt_function: Callable, sd_pipeline: Any,
-                 image_samples_hook: Callable | None = None) -> None:
-        self.ema_schedule = EMA_SCHEDULES[config.nft_ema_schedule] if isinstance(config, NFTConfig) else None
-        self.old: Params = {}
-        super().__init__(config, reward_function, prompt_function, sd_pipeline, image_samples_hook)
-
-    # ------------------------------------------------------------------ setup
-    def check_inputs(self) -> None:
-        c, policy = self.config, resolve_policy(self.sd_pipeline)
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        c, policy = self.config, self.policy
         if policy.is_conditional and c.group_size < 2:
             raise ValueError(f"group_size={c.group_size}: a text model's advantages compare the images of one "
                              "prompt, and a group of 1 has none to compare with (every r would be 0.5). Set "
@@ -77,24 +69,29 @@ class NFTTrainer(Trainer):
         if policy.is_conditional and c.sample_batch_size % c.group_size:
             raise ValueError(f"sample_batch_size={c.sample_batch_size} is not a multiple of group_size="
                              f"{c.group_size}; set sample_batch_size to a multiple of it.")
+        self.ema_schedule = EMA_SCHEDULES[c.nft_ema_schedule]
+        self.old: Params = {}
 
-    def prepare(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """DDP as every trainer, then the reference snapshot (full fine-tuning with a KL term) and the old policy,
-        both taken before a resume loads the checkpoint's weights."""
-        optimizer = super().prepare(optimizer)
+    def setup(self, run: Run) -> None:
+        """The update loop (DDP as every recipe), then the reference snapshot (full fine-tuning with a KL term) and
+        the old policy, both taken before a resume loads the checkpoint's weights."""
         c = self.config
-        store = torch.device("cpu") if c.nft_old_policy_on_cpu else self.accelerator.device
-        if c.nft_kl_coef > 0 and hasattr(self.policy, "snapshot_reference"):
+        self.run = run
+        total = max(1, c.num_epochs * c.train_num_inner_epochs * c.minibatches_per_epoch()
+                    // c.train_gradient_accumulation_steps)
+        self.update = UpdateLoop(run.accelerator, self.policy, c, run.guard, total_steps=total,
+                                 backward_calls=c.train_gradient_accumulation_steps * self.train_timesteps())
+        store = torch.device("cpu") if c.nft_old_policy_on_cpu else run.accelerator.device
+        if c.nft_kl_coef > 0:
             self.policy.snapshot_reference(store)  # a no-op for LoRA (adapters off is the reference)
-        self.old = {n: p.detach().to(store, copy=True) for n, p in self._trained().items()}
-        self.sampling_schedule = self._sampling_schedule()
-        return optimizer
+        self.old = {n: p.detach().to(store, copy=True) for n, p in self.trained().items()}
+        self.sampling_schedule = self.make_sampling_schedule()
 
-    def _trained(self) -> Params:
+    def trained(self) -> Params:
         """The trained parameters by name (the keys of ``trainable_state_dict``), not copies."""
         return {n: p for n, p in self.policy.trainable_module.named_parameters() if p.requires_grad}
 
-    def _sampling_schedule(self) -> DenoisingSchedule | DPMSolverMultistepScheduler:
+    def make_sampling_schedule(self) -> DenoisingSchedule | DPMSolverMultistepScheduler:
         c, config = self.config, self.policy.schedule.scheduler.config
         if c.nft_sampler == "dpmsolver++":
             # diffusers' multistep DPM-Solver++ (Lu et al. 2022), built from the model's own noise schedule.
@@ -102,16 +99,15 @@ class NFTTrainer(Trainer):
                                                            solver_order=c.nft_dpm_solver_order)
         return DenoisingSchedule.from_scheduler_config(config, sampler=c.nft_sampler)
 
-    def total_optimizer_steps(self) -> int:
-        c = self.config
-        return max(1, c.num_epochs * c.train_num_inner_epochs * c.minibatches_per_epoch()
-                   // c.train_gradient_accumulation_steps)
+    def train_timesteps(self) -> int:
+        """Training timesteps drawn per sample and inner epoch (``train_timestep_fraction`` of the sampling steps)."""
+        return max(1, int(self.config.sample_num_steps * self.config.train_timestep_fraction))
 
     # ------------------------------------------------------------------ state (the old policy is a checkpoint file)
-    def trainer_state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"nft_old_policy": OLD_POLICY_FILE}
 
-    def load_checkpoint_files(self, folder) -> None:
+    def load_files(self, folder: Path) -> None:
         file = folder / OLD_POLICY_FILE
         if not file.is_file():
             raise FileNotFoundError(f"{folder} has no {file.name}, the NFT old policy (an EMA of the weights) that "
@@ -125,79 +121,74 @@ class NFTTrainer(Trainer):
             for name, value in saved.items():
                 self.old[name].copy_(value)
 
-    def checkpoint_files(self, folder) -> None:
+    def save_files(self, folder: Path) -> None:
         """The old policy, ``nft_old_policy.safetensors``, inside the checkpoint's atomic commit."""
-        if self.accelerator.is_main_process:
+        if self.run.accelerator.is_main_process:
             save_file({n: v.detach().cpu().contiguous() for n, v in self.old.items()}, folder / OLD_POLICY_FILE)
 
     def old_params(self) -> Params:
         """The old policy as ``params`` for the policy's forward passes (on the accelerator)."""
-        device = self.accelerator.device
+        device = self.run.accelerator.device
         return {n: v.to(device, non_blocking=True) for n, v in self.old.items()}
 
     # ------------------------------------------------------------------ the epoch
     def run_epoch(self, epoch: int, global_step: int) -> EpochResult:
-        """Sample with the old policy, score, map rewards to ``r``, train, update the old policy."""
-        c, acc = self.config, self.accelerator
-        self.policy.unet.eval()
-        samples, all_rewards, sample_s, reward_s = self._collect(epoch, global_step)
+        """Sample with the old policy and score, map rewards to ``r``, train, update the old policy."""
+        c = self.config
+        self.policy.eval()
+        batches, sampling_s, reward_s = self.sample_epoch(epoch, global_step)
+        self.run.show_images([b.hook_row() for b in batches], global_step)
+        samples, all_rewards = self.optimality(batches)
         stats: dict[str, list[torch.Tensor]] = {}
         timer = Timer()
         for inner in range(c.train_num_inner_epochs):
-            global_step = self._train_inner(samples, epoch, inner, global_step, stats)
+            global_step = self.train_inner(samples, epoch, inner, global_step, stats)
         decay = self.ema_schedule.decay(global_step)
-        ema_update(self.old, self._trained(), decay)  # NVlabs: once per epoch, decay by optimizer steps
-        train_s = timer.lap()
-        metrics = {"reward/mean": float(all_rewards.mean()), "reward/std": float(all_rewards.std(correction=0)),
-                   "reward/max": float(all_rewards.max()), "reward/min": float(all_rewards.min()),
-                   "stats/optimality_mean": float(samples.r.mean()), "stats/ema_decay": decay,
-                   "perf/sampling_s": sample_s, "perf/reward_s": reward_s, "perf/training_s": train_s,
-                   "perf/epoch_s": sample_s + reward_s + train_s,
-                   "perf/samples_per_s": len(all_rewards) / max(1e-9, sample_s + reward_s)}
-        for key, values in stats.items():
-            metrics[key] = float(acc.reduce(torch.stack(values).float().mean().to(acc.device), "mean"))
-        return EpochResult(global_step, metrics, len(all_rewards))
+        ema_update(self.old, self.trained(), decay)  # NVlabs: once per epoch, decay by optimizer steps
+        extra = {"stats/optimality_mean": float(samples.r.mean()), "stats/ema_decay": decay}
+        return EpochResult(global_step, all_rewards, Timings(sampling_s, reward_s, timer.lap()), stats, extra)
 
     # ------------------------------------------------------------------ sampling and rewards
-    def _collect(self, epoch: int, global_step: int) -> tuple[NFTSamples, torch.Tensor, float, float]:
-        """This process's samples with their ``r``, every process's rewards, and the seconds spent sampling and
-        scoring."""
-        c, acc = self.config, self.accelerator
-        conditional = self.policy.is_conditional
-        group = c.group_size if conditional else c.sample_batch_size
+    def sample_epoch(self, epoch: int, global_step: int) -> tuple[list[ScoredBatch], float, float]:
+        """``sample_num_batches_per_epoch`` scored batches of clean samples (``group_size`` per prompt draw for
+        text models), and the seconds spent sampling and scoring."""
+        c, acc = self.config, self.run.accelerator
+        per_prompt = c.group_size if self.policy.is_conditional else 1
         timer = Timer()
-        sample_s = reward_s = 0.0
-        x0s, conds, rewards, hook_data = [], [], [], []
+        sampling_s = reward_s = 0.0
+        batches = []
         for b in tqdm(range(c.sample_num_batches_per_epoch), desc=f"epoch {epoch}: sampling",
                       disable=not acc.is_local_main_process, leave=False):
-            draws = [self.prompt_fn() for _ in range(c.sample_batch_size // group)] if conditional else \
-                [self.prompt_fn() for _ in range(c.sample_batch_size)]
-            per_prompt = group if conditional else 1
+            draws = [self.prompt_fn() for _ in range(c.sample_batch_size // per_prompt)]
             prompts = [p for p, _ in draws for _ in range(per_prompt)]
             metadata = [m for _, m in draws for _ in range(per_prompt)]
             with torch.no_grad():
-                x0, cond = self.sample_x0(prompts, generator_for(c.seed, epoch, acc.process_index, b))
+                x0, cond = self.sample_x0(prompts, generator_for(Stream.SAMPLE_NOISE, c.seed, epoch,
+                                                                 acc.process_index, b))
                 images = self.policy.decode(x0)
-            self.guard.check_samples({"images": images, "latents": x0}, epoch, global_step, c.train_learning_rate)
-            sample_s += timer.lap()
+            self.run.check_samples({"images": images, "latents": x0}, epoch, global_step)
+            sampling_s += timer.lap()
             reward, reward_meta = score(self.reward_fn, images, prompts, metadata)
             reward_s += timer.lap()
-            x0s.append(x0)
-            conds.append(cond)
-            rewards.append(reward)
-            hook_data.append([images, prompts, metadata, reward, reward_meta])
-        call_image_hook(self.image_samples_callback, hook_data, global_step, acc)
-        local = torch.cat(rewards)
-        all_rewards = acc.gather(local.to(acc.device)).cpu() if acc.num_processes > 1 else local
-        group_ids = self._group_ids(len(local), group if conditional else None, acc.num_processes)
+            batches.append(ScoredBatch((x0, cond), images, prompts, metadata, reward, reward_meta))
+        return batches, sampling_s, reward_s
+
+    def optimality(self, batches: list[ScoredBatch]) -> tuple[NFTSamples, torch.Tensor]:
+        """This process's samples with their optimality ``r``, and every process's rewards."""
+        c, acc = self.config, self.run.accelerator
+        all_rewards = gather_rewards(acc, [b.rewards for b in batches])
+        local = sum(len(b.rewards) for b in batches)
+        group = c.group_size if self.policy.is_conditional else None
+        group_ids = self.group_ids(local, group, acc.num_processes)
         adv = gathered_group_advantages(all_rewards, group_ids, acc.process_index, acc.num_processes,
                                         std=c.nft_advantage_std, clip=c.train_adv_clip_max)
         r = advantages_to_optimality(adv, c.train_adv_clip_max).to(acc.device)
+        conds = [b.samples[1] for b in batches]
         cond = None if conds[0] is None else type(conds[0]).concat(conds)
-        return NFTSamples(torch.cat(x0s), cond, r), all_rewards, sample_s, reward_s
+        return NFTSamples(torch.cat([b.samples[0] for b in batches]), cond, r), all_rewards
 
     @staticmethod
-    def _group_ids(local: int, group: int | None, num_processes: int) -> torch.Tensor:
+    def group_ids(local: int, group: int | None, num_processes: int) -> torch.Tensor:
         """``[P * local]`` ids in gather order: consecutive runs of ``group`` samples (the images of one prompt
         draw), unique over processes; ``group=None`` (unconditional): one group of every process's samples."""
         if group is None:
@@ -210,10 +201,9 @@ class NFTTrainer(Trainer):
         c, policy = self.config, self.policy
         guidance = c.sample_guidance_scale
         cond = None
-        if policy.is_conditional:  # SDXL's add_time_ids follow the sampled size
-            size = {"height": c.sample_height, "width": c.sample_width} if policy.kind == "sdxl" else {}
-            cond = policy.encode_prompts(prompts, self.config.negative_prompt_list or None, guidance=guidance > 1.0,
-                                         **size)
+        if policy.is_conditional:
+            cond = policy.encode_prompts(prompts, cycled_negatives(c.negative_prompt_list, len(prompts)),
+                                         guidance=guidance > 1.0, height=c.sample_height, width=c.sample_width)
         params = self.old_params()
         x = policy.initial_noise(len(prompts), generator, c.sample_height, c.sample_width)
         batch = x.shape[0]
@@ -240,38 +230,34 @@ class NFTTrainer(Trainer):
         return schedule.timesteps(n)
 
     # ------------------------------------------------------------------ training
-    def _train_inner(self, samples: NFTSamples, epoch: int, inner: int, global_step: int,
-                     stats: dict[str, list[torch.Tensor]]) -> int:
-        c, acc = self.config, self.accelerator
-        generator = generator_for(c.seed, epoch, inner, acc.process_index, 1)
+    def train_inner(self, samples: NFTSamples, epoch: int, inner: int, global_step: int,
+                    stats: dict[str, list[torch.Tensor]]) -> int:
+        """One pass over the shuffled samples: each minibatch at each of its drawn timesteps, with fresh noise."""
+        c = self.config
+        generator = generator_for(Stream.SHUFFLE, c.seed, epoch, inner, self.run.accelerator.process_index)
         n = samples.x0.shape[0]
         perm = torch.randperm(n, generator=generator).to(samples.x0.device)
         timesteps = sample_train_timesteps(self.train_timestep_grid(), n, fraction=c.train_timestep_fraction,
                                            generator=generator).to(samples.x0.device)
         k = timesteps.shape[1]
-        accumulate = c.train_gradient_accumulation_steps * k
-        self.policy.unet.train()
-        micro = 0
-        for start in tqdm(range(0, n, c.train_batch_size), desc=f"epoch {epoch}.{inner}: training",
-                          disable=not acc.is_local_main_process, leave=False):
-            idx = perm[start:start + c.train_batch_size]
-            batch = samples.index(idx)
-            for j in range(k):
-                micro += 1
-                sync = micro % accumulate == 0
-                ctx = contextlib.nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(self.policy.unet)
-                noise = torch.randn(batch.x0.shape, generator=generator).to(batch.x0.device)
-                with ctx:
-                    loss, st = self.compute_loss(batch, timesteps[idx, j], noise)
-                    self.backward(loss / accumulate, sync)
-                for key, value in (("loss/policy", st.policy_loss), ("loss/positive", st.positive_loss),
-                                   ("loss/negative", st.negative_loss), ("stats/kl_ref", st.kl_ref),
-                                   ("stats/old_deviation", st.old_deviation)):
-                    stats.setdefault(key, []).append(value)
-                if sync:
-                    global_step = self.optimizer_update(epoch, global_step, stats)
-        self.policy.unet.eval()
-        return global_step
+
+        def calls() -> Iterator[MicroStep]:
+            for start in range(0, n, c.train_batch_size):
+                idx = perm[start:start + c.train_batch_size]
+                batch = samples.index(idx)
+                for j in range(k):
+                    noise = torch.randn(batch.x0.shape, generator=generator).to(batch.x0.device)
+                    yield MicroStep(1, (batch, timesteps[idx, j], noise))
+
+        return self.update.run(calls(), self.loss, per_update=c.train_gradient_accumulation_steps * k, epoch=epoch,
+                               global_step=global_step, stats=stats, desc=f"epoch {epoch}.{inner}: training")
+
+    def loss(self, call: tuple[NFTSamples, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, list[dict]]:
+        """The loss of one call of :meth:`train_inner` and its stats."""
+        loss, st = self.compute_loss(*call)
+        return loss, [{"loss/policy": st.policy_loss, "loss/positive": st.positive_loss,
+                       "loss/negative": st.negative_loss, "stats/kl_ref": st.kl_ref,
+                       "stats/old_deviation": st.old_deviation}]
 
     def compute_loss(self, batch: NFTSamples, t: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, NFTStats]:
         """The NFT loss of one minibatch at per-sample timesteps ``t`` ``[b]`` with ``noise`` ``[b, C, h, w]``.

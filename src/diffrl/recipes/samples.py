@@ -1,12 +1,44 @@
-"""The sample store of one epoch and its reshuffling for training."""
+"""What an epoch samples: scored batches, the sample store and its reshuffling for training, gathering over
+processes, and the one rule for negative prompts."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
 from diffrl.pipelines.types import TextConditioning, Trajectory
+
+
+class ScoredBatch(NamedTuple):
+    """One sampled and scored batch of ``B`` samples.
+
+    Attributes:
+        samples: what the recipe trains on: a :class:`~diffrl.pipelines.types.Trajectory`, or the ``[B, C, h, w]``
+            final samples.
+        images: ``[B, 3, H, W]`` in ``[0, 1]``, what the reward scored.
+        prompts, prompt_metadata: ``B`` each, from the prompt function.
+        rewards: ``[B]`` float32; ``reward_metadata``: what the reward returned beside them.
+    """
+
+    samples: Any
+    images: torch.Tensor
+    prompts: list[str]
+    prompt_metadata: list[Any]
+    rewards: torch.Tensor
+    reward_metadata: Any
+
+    def hook_row(self) -> list:
+        """TRL's image-hook row: ``[images, prompts, prompt_metadata, rewards, reward_metadata]``."""
+        return [self.images, list(self.prompts), list(self.prompt_metadata), self.rewards, self.reward_metadata]
+
+
+def gather_rewards(accelerator: Any, rewards: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[P * n]`` the rewards of every process (this process's ``n`` concatenated first), float32 on the CPU."""
+    local = torch.cat([r.detach().float() for r in rewards])
+    if accelerator.num_processes == 1:
+        return local.cpu()
+    return accelerator.gather(local.to(accelerator.device)).cpu()
 
 
 class EpochSamples(NamedTuple):
@@ -71,9 +103,10 @@ def training_conditioning(samples: EpochSamples, idx: slice, train_cfg: bool, gu
     return cond.without_guidance(), 1.0
 
 
-def cycled_negatives(negative_prompts: list[str], batch_size: int, batches: int = 1) -> list[str] | None:
-    """One negative prompt per sample: the configured ones in turn within each batch of ``batch_size`` (as TRL
-    assigned them), for ``batches`` batches drawn together; ``None`` when there are none."""
+def cycled_negatives(negative_prompts: Sequence[str], batch_size: int, batches: int = 1) -> list[str] | None:
+    """The one rule for negative prompts, every trainer's: one per sample, the configured ones in turn within each
+    batch of ``batch_size`` (as TRL assigned them), for ``batches`` batches drawn together; ``None`` when there are
+    none (sampling then guides against the empty prompt)."""
     if not negative_prompts:
         return None
     return [negative_prompts[i % len(negative_prompts)] for i in range(batch_size)] * batches
