@@ -148,7 +148,7 @@ class TrainableUNetPolicy:
             for name in SIZE_FIELDS:
                 if getattr(config, name) is not None:
                     violations.append(Violation(name, getattr(config, name), f"cannot be set: {what}, whose image "
-                                                "size is fixed by its network", f"remove {name} (null)"))
+                                                "size is fixed by its UNet", f"remove {name} (null)"))
             if config.vae is not None:
                 violations.append(Violation("vae", config.vae, f"cannot be set: {what}, which has no VAE",
                                             "remove vae (null)"))
@@ -156,8 +156,8 @@ class TrainableUNetPolicy:
             for name in SDXL_SIZE_FIELDS:
                 value = getattr(config, name)
                 if value != type(config)._default(name):
-                    violations.append(Violation(name, value, f"is size conditioning, which {what} does not take",
-                                                f"remove {name}, or use a model that takes it (SDXL)"))
+                    violations.append(Violation(name, value, f"is SDXL size conditioning, but {what}",
+                                                f"remove {name}, or use an SDXL model"))
         return violations
 
     def loaded_violations(self, config: SharedConfig) -> list[Violation]:
