@@ -7,11 +7,16 @@ diffrl at module level.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def versions() -> dict:
@@ -72,6 +77,29 @@ def build_tiny_sd(directory: Path, latent: int) -> Path:
     # vocab.json/merges.txt beside tokenizer.json: TRL's transformers 4.x loads the slow CLIPTokenizer from them.
     make_clip_tokenizer(directory / "tokenizer", model_max_length=pipe.tokenizer.model_max_length)
     return directory
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """How this benchmark was started, as one would type it from the project root: ``python bench/<name>.py ...``."""
+    script = Path(sys.argv[0]).name
+    return " ".join(["python", f"bench/{script}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def result_path(benchmark: str) -> Path:
+    """``bench/results/<benchmark>/<date>-<commit>.json``: today's date and the checkout's short commit (with
+    ``-dirty`` when the tree has uncommitted changes), so every record names the code it measured."""
+    root = RESULTS.parent.parent
+
+    def git(*words: str) -> str:
+        try:
+            return subprocess.run(["git", *words], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "nogit"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    return RESULTS / benchmark / f"{datetime.date.today().isoformat()}-{commit}.json"
 
 
 def save_record(record: dict, out: str | os.PathLike) -> Path:

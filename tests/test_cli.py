@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,20 @@ def test_train_help_lists_every_field_of_every_trainer(capsys):
             assert f"  --{info.name} ({info.type}, default " in out
             assert info.help.split(".")[0][:40] in out
     assert "--truncated_rand_backprop_minmax 0 20" in out and "rwr_sparse" in out
+
+
+@pytest.mark.parametrize("words", [["trainer=grpo"], ["--trainer", "grpo"], ["configs/grpo_sd14_window.yaml"]])
+def test_train_help_of_a_chosen_trainer_lists_its_fields_only(words, capsys):
+    from diffrl.config import GRPOConfig
+
+    assert main(["train", *words, "--help"]) == 0
+    out = capsys.readouterr().out
+    listed = set(re.findall(r"^  --(\w+) \(", out, re.MULTILINE))
+    assert listed == {info.name for info in GRPOConfig.describe_fields()}
+    assert "GRPOConfig fields" in out and "DDPOConfig fields" not in out
+    # DDPO's own settings are not GRPO fields any more (nothing inherited only to be forbidden)
+    assert not listed & {"train_timestep_fraction", "per_prompt_stat_tracking", "sample_num_batches_per_epoch",
+                         "compile_model", "async_reward_computation"}
 
 
 def test_hf_argument_parser_forms_reach_the_config(monkeypatch):

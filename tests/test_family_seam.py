@@ -13,9 +13,9 @@ import diffrl
 
 PACKAGE = Path(diffrl.__file__).parent
 FAMILY_HOMES = {"pipelines", "samplers", "testing"}
-# config/ still declares the SDXL size-conditioning fields (sdxl_original_size, ...) on every trainer's config and
-# the legacy name of compile_model; moving them into family-validated model options is open work.
-NOT_YET = {"config"}
+LEGACY_NAMES = {("config/shared.py", '"compile_unet"')}
+"""Old field names kept in the rename table, so that old run records still load and old files get an error naming
+the new field (the SDXL fields moved into ``model_options``, which the family checks, are spelled in an f-string)."""
 NAME = re.compile(r"unet|^sdxl", re.IGNORECASE)
 KEY = re.compile(r"^(sdxl\w*|\w*unet\w*)$", re.IGNORECASE)
 
@@ -46,7 +46,9 @@ def test_no_code_outside_the_family_homes_names_a_unet_or_sdxl():
     hits = []
     for path in sorted(PACKAGE.rglob("*.py")):
         top = path.relative_to(PACKAGE).parts[0]
-        if top in FAMILY_HOMES or top in NOT_YET or top == "__init__.py":  # the public API lists every family's classes
+        if top in FAMILY_HOMES or top == "__init__.py":  # the public API lists every family's classes
             continue
-        hits += [f"{path.relative_to(PACKAGE)}:{line}: {token}" for line, token in offending_lines(path.read_text())]
+        where = path.relative_to(PACKAGE).as_posix()
+        hits += [f"{where}:{line}: {token}" for line, token in offending_lines(path.read_text())
+                 if (where, token) not in LEGACY_NAMES]
     assert hits == [], "\n".join(hits)

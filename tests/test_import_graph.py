@@ -21,7 +21,7 @@ LAYERS: dict[str, int] = {
     "models": 3, "build": 3, "testing": 3,
     "recipes": 4, "evaluate": 4,
     "commands": 5,
-    "cli": 6, "__init__": 6,
+    "cli": 6, "__init__": 6, "__main__": 7,
 }
 PEERS: set[tuple[str, str]] = set()
 

@@ -139,3 +139,27 @@ def test_register_a_custom_source():
             prompts.register("test_source", lambda: None)
     finally:
         prompts._REGISTRY.pop("test_source", None)
+
+
+@pytest.mark.parametrize("name,options", [("simple_animals", {}), ("counting", {}), ("nouns_activities", {}),
+                                          ("fixed", {"prompts": list("abcdefg"), "order": "sample"})])
+def test_draw_i_depends_on_the_seed_and_i_alone_and_shards_split_the_stream(name, options):
+    whole = _draw(load(name, seed=4, **options), 12)
+    shares = [_draw(load(name, seed=4, **options).shard(r, 3), 4) for r in range(3)]
+    # process r of 3 takes positions r, r + 3, ...: together exactly the one-process stream, nothing drawn twice
+    assert [shares[i % 3][i // 3] for i in range(12)] == whole
+
+
+def test_a_restored_position_continues_the_stream():
+    source = load("simple_animals", seed=2).shard(1, 2)
+    first = _draw(source, 5)
+    state = source.state_dict()
+    rest = _draw(source, 5)
+    restarted = load("simple_animals", seed=2).shard(1, 2)
+    restarted.load_state_dict(state)
+    assert _draw(restarted, 5) == rest and rest != first
+
+
+def test_cycled_prompts_over_processes_visit_each_prompt_once_per_pass():
+    shares = [load("fixed", prompts=["a", "b", "c", "d"], order="cycle").shard(r, 2) for r in range(2)]
+    assert [p for p, _ in _draw(shares[0], 2)] == ["a", "c"] and [p for p, _ in _draw(shares[1], 2)] == ["b", "d"]

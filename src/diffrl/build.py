@@ -6,6 +6,8 @@ settings and reward from its ``config.yaml``.
 
 from __future__ import annotations
 
+import inspect
+
 from typing import Any, Callable
 
 from diffrl import prompts, rewards
@@ -105,4 +107,8 @@ def build_prompt_fn(config: SharedConfig, conditional: bool) -> Callable:
                                          "source", f"name one: prompts=simple_animals (available: "
                                          f"{', '.join(prompts.available())})")])
         return prompts.load("empty")
-    return prompts.load(config.prompts, **config.resolved("prompt_options"))
+    options = config.resolved("prompt_options")
+    factory = prompts.SOURCES.factories.get(config.prompts)
+    if factory is not None and "seed" in inspect.signature(factory).parameters:
+        options.setdefault("seed", config.seed)  # the run's seed, unless the source's own is given
+    return prompts.load(config.prompts, **options)

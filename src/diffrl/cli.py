@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from diffrl._version import __version__
-from diffrl.config import ConfigError, KeyValueError, from_cli_args, load_config, registry
+from diffrl.config import ConfigError, KeyValueError, from_cli_args, load_config, read_config_file, registry, \
+    trainer_from_overrides
 from diffrl.config.overrides import is_key_value
 from diffrl.presets import quickstart_preset
 
@@ -44,8 +45,9 @@ COMMANDS: dict[str, Command] = {
     "report": Command("diffrl.evaluate.cli", "add_report_parser", "write a self-contained HTML report for a run"),
 }
 
-TRAIN_HELP = """Train with a YAML config (presets in configs/) and overrides. Without a config file, runs the offline
-quickstart: DDPO on the project's 8x8 digits DDPM to generate more of one digit.
+TRAIN_HELP = """Train with a YAML config (presets in configs/) and overrides. Without a config file: with model=... the
+trainer's defaults and the overrides; without a model, the offline quickstart: DDPO on the project's 8x8 digits DDPM
+to generate more of one digit.
 
 Overrides take any of the forms TRL's scripts (HfArgumentParser) and diffrl accept:
   field=value   --field=value   --field value   --field v1 v2 (a list)   --flag   --no_flag
@@ -61,12 +63,30 @@ examples:
 """
 
 
-def _train_help() -> str:
+def _train_help(chosen: str | None = None) -> str:
+    """The train help with the fields of the chosen trainer only, or of every trainer when none is chosen."""
     trainers = ", ".join(f"{name}: {', '.join(spec.algorithms)}" for name, spec in registry.TRAINERS.items())
     sections = [TRAIN_HELP.format(trainers=trainers)]
-    for name in registry.TRAINERS:
+    for name in [chosen] if chosen else registry.TRAINERS:
         sections.append(f"trainer={name}: " + registry.config_class(name).help_text())
+    if chosen is None:
+        sections.append("(trainer=NAME --help, or a config file and --help, lists one trainer's fields only)")
     return "\n\n".join(sections)
+
+
+def _chosen_trainer(words: list[str]) -> str | None:
+    """The trainer that ``trainer=``/``algorithm=`` words or the config file name; None when they name none (or
+    cannot be read: the help is printed all the same)."""
+    try:
+        path, overrides = _split_train_args(words)
+        spec = trainer_from_overrides(overrides)
+        if spec is None and path is not None:
+            chosen, _, _ = registry.select({k: v for k, v in read_config_file(path).items()
+                                            if k in registry.SELECTOR_KEYS})
+            spec = chosen
+    except (ConfigError, KeyValueError):
+        return None
+    return spec.name if spec else None
 
 
 def _split_train_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -81,12 +101,14 @@ def _split_train_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
 
 def _train(words: list[str]) -> int:
     if any(w in ("-h", "--help") for w in words):
-        print(_train_help())
+        print(_train_help(_chosen_trainer([w for w in words if w not in ("-h", "--help")])))
         return 0
     path, overrides = _split_train_args(words)
-    # Every configuration mistake surfaces here, before torch or any model loads.
-    load_config(path if path is not None else quickstart_preset(overrides), overrides)
-    if path is None:
+    # Every configuration mistake surfaces here, before torch or any model loads. Without a file, a run that names
+    # its model trains it from the trainer's defaults; one that does not is the offline digits quickstart.
+    quickstart = path is None and load_config(None, overrides).model is None
+    load_config(quickstart_preset(overrides) if quickstart else path, overrides)
+    if quickstart:
         from diffrl.commands.quickstart import run_quickstart  # heavy (torch): only when training
 
         return run_quickstart(overrides)

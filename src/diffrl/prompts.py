@@ -7,10 +7,14 @@ classes, which are the animals), ``imagenet_all`` (all 1000), ``nouns_activities
 question/answer metadata); plus ``from_file``, ``fixed`` lists and ``empty`` (for
 unconditional models). Class names are ImageNet-1k's first WordNet synonym.
 
-Every source draws from its own ``random.Random(seed)`` (never the global RNG), so the
-same seed gives the same prompt stream. Seeds default to 0; in multi-process training
-give each process its own (e.g. ``seed + process_index``). Build sources by name with
-:func:`load`, like the rewards.
+The built-in sources are :class:`PromptSource` objects: draw ``i`` depends on the seed and ``i``
+alone (``Stream.PROMPTS`` of :mod:`diffrl.seeding`, never the global RNG), so the same seed gives
+the same prompt stream. A trainer gives each process its own share of the stream
+(:meth:`PromptSource.shard`: process ``r`` of ``n`` takes draws ``r, r + n, r + 2n, ...``) and
+saves its position in every checkpoint (:meth:`PromptSource.state_dict`), so a resumed run
+scores the prompts an uninterrupted one would. ``diffrl train`` seeds a source with the run's
+``seed`` unless ``prompt_options.seed`` is given. Build sources by name with :func:`load`,
+like the rewards.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from diffrl.registry import Registry
+from diffrl.seeding import Stream, stream_seed
 
 __all__ = [
     "PromptError",
     "PromptFn",
     "PromptList",
+    "PromptSource",
     "available",
     "counting",
     "empty",
@@ -69,7 +75,47 @@ class PromptError(ValueError):
     """A bad prompt-source configuration; the message names the source, the setting and the fix."""
 
 
-class PromptList:
+class PromptSource:
+    """A prompt source whose ``i``-th draw is a pure function of its seed and ``i`` (:meth:`draw`).
+
+    Calling it returns the next draw of this process's share of the stream; :meth:`shard` sets the share,
+    :meth:`state_dict` / :meth:`load_state_dict` save and restore the position (what a checkpoint keeps).
+    """
+
+    def __init__(self, seed: int | None = 0) -> None:
+        self.seed = random.SystemRandom().randrange(2**62) if seed is None else int(seed)
+        self._count, self._offset, self._stride = 0, 0, 1
+
+    def draw(self, index: int) -> tuple[str, dict[str, Any]]:
+        """The prompt and metadata at position ``index`` of the whole stream."""
+        raise NotImplementedError
+
+    def rng(self, index: int) -> random.Random:
+        """The random draws of position ``index`` (independent of every other position)."""
+        return random.Random(stream_seed(Stream.PROMPTS, self.seed, index))
+
+    def __call__(self) -> tuple[str, dict[str, Any]]:
+        index = self._offset + self._stride * self._count
+        self._count += 1
+        return self.draw(index)
+
+    def shard(self, process_index: int, num_processes: int) -> "PromptSource":
+        """Make this the share of process ``process_index`` of ``num_processes``: draws ``process_index``,
+        ``process_index + num_processes``, ...; no two processes draw the same position."""
+        if not 0 <= process_index < num_processes:
+            raise ValueError(f"process_index={process_index} is not in [0, num_processes={num_processes})")
+        self._offset, self._stride = process_index, num_processes
+        return self
+
+    def state_dict(self) -> dict[str, int]:
+        """The position in this process's share (the same count on every process of a run)."""
+        return {"count": self._count}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._count = int(state["count"])
+
+
+class PromptList(PromptSource):
     """Prompts from a list, drawn uniformly at random (``order="sample"``) or in turn (``order="cycle"``)."""
 
     def __init__(
@@ -84,18 +130,14 @@ class PromptList:
                 raise PromptError(f"prompt source '{source}': prompts must be strings, got {prompt!r}")
         if order not in ORDERS:
             raise PromptError(f"prompt source '{source}': order={order!r} must be one of {list(ORDERS)}")
+        super().__init__(seed)
         self.prompts = list(prompts)
         self.order = order
-        self._rng = random.Random(seed)
-        self._next = 0
 
-    def __call__(self) -> tuple[str, dict[str, Any]]:
+    def draw(self, index: int) -> tuple[str, dict[str, Any]]:
         if self.order == "cycle":
-            prompt = self.prompts[self._next % len(self.prompts)]
-            self._next += 1
-        else:
-            prompt = self._rng.choice(self.prompts)
-        return prompt, {}
+            return self.prompts[index % len(self.prompts)], {}
+        return self.rng(index).choice(self.prompts), {}
 
 
 def read_prompt_data(name: str) -> list[str]:
@@ -172,13 +214,14 @@ def imagenet_all(*, seed: int | None = 0) -> PromptList:
     return PromptList(read_prompt_data("imagenet_classes"), seed=seed, source="imagenet_all")
 
 
-class _NounsActivities:
+class _NounsActivities(PromptSource):
     def __init__(self, nouns: list[str], activities: list[str], seed: int | None) -> None:
+        super().__init__(seed)
         self.nouns, self.activities = nouns, activities
-        self._rng = random.Random(seed)
 
-    def __call__(self) -> tuple[str, dict[str, Any]]:
-        noun, activity = self._rng.choice(self.nouns), self._rng.choice(self.activities)
+    def draw(self, index: int) -> tuple[str, dict[str, Any]]:
+        rng = self.rng(index)
+        noun, activity = rng.choice(self.nouns), rng.choice(self.activities)
         return f"{indefinite_article(noun)} {noun} {activity}", {"noun": noun, "activity": activity}
 
 
@@ -191,13 +234,14 @@ def nouns_activities(
     return _NounsActivities(_nouns(nouns, "nouns_activities"), list(activities), seed)
 
 
-class _Counting:
+class _Counting(PromptSource):
     def __init__(self, nouns: list[str], low: int, high: int, seed: int | None) -> None:
+        super().__init__(seed)
         self.nouns, self.low, self.high = nouns, low, high
-        self._rng = random.Random(seed)
 
-    def __call__(self) -> tuple[str, dict[str, Any]]:
-        noun, count = self._rng.choice(self.nouns), self._rng.randint(self.low, self.high)
+    def draw(self, index: int) -> tuple[str, dict[str, Any]]:
+        rng = self.rng(index)
+        noun, count = rng.choice(self.nouns), rng.randint(self.low, self.high)
         word = _NUMBER_WORDS[count]
         name = noun if count == 1 else plural(noun)
         return f"{word} {name}", {

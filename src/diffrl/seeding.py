@@ -39,6 +39,9 @@ class Stream(str, enum.Enum):
     """A reward-backpropagation micro-batch's truncation plan: ``(seed, epoch, process, micro-batch)``."""
     WINDOW = "window"
     """GRPO's stochastic-step window of an epoch (``sde_window_schedule: random``): ``(seed, epoch)``."""
+    PROMPTS = "prompts"
+    """A built-in prompt source's draw (:class:`diffrl.prompts.PromptSource`): ``(source seed, position)``,
+    process ``r`` of ``n`` taking positions ``r, r + n, ...``."""
     TRL_SAMPLES = "trl_samples"
     """TRL's ``DDPOTrainer._generate_samples`` called directly: ``(seed, global step, batch)``."""
 

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from diffrl.config import AlignPropConfig, ConfigError, DDPOConfig, diff_for_resume, load_config
-from diffrl.config.resume import APPLIED, REFUSED
+from diffrl.config import registry
+from diffrl.config._base import UNKNOWN_RESUME, resume_rule
 
 
 def test_changes_are_classified() -> None:
@@ -29,7 +30,32 @@ def test_changes_are_classified() -> None:
 def test_trainer_change_and_unknown_fields_are_refused() -> None:
     diff = diff_for_resume(DDPOConfig(), AlignPropConfig())
     assert [c.field for c in diff.refused] == ["trainer"] and not diff.applied
-    assert not set(APPLIED) & set(REFUSED)
+
+
+@pytest.mark.parametrize("trainer", list(registry.TRAINERS))
+def test_every_field_states_its_resume_rule_beside_it(trainer) -> None:
+    config_cls = registry.config_class(trainer)
+    unstated = [f.name for f in dataclasses.fields(config_cls) if resume_rule(config_cls, f.name) == UNKNOWN_RESUME]
+    assert unstated == []
+    # the rule travels with the field: a redeclared default keeps its own rule (NFT's learning rate applies)
+    assert resume_rule(config_cls, "train_learning_rate") == "apply"
+    assert "weights" in resume_rule(config_cls, "lora_rank")
+
+
+def test_old_records_move_sdxl_fields_into_model_options_and_drop_what_grpo_no_longer_has(tmp_path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("trainer: grpo\nsdxl_original_size: [64, 48]\nsdxl_target_size: null\n"
+                    "sdxl_crops_coords_top_left: [0, 0]\ntrain_timestep_fraction: 1.0\ncompile_unet: false\n"
+                    "per_prompt_stat_tracking: false\n")
+    recorded = load_config(path, recorded=True)
+    assert recorded.model_options == {"original_size": [64, 48]}
+    assert not hasattr(recorded, "train_timestep_fraction") and not hasattr(recorded, "compile_model")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    assert "sdxl_original_size=[64, 48]: was renamed to model_options.original_size" in text
+    assert "write model_options: {original_size: [64, 48]}" in text
+    assert "train_timestep_fraction=1.0: unknown field of GRPOConfig: GRPO trains the steps of its window" in text
 
 
 def test_recorded_redacted_values_are_not_a_difference(tmp_path) -> None:

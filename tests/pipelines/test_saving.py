@@ -3,17 +3,21 @@ import json
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, StableDiffusionPipeline, UNet2DModel
+from safetensors import safe_open
 
-from diffrl.pipelines import DDPMPolicy, StableDiffusionPolicy
+from diffrl.pipelines import DDPMPolicy, LoraSettings, StableDiffusionPolicy
 
 from .helpers import perturb_trainable
 
 
-def test_sd_lora_loads_into_plain_diffusers_and_reproduces_images(tiny_sd_path, tmp_path):
-    policy = StableDiffusionPolicy.from_pretrained(tiny_sd_path)
+@pytest.mark.parametrize("alpha", [4, 16])  # alpha = rank hid a wrong scale on reload: test another alpha too
+def test_sd_lora_loads_into_plain_diffusers_and_reproduces_images(tiny_sd_path, tmp_path, alpha):
+    policy = StableDiffusionPolicy.from_pretrained(tiny_sd_path, lora=LoraSettings(rank=4, alpha=alpha))
     perturb_trainable(policy, scale=0.2)
     policy.save_pretrained(tmp_path / "lora")
-    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    with safe_open(tmp_path / "lora" / "pytorch_lora_weights.safetensors", "pt") as weights:
+        recorded = json.loads(weights.metadata()["lora_adapter_metadata"])  # what load_lora_weights reads
+    assert recorded["unet.r"] == 4 and recorded["unet.lora_alpha"] == alpha
     ours = policy.sample(["a cat", "a dog"], num_inference_steps=5, guidance_scale=5.0, eta=1.0,
                          generator=torch.Generator().manual_seed(7)).trajectory.images
 

@@ -294,7 +294,7 @@ def test_two_process_alignprop_trains_in_sync_and_saves_without_hanging(tiny_ddp
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 2
     run = tmp_path / "logs" / "mp"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint_0", "checkpoint_1"]
-    assert {"rng_0.pt", "rng_1.pt"} <= {p.name for p in (run / "checkpoints" / "checkpoint_1").iterdir()}
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in (run / "checkpoints" / "checkpoint_1").iterdir()}
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and metrics[0]["perf/samples_per_s"] > 0  # logged once, by the main process
     assert (tmp_path / "logs" / "final" / "adapter_model.safetensors").is_file()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffrl import DDPOConfig, DDPOTrainer, DefaultDDPODDPMPipeline, DefaultDDPOStableDiffusionPipeline
+from diffrl import DDPOConfig, DDPOTrainer, DefaultDDPODDPMPipeline, DefaultDDPOStableDiffusionPipeline, prompts
 from diffrl.config import ConfigError
 from diffrl.rewards import RewardError
 
@@ -14,10 +14,6 @@ from .helpers import assert_same_run, interrupt_and_resume, logged_metrics, trai
 
 def brightness(images, prompts, metadata):
     return images.mean(dim=(1, 2, 3)), {}
-
-
-def random_prompt():
-    return random.choice(["a cat", "a dog", "a fox"]), {"source": "test"}
 
 
 def _config(tmp_path, **kw):
@@ -85,6 +81,8 @@ def test_trl_example_runs_unchanged_but_for_the_import(tiny_sd_path, tmp_path):
 
 
 def test_resume_matches_an_uninterrupted_run(tiny_sd_path, tmp_path):
+    scored: dict[str, list[str]] = {"straight": [], "split": []}
+
     def make(run_name, **kw):
         random.seed(0)
         torch.manual_seed(0)  # LoRA's random init happens when the pipeline is built
@@ -92,7 +90,13 @@ def test_resume_matches_an_uninterrupted_run(tiny_sd_path, tmp_path):
         cfg = _config(tmp_path, num_epochs=3, run_name=run_name, per_prompt_stat_tracking=True,
                       per_prompt_stat_tracking_buffer_size=8, per_prompt_stat_tracking_min_count=2,
                       train_num_inner_epochs=2, **kw)
-        return DDPOTrainer(cfg, brightness, random_prompt, pipe)
+
+        def reward(images, prompts, metadata):
+            scored[run_name].extend(prompts)
+            return brightness(images, prompts, metadata)
+
+        # the built-in source a user passes (a fresh one per process start, as after a preemption)
+        return DDPOTrainer(cfg, reward, prompts.simple_animals(seed=3), pipe)
 
     straight = make("straight")
     straight.train()
@@ -100,6 +104,10 @@ def test_resume_matches_an_uninterrupted_run(tiny_sd_path, tmp_path):
     resumed.train()
     assert_same_run(straight, resumed, tmp_path)
     assert resumed.global_step == straight.global_step
+    # the resumed run scored the prompts the uninterrupted one scored in its last epoch (the stream's position
+    # is in the checkpoint), not the stream's start again
+    assert len(scored["split"]) == len(scored["straight"]) == 3 * 4
+    assert scored["split"] == scored["straight"] and scored["straight"][8:] != scored["straight"][:4]
 
 
 def test_checkpoints_are_rotated(tiny_ddpm_path, tmp_path):

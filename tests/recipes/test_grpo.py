@@ -191,16 +191,20 @@ def test_impossible_settings_are_refused_with_the_fix():
     with pytest.raises(ConfigError) as err:
         GRPOConfig(mixed_precision="no", sample_num_steps=10, sde_window_size=4, sde_window_start=8,
                    prompts_per_epoch=2, group_size=6, sample_batch_size=4, train_batch_size=4,
-                   train_timestep_fraction=0.5, sample_eta=0.0).validate(num_processes=2)
+                   sample_eta=0.0).validate(num_processes=2)
     text = str(err.value)
     for expected in ("sde_window_start=8", "[0, 6]", "sample_batch_size=4", "divisor of 6", "train_batch_size=4",
-                     "train_timestep_fraction", "sample_eta=0.0"):
+                     "sample_eta=0.0"):
         assert expected in text, expected
+    with pytest.raises(ConfigError, match="train_timestep_fraction=0.5: unknown field of GRPOConfig: GRPO trains "
+                                          r"the steps of its window \(set sde_window_size\)"):
+        GRPOConfig.from_dict({"train_timestep_fraction": 0.5})  # a DDPO setting: not a GRPO field at all
     GRPOConfig(mixed_precision="no", prompts_per_epoch=3, group_size=4, sample_batch_size=6,
                train_batch_size=3).validate(num_processes=2)  # groups may straddle processes
-    with pytest.raises(ConfigError) as err:  # DDPO's speed settings that GRPO's loop would silently ignore
-        GRPOConfig(mixed_precision="no", train_timestep_chunk=2, sample_batch_chunk=1, compile_model=True).validate()
+    with pytest.raises(ConfigError) as err:  # DDPO's speed settings, which GRPO's loop would silently ignore
+        GRPOConfig.from_dict({"train_timestep_chunk": 2, "sample_batch_chunk": 1, "compile_model": True})
     assert [v.field for v in err.value.violations] == ["train_timestep_chunk", "sample_batch_chunk", "compile_model"]
+    assert all("one model call per micro-batch" in v.problem for v in err.value.violations)
 
 
 def test_diffrl_train_algorithm_grpo_runs_the_digits_preset(tmp_path, capsys):

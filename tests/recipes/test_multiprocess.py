@@ -32,13 +32,18 @@ def _launch(trainer, model, logdir, *overrides, timeout=400):
 def test_two_process_ddpo_trains_in_sync_and_saves_without_hanging(tiny_ddpm_path, tmp_path):
     ranks, _ = _launch("ddpo", tiny_ddpm_path, tmp_path / "logs", "num_epochs=2", "sample_num_steps=3",
                        "sample_batch_size=2", "sample_num_batches_per_epoch=1", "train_batch_size=1",
-                       "train_learning_rate=0.01", "train_clip_range=0.2")
+                       "train_learning_rate=0.01", "train_clip_range=0.2", "prompts=fixed",
+                       "prompt_options.prompts=[p0, p1, p2, p3, p4, p5, p6, p7]", "prompt_options.order=cycle")
     assert ranks[0]["num_processes"] == 2
+    # the built-in source, built as diffrl train builds it, gives each process its own share of the stream:
+    # process r scores positions r, r + 2, ... (2 epochs x 2 samples each), so together they cover p0..p7 once
+    assert ranks[0]["scored_prompts"] == ["p0", "p2", "p4", "p6"]
+    assert ranks[1]["scored_prompts"] == ["p1", "p3", "p5", "p7"]
     assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], rel=0, abs=1e-9)  # gradients synchronised
     assert ranks[0]["global_step"] == ranks[1]["global_step"] > 0
     run = tmp_path / "logs" / "mp"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint_0", "checkpoint_1"]
-    assert {"rng_0.pt", "rng_1.pt"} <= {p.name for p in (run / "checkpoints" / "checkpoint_1").iterdir()}
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in (run / "checkpoints" / "checkpoint_1").iterdir()}
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # logged once, by the main process
     assert (tmp_path / "logs" / "final" / "adapter_model.safetensors").is_file()

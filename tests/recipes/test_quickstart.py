@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from PIL import Image
 
@@ -49,3 +50,44 @@ def test_quickstart_switches_to_jpeg_with_one_option(tmp_path, capsys):
                            "run_name=j"]) == 0
     summary = _check_run(tmp_path / "j", capsys)
     assert summary["target_digit"] is None and summary["reward_before"] < 0
+
+
+def test_diffrl_train_without_a_file_but_with_a_model_trains_that_model_not_the_quickstart(tiny_sd_path, tmp_path,
+                                                                                          capsys):
+    from diffrl.cli import main
+
+    assert main(["train", f"model={tiny_sd_path}", "reward=jpeg_compressibility", "prompts=simple_animals",
+                 "num_epochs=1", "sample_num_steps=2", "sample_batch_size=2", "sample_num_batches_per_epoch=1",
+                 "train_batch_size=2", "mixed_precision=no", "run_name=sd", f"logdir={tmp_path / 'logs'}"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "logs" / "sd"
+    assert "digits" not in out and "DDPMPipeline" not in out and f"fine-tuned model: {run / 'final'}" in out
+    assert not (run / "summary.json").exists()  # the quickstart's artefact
+    assert (run / "final" / "pytorch_lora_weights.safetensors").is_file()
+    config = (run / "config.yaml").read_text()
+    assert f"model: {tiny_sd_path}" in config and "sample_guidance_scale: 5.0" in config  # TRL's default, not 1
+
+
+def test_a_reward_with_a_credential_still_gets_its_report_and_summary(tmp_path, capsys, monkeypatch):
+    """The report after training scores with the live config: the run record holds the credential redacted."""
+    from diffrl import rewards
+
+    secret = "tok-only-in-memory"
+
+    def guarded_digit(token: str, digit: int = 3):
+        if token != secret:
+            raise PermissionError(f"HTTP 403 wrong token {token!r}")
+        return rewards.load("digit", digit=digit)
+
+    monkeypatch.setitem(rewards.REWARDS.factories, "guarded_digit", guarded_digit)
+    assert run_quickstart([*REDUCED, f"logdir={tmp_path}", "run_name=q", "reward=guarded_digit",
+                           f"reward_options.token={secret}"]) == 0
+    run = tmp_path / "q"
+    assert (run / "summary.json").is_file() and (run / "report.html").is_file()
+    assert "token: '***'" in (run / "config.yaml").read_text()
+
+    from diffrl.evaluate.inputs import EvaluationError
+    from diffrl.evaluate.runs import compare_run
+
+    with pytest.raises(EvaluationError, match=r"reward_options.token is a credential.*\$\{env:NAME\}"):
+        compare_run(run)  # diffrl report RUN later: the record cannot rebuild it, and says how to

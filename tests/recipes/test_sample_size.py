@@ -105,10 +105,10 @@ def test_grpo_nft_alignprop_and_evaluation_sample_at_the_configured_size(name, t
 
 def test_a_new_size_vae_or_size_conditioning_is_refused_on_resume():
     old = DDPOConfig()
-    new = DDPOConfig(sample_height=512, vae="madebyollin/sdxl-vae-fp16-fix", sdxl_target_size=(512, 512),
-                     gradient_checkpointing=True)
+    new = DDPOConfig(sample_height=512, vae="madebyollin/sdxl-vae-fp16-fix",
+                     model_options={"target_size": [512, 512]}, gradient_checkpointing=True)
     diff = diff_for_resume(old, new)
-    assert {c.field for c in diff.refused} == {"sample_height", "vae", "sdxl_target_size"}
+    assert {c.field for c in diff.refused} == {"sample_height", "vae", "model_options"}
     assert [c.field for c in diff.applied] == ["gradient_checkpointing"]
 
 
@@ -133,10 +133,12 @@ def test_a_sample_size_on_a_ddpm_is_a_one_line_error_of_diffrl_train(tiny_ddpm_p
 
 def test_settings_a_model_cannot_take_are_refused_when_it_is_built(tiny_sd_path, tiny_ddpm_path, tmp_path):
     with pytest.raises(ConfigError) as err:
-        build.build_policy(_config(tmp_path, tiny_sd_path, sdxl_original_size=(32, 32),
-                                   sdxl_crops_coords_top_left=(0, 4)))
-    assert [v.field for v in err.value.violations] == ["sdxl_original_size", "sdxl_crops_coords_top_left"]
-    assert "is SDXL size conditioning, but model=" in err.value.violations[0].problem
+        build.build_policy(_config(tmp_path, tiny_sd_path, model_options={"original_size": [32, 32],
+                                                                          "crops_coords_top_left": [0, 4]}))
+    assert [v.field for v in err.value.violations] == ["model_options.original_size",
+                                                       "model_options.crops_coords_top_left"]
+    assert "is not an option of model=" in err.value.violations[0].problem
+    assert "(it takes none)" in err.value.violations[0].problem
     with pytest.raises(ConfigError) as err:
         build.build_policy(_config(tmp_path, tiny_ddpm_path, vae="some/vae", sample_width=16))
     assert {v.field for v in err.value.violations} == {"vae", "sample_width"}
@@ -149,15 +151,28 @@ def test_diffrl_train_refuses_sdxl_conditioning_on_sd_before_any_weights_load(ti
 
     monkeypatch.setattr(build, "load_policy", no_loading)
     assert main(["train", f"model={tiny_sd_path}", "reward=jpeg_compressibility", "prompts=simple_animals",
-                 "sdxl_target_size=[512, 512]", "mixed_precision=no", f"logdir={tmp_path / 'logs'}"]) == 2
+                 "model_options.target_size=[512, 512]", "mixed_precision=no", f"logdir={tmp_path / 'logs'}"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("diffrl")]
-    assert len(lines) == 1 and lines[0].startswith("diffrl train: error: sdxl_target_size=")
-    assert "is SDXL size conditioning, but model=" in lines[0] and "a Stable Diffusion model" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("diffrl train: error: model_options.target_size=")
+    assert "is not an option of model=" in lines[0] and "a Stable Diffusion model" in lines[0]
+
+
+def test_sdxl_checks_its_own_options_before_any_weights_load(tiny_sdxl_path, tmp_path):
+    config = _config(tmp_path, tiny_sdxl_path, model_options={"orginal_size": [64, 48], "target_size": [0, 24],
+                                                              "crops_coords_top_left": [4, -2]})
+    with pytest.raises(ConfigError) as err:
+        build.check_model_settings(config)
+    by_field = {v.field: v for v in err.value.violations}
+    assert list(by_field) == ["model_options.orginal_size", "model_options.target_size",
+                              "model_options.crops_coords_top_left"]
+    assert by_field["model_options.orginal_size"].fix == "did you mean 'original_size'?"
+    assert "two positive sizes" in by_field["model_options.target_size"].problem
+    assert "offsets >= 0" in by_field["model_options.crops_coords_top_left"].problem
 
 
 def test_sdxl_size_conditioning_reaches_the_unets_add_time_ids(tiny_sdxl_path, tmp_path):
-    config = _config(tmp_path, tiny_sdxl_path, sdxl_original_size=(64, 48), sdxl_target_size=(16, 24),
-                     sdxl_crops_coords_top_left=(4, 2), sample_width=24)
+    config = _config(tmp_path, tiny_sdxl_path, sample_width=24, model_options={
+        "original_size": [64, 48], "target_size": [16, 24], "crops_coords_top_left": [4, 2]})
     policy = build.build_policy(config)
     seen = []
     hook = policy.trainable_module.register_forward_pre_hook(
@@ -172,8 +187,8 @@ def test_sdxl_size_conditioning_reaches_the_unets_add_time_ids(tiny_sdxl_path, t
 
 
 def test_the_vae_field_loads_a_separate_vae_and_checkpoints_rebuild_with_it(tiny_sdxl_path, fp16_safe_vae, tmp_path):
-    config = _config(tmp_path, tiny_sdxl_path, vae=fp16_safe_vae, sdxl_original_size=(40, 40), save_freq=1,
-                     sample_height=24)
+    config = _config(tmp_path, tiny_sdxl_path, vae=fp16_safe_vae, model_options={"original_size": [40, 40]},
+                     save_freq=1, sample_height=24)
     policy = build.build_policy(config)
     vae = policy.pipeline.vae
     assert vae.config.force_upcast is False  # the stand-in for an fp16-safe VAE, not the model's own

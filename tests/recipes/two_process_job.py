@@ -1,6 +1,7 @@
 """Run by ``accelerate launch --num_processes 2`` from test_multiprocess.py: a tiny training run on CPU (gloo).
 
-Each process writes a checksum of its trainable weights, so the test can see that they stayed in sync.
+Each process writes a checksum of its trainable weights, so the test can see that they stayed in sync, and the
+prompts its reward was given (with ``prompts=...`` the source is built as ``diffrl train`` builds it).
 Usage: two_process_job.py TRAINER MODEL_PATH LOGDIR [field=value ...]
 """
 
@@ -10,11 +11,14 @@ from pathlib import Path
 
 import torch
 
-from diffrl import DefaultDDPODDPMPipeline
+from diffrl import DefaultDDPODDPMPipeline, build
 from diffrl.config import load_config, registry
+
+SCORED: list[str] = []
 
 
 def brightness(images, prompts, metadata):
+    SCORED.extend(prompts)
     return images.mean(dim=(1, 2, 3)), {}
 
 
@@ -25,14 +29,15 @@ def main() -> None:
     torch.manual_seed(0)  # the same LoRA init on every process
     pipe = DefaultDDPODDPMPipeline(model)
     Trainer = registry.resolve(registry.spec_of(type(config)).trainer)  # the config's own trainer
-    trainer = Trainer(config, brightness, lambda: ("", {}), pipe)
+    prompt_fn = build.build_prompt_fn(config, conditional=False)
+    trainer = Trainer(config, brightness, prompt_fn, pipe)
     trainer.train()
     trainer.save_pretrained(str(Path(logdir) / "final"))
     weights = [p.detach().double().sum().item() for p in trainer.policy.trainable_parameters()]
     rank = trainer.accelerator.process_index
     Path(logdir, f"weights_{rank}.json").write_text(json.dumps(
         {"rank": rank, "num_processes": trainer.accelerator.num_processes, "weights": weights,
-         "global_step": trainer.global_step}))
+         "global_step": trainer.global_step, "scored_prompts": SCORED}))
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def run_quickstart(overrides: Sequence[str] = ()) -> int:
     image_grid([before.images[:16], after.images[:16]], run_dir / "grid_before_after.png", labels=["base", "tuned"])
     reward_curve(run_dir / "metrics.jsonl", run_dir / "reward_curve.png")
     evaluation = compare_run(run_dir, seeds=range(config.eval_seed, config.eval_seed + 16), device=str(acc.device),
-                             batch_size=16)
+                             batch_size=16, config=config)
     report = write_report(run_dir / "report.html", evaluation=evaluation, runs={run_dir.name: run_dir},
                           title=f"diffrl quickstart: {run_dir.name}")
     summary = {

@@ -59,7 +59,7 @@ def train_from_config(path: str | os.PathLike | None, overrides: Sequence[str] =
     config = load_config(path, overrides)
     trainer = make_trainer(config)
     trainer.train()
-    final = Path(trainer.run_dir) / "final"
+    final = Path(config.final_dir(trainer.run_dir))
     trainer.save_pretrained(str(final))
     if trainer.accelerator.is_main_process:
         write_curves_report(Path(trainer.run_dir))

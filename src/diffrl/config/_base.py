@@ -14,7 +14,7 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NamedTuple, Self, get_args, get_origin, get_type_hints
+from typing import Any, Literal, NamedTuple, Self, get_args, get_origin, get_type_hints
 
 from diffrl.config import overrides as _overrides
 from diffrl.config._types import TypeMismatch, accepts, coerce, suggest, type_name
@@ -22,7 +22,7 @@ from diffrl.config._yaml import YAMLError, dump_yaml, load_yaml, load_yaml_file
 from diffrl.config._errors import ConfigError, Violation
 from diffrl.config.secrets import redact
 
-__all__ = ["ConfigBase", "ConfigError", "FieldInfo", "Violation", "option"]
+__all__ = ["APPLY", "ConfigBase", "ConfigError", "FieldInfo", "Violation", "option", "resume_rule"]
 
 
 class FieldInfo(NamedTuple):
@@ -40,13 +40,26 @@ _EXTRA_FIELDS: set[dataclasses.Field] = set()
 """The diffrl extras among the fields (kept out of the metadata: HfArgumentParser passes every
 metadata key on to argparse, which rejects unknown ones)."""
 
+APPLY = "apply"
+"""The resume rule of a field that may change when a run resumes (the new value applies from then on)."""
+UNKNOWN_RESUME = "diffrl does not know that it can change mid-run"
+_RESUME_RULES: dict[dataclasses.Field, str] = {}
+"""Field -> :data:`APPLY` or the reason it cannot change mid-run (kept out of the metadata, as above)."""
+
+
+_INFINITE_OK: set[dataclasses.Field] = set()
+"""Float fields where ``.inf`` means "no limit"; every other float must be finite."""
+
 
 def option(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None, trl: bool = True,
-           **argparse_kwargs: Any) -> Any:
+           resume: str = UNKNOWN_RESUME, infinite: bool = False, **argparse_kwargs: Any) -> Any:
     """A dataclass field whose ``help`` is its ``--help`` text; ``trl=False`` marks a diffrl extra.
 
-    ``argparse_kwargs`` (``nargs``, ``metavar``, ``action``) go into the metadata, which
-    HfArgumentParser hands to ``argparse.add_argument``.
+    ``resume`` is the field's rule when a run resumes with another value: :data:`APPLY`, or why it
+    is refused (read by :func:`diffrl.config.resume.diff_for_resume`). ``infinite=True``: a float
+    field where ``.inf`` means "no limit" (every other float must be finite). ``argparse_kwargs``
+    (``nargs``, ``metavar``, ``action``) go into the metadata, which HfArgumentParser hands to
+    ``argparse.add_argument``.
     """
     metadata = {"help": help, **argparse_kwargs}
     if factory is not None:
@@ -55,7 +68,16 @@ def option(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None
         made = dataclasses.field(default=default, metadata=metadata)
     if not trl:
         _EXTRA_FIELDS.add(made)
+    _RESUME_RULES[made] = resume
+    if infinite:
+        _INFINITE_OK.add(made)
     return made
+
+
+def resume_rule(config_cls: type, name: str) -> str:
+    """The resume rule of field ``name`` of ``config_cls``: :data:`APPLY` or the reason it is refused."""
+    made = config_cls.__dataclass_fields__[name]
+    return _RESUME_RULES.get(made, UNKNOWN_RESUME)
 
 
 def plain(value: Any) -> Any:
@@ -94,9 +116,6 @@ def wrong_type(name: str, value: Any, expected: str, tp: Any) -> Violation:
 
 class ConfigBase:
     """Methods shared by the config dataclasses (which add the fields)."""
-
-    may_be_infinite: ClassVar[frozenset[str]] = frozenset()
-    """Float fields where ``.inf`` means "no limit"; every other float must be finite."""
 
     # --- hooks for the domain layer --------------------------------------------------------
 
@@ -270,7 +289,7 @@ class ConfigBase:
                 checks.bad.add(name)
             elif isinstance(value, float) and math.isnan(value):
                 checks.add(name, "is NaN", f"set {name} to a number")
-            elif isinstance(value, float) and math.isinf(value) and name not in self.may_be_infinite:
+            elif isinstance(value, float) and math.isinf(value) and self.__dataclass_fields__[name] not in _INFINITE_OK:
                 checks.add(name, "must be finite", f"set {name} to a finite number")
         self._check(checks, num_processes, check_environment)
         if checks.violations:

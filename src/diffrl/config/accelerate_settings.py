@@ -7,13 +7,14 @@ accelerate by the tests.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 __all__ = ["MIXED_PRECISION", "PROJECT_CONFIGURATION_KEYS", "TRACKERS", "TRACKER_PACKAGES", "Precision",
-           "has_accelerator_device", "project_configuration_kwargs", "resolve_mixed_precision"]
+           "has_accelerator_device", "installed", "project_configuration_kwargs", "resolve_mixed_precision"]
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRL_DEFAULT_PRECISION = "fp16"
@@ -40,6 +41,11 @@ class Precision(NamedTuple):
     source: str
     """``config``, ``accelerate`` (``accelerate launch --mixed_precision`` or its config file, through
     ``$ACCELERATE_MIXED_PRECISION``), ``TRL default`` (fp16 on a GPU) or ``no GPU``."""
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported (found without importing it)."""
+    return importlib.util.find_spec(module) is not None
 
 
 def has_accelerator_device() -> bool:

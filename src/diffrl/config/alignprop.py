@@ -6,7 +6,8 @@ import dataclasses
 import math
 from typing import Literal, Optional
 
-from diffrl.config._base import Checks, option
+from diffrl.config._base import APPLY, Checks, option
+from diffrl.config.resume import OBJECTIVE
 from diffrl.config.shared import PairAction, SharedConfig
 
 __all__ = ["AlignPropConfig", "Truncation"]
@@ -36,40 +37,49 @@ class AlignPropConfig(SharedConfig):
     """
 
     # ---- TRL 0.23 AlignProp fields (and the defaults in which it differs from DDPO) ----
-    train_learning_rate: float = option(1e-3, help="Learning rate (the peak rate of a warmup or decay schedule).")
-    negative_prompts: Optional[str] = option(None, help="Comma-separated list of prompts to use as negative "
-                                                        "examples (write \\, for a comma inside a prompt).")
-    log_image_freq: int = option(1, help="Call the image hook every this many optimizer steps.")
-    truncated_backprop_rand: bool = option(True, help="If true, randomized truncation to different diffusion "
-                                                      "timesteps is used (when truncation is null).")
-    truncated_backprop_timestep: int = option(49, help="Step index from which gradients are backpropagated, for "
-                                                       "fixed truncation.")
+    train_learning_rate: float = option(1e-3, resume=APPLY,
+                                        help="Learning rate (the peak rate of a warmup or decay schedule).")
+    negative_prompts: Optional[str] = option(None, resume=APPLY,
+                                             help="Comma-separated list of prompts to use as negative "
+                                                  "examples (write \\, for a comma inside a prompt).")
+    log_image_freq: int = option(1, resume=APPLY, help="Call the image hook every this many optimizer steps.")
+    truncated_backprop_rand: bool = option(True, resume=APPLY,
+                                           help="If true, randomized truncation to different diffusion "
+                                                "timesteps is used (when truncation is null).")
+    truncated_backprop_timestep: int = option(49, resume=APPLY,
+                                              help="Step index from which gradients are backpropagated, for "
+                                                   "fixed truncation.")
     truncated_rand_backprop_minmax: tuple[int, int] = option(
-        (0, 50), help="Range [min, max] of the step index drawn for randomized truncation: "
-                      "--truncated_rand_backprop_minmax 0 10, or truncated_rand_backprop_minmax=[0,10].",
+        (0, 50), resume=APPLY,
+        help="Range [min, max] of the step index drawn for randomized truncation: --truncated_rand_backprop_minmax "
+             "0 10, or truncated_rand_backprop_minmax=[0,10].",
         nargs=2, metavar=("MIN", "MAX"), action=PairAction)
 
     # ---- diffrl extras ----
     truncation: Optional[Truncation] = option(
-        None, trl=False,
+        None, trl=False, resume=OBJECTIVE,
         help="Which steps carry gradients: 'fixed', 'random', 'draft_k', 'draft_lv' or 'refl'. null: TRL's choice "
              "('random' if truncated_backprop_rand else 'fixed').")
-    draft_k: int = option(1, trl=False, help="DRaFT-K: number of final steps that carry gradients.")
-    draft_lv_draws: int = option(2, trl=False, help="DRaFT-LV: noise draws at the last step.")
-    refl_min_step: int = option(40, trl=False, help="ReFL: earliest step index to stop at.")
-    refl_max_step: int = option(49, trl=False, help="ReFL: latest step index to stop at.")
-    reward_coefficient: float = option(1.0, trl=False, help="The loss is -reward_coefficient * reward (TRL "
-                                                            "hard-coded 10 - reward).")
-    gradient_checkpointing: bool = option(True, trl=False, help="Recompute each UNet call in the backward pass "
-                                                                "(memory does not grow with the steps kept).")
+    draft_k: int = option(1, resume=APPLY, trl=False, help="DRaFT-K: number of final steps that carry gradients.")
+    draft_lv_draws: int = option(2, resume=APPLY, trl=False, help="DRaFT-LV: noise draws at the last step.")
+    refl_min_step: int = option(40, resume=APPLY, trl=False, help="ReFL: earliest step index to stop at.")
+    refl_max_step: int = option(49, resume=APPLY, trl=False, help="ReFL: latest step index to stop at.")
+    reward_coefficient: float = option(1.0, trl=False, resume=OBJECTIVE,
+                                       help="The loss is -reward_coefficient * reward (TRL "
+                                            "hard-coded 10 - reward).")
+    gradient_checkpointing: bool = option(True, resume=APPLY, trl=False,
+                                          help="Recompute each UNet call in the backward pass "
+                                               "(memory does not grow with the steps kept).")
     train_micro_batch_chunk: int = option(
-        0, trl=False,
+        0, trl=False, resume=APPLY,
         help="Micro-batches of an optimizer step sampled and backpropagated as one chain when their truncation "
              "plans are equal (the same gradient as one chain each; memory grows with it). 0: automatic (all of "
              "them on the CPU; 1 on an accelerator, where accumulation is there to bound memory). 1: one chain "
              "per micro-batch, as TRL.")
 
-    resume_applied = frozenset({"train_micro_batch_chunk"})
+    def samples_per_epoch(self, num_processes: int = 1) -> int:
+        """Samples drawn (and scored) per epoch over all processes: one optimizer step of micro-batches."""
+        return self.train_batch_size * self.train_gradient_accumulation_steps * num_processes
 
     @property
     def truncation_strategy(self) -> Truncation:

@@ -6,7 +6,9 @@ import dataclasses
 import math
 from typing import Literal
 
-from diffrl.config._base import Checks, option
+from diffrl.config._base import APPLY, Checks, option
+from diffrl.config.resume import OBJECTIVE, SHAPES
+from diffrl.config.sections import PPOSection, TimestepEpochSection
 from diffrl.config.shared import SharedConfig
 
 __all__ = ["DDPOConfig"]
@@ -15,7 +17,7 @@ Algorithm = Literal["ddpo_is", "ddpo_sf", "rwr", "rwr_sparse"]
 
 
 @dataclasses.dataclass
-class DDPOConfig(SharedConfig):
+class DDPOConfig(PPOSection, TimestepEpochSection, SharedConfig):
     """Configuration of ``DDPOTrainer``; every TRL 0.23 ``DDPOConfig`` field with its default.
 
     Batch rules (TRL's ``DDPOTrainer._config_check``, checked by :meth:`validate`):
@@ -27,71 +29,50 @@ class DDPOConfig(SharedConfig):
     process count"; the trainer's code, which we follow, checks the epoch totals.)
     """
 
-    # ---- TRL 0.23 DDPO fields ----
-    sample_batch_size: int = option(1, help="Batch size (per GPU) to use for sampling.")
-    sample_num_batches_per_epoch: int = option(2, help="Number of batches to sample per epoch.")
-    train_num_inner_epochs: int = option(1, help="Number of inner epochs per outer epoch.")
-    train_cfg: bool = option(True, help="Whether to use classifier-free guidance during training.")
-    train_adv_clip_max: float = option(5.0, help="Clip advantages to [-train_adv_clip_max, train_adv_clip_max].")
-    train_clip_range: float = option(1e-4, help="PPO clip range.")
-    train_timestep_fraction: float = option(1.0, help="Fraction of timesteps to train on.")
-    per_prompt_stat_tracking: bool = option(False, help="Whether to track statistics for each prompt separately.")
-    per_prompt_stat_tracking_buffer_size: int = option(16, help="Number of reward values to store in the buffer "
-                                                                "for each prompt.")
-    per_prompt_stat_tracking_min_count: int = option(16, help="Rewards a prompt needs before its own statistics "
-                                                              "replace the batch's.")
-    async_reward_computation: bool = option(False, help="Score one sample batch while the next is sampled.")
-    max_workers: int = option(2, help="Maximum number of workers to use for async reward computation.")
+    # ---- TRL 0.23 DDPO fields (the rest are the sections') ----
+    per_prompt_stat_tracking: bool = option(False, resume=OBJECTIVE,
+                                            help="Whether to track statistics for each prompt separately.")
+    per_prompt_stat_tracking_buffer_size: int = option(16, resume=SHAPES,
+                                                       help="Number of reward values to store in the buffer for "
+                                                            "each prompt.")
+    per_prompt_stat_tracking_min_count: int = option(16, resume=OBJECTIVE,
+                                                     help="Rewards a prompt needs before its own statistics replace "
+                                                          "the batch's.")
+    async_reward_computation: bool = option(False, resume=APPLY,
+                                            help="Score one sample batch while the next is sampled.")
+    max_workers: int = option(2, resume=APPLY, help="Maximum number of workers to use for async reward computation.")
 
     # ---- diffrl extras ----
     algorithm: Algorithm = option(
-        "ddpo_is", trl=False,
+        "ddpo_is", trl=False, resume=OBJECTIVE,
         help="'ddpo_is' (PPO-clipped importance sampling, TRL's), 'ddpo_sf' (REINFORCE, one update per batch), "
              "'rwr' (reward-weighted regression) or 'rwr_sparse' (RWR on the best samples only).")
-    rwr_temperature: float = option(1.0, trl=False, help="RWR weights are softmax(reward / rwr_temperature).")
-    rwr_sparse_percentile: float = option(90.0, trl=False, help="RWR-sparse trains only on samples whose reward is "
-                                                                "above this percentile of the epoch (0-100).")
+    rwr_temperature: float = option(1.0, trl=False, resume=APPLY,
+                                    help="RWR weights are softmax(reward / rwr_temperature).")
+    rwr_sparse_percentile: float = option(90.0, trl=False, resume=APPLY,
+                                          help="RWR-sparse trains only on samples whose reward is "
+                                               "above this percentile of the epoch (0-100).")
     train_timestep_chunk: int = option(
-        0, trl=False,
+        0, trl=False, resume=APPLY,
         help="Timesteps of a training micro-batch that run in one UNet call (the same loss and gradient as one call "
              "per timestep; memory grows with it). 0: automatic (the first call runs one timestep and measures its "
              "activations, the rest as many as fit half the free memory). 1: one call per timestep, as TRL.")
     sample_batch_chunk: int = option(
-        0, trl=False,
+        0, trl=False, resume=APPLY,
         help="Sample batches of an epoch drawn as one chain (the same samples: each draws its noise from its own "
              "seeded generator; rewards are still computed per batch; memory grows with it). 0: automatic (all of "
              "them on the CPU without async_reward_computation, else 1). 1: one chain per batch, as TRL.")
-    compile_model: bool = option(False, trl=False, help="torch.compile the trained network for sampling and training (the first "
-                                                       "calls of each batch shape compile; pays off on long runs).")
-
-    may_be_infinite = frozenset({"train_max_grad_norm", "train_adv_clip_max"})
-    resume_applied = frozenset({"train_timestep_chunk", "sample_batch_chunk", "compile_model"})
-
-    @property
-    def num_train_timesteps(self) -> int:
-        """Timesteps of each trajectory trained on: ``int(sample_num_steps * train_timestep_fraction)`` as TRL."""
-        return int(self.sample_num_steps * self.train_timestep_fraction)
-
-    def samples_per_epoch(self, num_processes: int = 1) -> int:
-        """Samples drawn per epoch over all processes."""
-        return self.sample_batch_size * num_processes * self.sample_num_batches_per_epoch
+    compile_model: bool = option(False, trl=False, resume=APPLY,
+                                 help="torch.compile the trained network for sampling and training (the first calls "
+                                      "of each batch shape compile; pays off on long runs).")
 
     def _check(self, c: Checks, num_processes: int, check_environment: bool) -> None:
         super()._check(c, num_processes, check_environment)
-        for name in ("sample_batch_size", "sample_num_batches_per_epoch", "train_num_inner_epochs",
-                     "per_prompt_stat_tracking_buffer_size", "per_prompt_stat_tracking_min_count", "max_workers"):
+        for name in ("per_prompt_stat_tracking_buffer_size", "per_prompt_stat_tracking_min_count", "max_workers"):
             c.at_least(name, 1)
         c.at_least("train_timestep_chunk", 0)
         c.at_least("sample_batch_chunk", 0)
         self._check_batches(c, num_processes)
-        c.positive("train_adv_clip_max")
-        c.positive("train_clip_range", "set train_clip_range > 0 (the paper uses 1e-4)")
-        c.between("train_timestep_fraction", 0.0, 1.0, low_open=True)
-        if c.ok("sample_num_steps", "train_timestep_fraction") and self.num_train_timesteps < 1 \
-                and self.sample_num_steps >= 1 and self.train_timestep_fraction > 0:
-            c.add("train_timestep_fraction",
-                  f"leaves int({self.sample_num_steps} * {self.train_timestep_fraction}) = 0 timesteps to train on",
-                  f"set train_timestep_fraction >= {1 / self.sample_num_steps:.4g}")
         buffer, min_count = "per_prompt_stat_tracking_buffer_size", "per_prompt_stat_tracking_min_count"
         if self.per_prompt_stat_tracking is True and c.ok(buffer, min_count) \
                 and self.per_prompt_stat_tracking_min_count > self.per_prompt_stat_tracking_buffer_size:

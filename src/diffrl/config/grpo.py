@@ -1,4 +1,4 @@
-"""GRPOConfig: DDPO's fields plus groups, the reference KL and the stochastic-step window (GRPO for diffusion)."""
+"""GRPOConfig: PPO updates on groups, with the reference KL and the stochastic-step window (GRPO for diffusion)."""
 
 from __future__ import annotations
 
@@ -6,69 +6,79 @@ import dataclasses
 from typing import Literal
 
 from diffrl.config._base import Checks, option
-from diffrl.config.ddpo import DDPOConfig
+from diffrl.config.resume import MODEL, OBJECTIVE, SHAPES
+from diffrl.config.sections import BatchSection, GroupSection, PPOSection
+from diffrl.config.shared import SharedConfig
 
 __all__ = ["GRPOConfig"]
 
 WindowScheduleName = Literal["fixed", "sliding", "random"]
-AdvantageStd = Literal["group", "global"]
+_ONE_CALL = "its loop makes one model call per micro-batch and step; DDPO's fused calls are not wired into it"
 
 
 @dataclasses.dataclass
-class GRPOConfig(DDPOConfig):
+class GRPOConfig(GroupSection, PPOSection, BatchSection, SharedConfig):
     """Configuration of ``GRPOTrainer`` (Flow-GRPO, DanceGRPO, MixGRPO carried to epsilon/v-prediction UNets).
 
     An epoch samples ``group_size`` images for each of ``prompts_per_epoch`` prompts, over all processes
     together: ``prompts_per_epoch * group_size`` samples, split evenly over the processes and sampled
-    ``sample_batch_size`` at a time (``sample_num_batches_per_epoch`` is derived, not read). A group may
+    ``sample_batch_size`` at a time. A group may
     straddle two processes: the rewards are gathered and every group is normalised on all of its samples.
 
     Only the steps of the SDE window (``sde_window_size`` consecutive steps; 0: all steps) are stochastic and
     trained; the others are deterministic DDIM steps (``eta = 0``) that store nothing.
     """
 
-    algorithm: Literal["grpo"] = option("grpo", trl=False, help="'grpo': group-relative advantages, PPO clipping "
-                                                                "and a KL to the reference model.")
-    group_size: int = option(8, trl=False, help="Images sampled per prompt (one group); each image's advantage is "
-                                                "its reward against its group's mean and std. At least 2.")
-    prompts_per_epoch: int = option(16, trl=False,
+    algorithm: Literal["grpo"] = option("grpo", trl=False, resume=OBJECTIVE,
+                                        help="'grpo': group-relative advantages, PPO clipping and a KL to the "
+                                             "reference model.")
+    prompts_per_epoch: int = option(16, trl=False, resume=SHAPES,
                                     help="Prompts (groups) per epoch over all processes: an epoch is "
                                          "prompts_per_epoch x group_size samples. Unconditional models have one "
                                          "prompt (''): with 1 the group is the whole batch (DDPO's batch "
                                          "statistics); more groups only make sense with group_shared_noise.")
-    group_shared_noise: bool = option(False, trl=False,
+    group_shared_noise: bool = option(False, trl=False, resume=OBJECTIVE,
                                       help="One initial noise x_T per group (DanceGRPO): the images of a group "
                                            "differ only by the noise of the stochastic steps.")
-    adv_std: AdvantageStd = option("group", trl=False,
-                                   help="Divide the centred rewards by each group's std ('group', GRPO) or by the "
-                                        "std of the whole epoch ('global', Flow-GRPO's global_std).")
-    adv_eps: float = option(1e-4, trl=False, help="Added to the std of the advantage (Flow-GRPO 1e-4, DanceGRPO "
-                                                  "1e-8).")
-    multi_reward: bool = option(False, trl=False,
+    adv_eps: float = option(1e-4, trl=False, resume=OBJECTIVE,
+                            help="Added to the std of the advantage (Flow-GRPO 1e-4, DanceGRPO "
+                                 "1e-8).")
+    multi_reward: bool = option(False, trl=False, resume=OBJECTIVE,
                                 help="With a combined reward (reward=combined), normalise each component in its "
                                      "group and sum the advantages with the components' weights (MixGRPO) instead "
                                      "of normalising the weighted sum.")
-    kl_coef: float = option(0.0, trl=False,
+    kl_coef: float = option(0.0, trl=False, resume=OBJECTIVE,
                             help="Weight of the KL to the reference (pre-fine-tuning) model per trained step: "
                                  "||mu_theta - mu_ref||^2 / (2 sigma_t^2), mean over pixels; logged as "
                                  "stats/kl_ref (Flow-GRPO 0.04; 0 turns it off and saves a forward pass).")
-    reference_on_cpu: bool = option(False, trl=False,
+    reference_on_cpu: bool = option(False, trl=False, resume=MODEL,
                                     help="Full fine-tuning with kl_coef > 0: keep the frozen reference weights on "
                                          "the CPU (saves accelerator memory, costs a copy per reference call). "
                                          "LoRA needs no copy (the reference is the UNet with adapters off).")
-    sde_window_size: int = option(0, trl=False,
+    sde_window_size: int = option(0, trl=False, resume=SHAPES,
                                   help="Steps in the stochastic window: only they are sampled with eta > 0 and "
                                        "trained; the rest are deterministic (eta = 0). 0: every step "
                                        "(MixGRPO, Flow-GRPO-Fast use 1-4).")
     sde_window_schedule: WindowScheduleName = option(
-        "fixed", trl=False,
+        "fixed", trl=False, resume=OBJECTIVE,
         help="Where the window sits each epoch: 'fixed' (at sde_window_start), 'sliding' (one step later every "
              "sde_window_shift_every epochs, wrapping to 0) or 'random' (a uniform start per epoch).")
-    sde_window_start: int = option(0, trl=False, help="First step of the window (0 = the noisiest step) for the "
-                                                      "fixed schedule, and the sliding schedule's start.")
-    sde_window_shift_every: int = option(1, trl=False, help="Epochs between two moves of the sliding window.")
-    eval_num_steps: int = option(0, trl=False, help="Sampler steps of periodic evaluation (0: sample_num_steps); "
-                                                    "train with few steps, evaluate with many.")
+    sde_window_start: int = option(0, trl=False, resume=OBJECTIVE,
+                                   help="First step of the window (0 = the noisiest step) for the "
+                                        "fixed schedule, and the sliding schedule's start.")
+    sde_window_shift_every: int = option(1, trl=False, resume=OBJECTIVE,
+                                         help="Epochs between two moves of the sliding window.")
+
+    not_here = {
+        "per_prompt_stat_tracking": "in GRPO the group statistics replace per-prompt tracking",
+        "per_prompt_stat_tracking_buffer_size": "in GRPO the group statistics replace per-prompt tracking",
+        "per_prompt_stat_tracking_min_count": "in GRPO the group statistics replace per-prompt tracking",
+        "async_reward_computation": "GRPO scores each batch once, after sampling",
+        "max_workers": "GRPO scores each batch once, after sampling",
+        "train_timestep_fraction": "GRPO trains the steps of its window (set sde_window_size)",
+        "sample_num_batches_per_epoch": "a GRPO epoch is prompts_per_epoch x group_size samples",
+        "train_timestep_chunk": _ONE_CALL, "sample_batch_chunk": _ONE_CALL, "compile_model": _ONE_CALL,
+    }
 
     @property
     def num_train_timesteps(self) -> int:
@@ -85,14 +95,12 @@ class GRPOConfig(DDPOConfig):
 
     def _check(self, c: Checks, num_processes: int, check_environment: bool) -> None:
         super()._check(c, num_processes, check_environment)
-        c.one_of("algorithm", ("grpo",))
+        self._check_batches(c, num_processes)
         c.at_least("group_size", 2, "set group_size >= 2: a group of one image has no spread to compare against "
                                     "(DanceGRPO uses 16)")
         c.at_least("prompts_per_epoch", 1)
-        c.one_of("adv_std", ("group", "global"))
         c.at_least("adv_eps", 0.0)
         c.at_least("kl_coef", 0.0, "set kl_coef >= 0 (0 turns the reference KL off)")
-        c.at_least("eval_num_steps", 0)
         if c.ok("sample_eta") and self.sample_eta == 0:
             c.add("sample_eta", "GRPO trains the log-probability of the stochastic steps, and with eta=0 no step is "
                                 "stochastic", "set sample_eta > 0 (1.0, as DanceGRPO); use sde_window_size to keep "
@@ -100,18 +108,6 @@ class GRPOConfig(DDPOConfig):
         c.unchanged_unless(not self.train_lora, "reference_on_cpu", "with train_lora=true (the LoRA reference "
                                                                     "needs no copy)")
         c.unchanged_unless(self.kl_coef != 0, "reference_on_cpu", "with kl_coef=0 (no reference is used)")
-        for name in ("per_prompt_stat_tracking", "per_prompt_stat_tracking_buffer_size",
-                     "per_prompt_stat_tracking_min_count"):
-            c.unchanged_unless(False, name, "in GRPO (the group statistics replace per-prompt tracking)")
-        for name in ("async_reward_computation", "max_workers"):
-            c.unchanged_unless(False, name, "in GRPO (rewards are scored once per batch)")
-        c.unchanged_unless(False, "train_timestep_fraction", "in GRPO (the trained steps are the window's: set "
-                                                              "sde_window_size)")
-        c.unchanged_unless(False, "sample_num_batches_per_epoch", "in GRPO (an epoch is prompts_per_epoch x "
-                                                                  "group_size samples)")
-        for name in ("train_timestep_chunk", "sample_batch_chunk", "compile_model"):
-            c.unchanged_unless(False, name, "in GRPO (its loop makes one model call per micro-batch and step; "
-                                            "these DDPO speed settings are not wired into it)")
         if c.ok("train_cfg", "sample_guidance_scale") and not self.train_cfg and self.sample_guidance_scale > 1:
             c.add("train_cfg", f"trains the unguided policy but samples are drawn with sample_guidance_scale="
                                f"{self.sample_guidance_scale}, so the importance ratio is not 1 on-policy",
@@ -125,7 +121,6 @@ class GRPOConfig(DDPOConfig):
             c.add("sde_window_size", f"must be in [0, sample_num_steps={steps}]: the window is a run of sampling "
                                      "steps", f"set sde_window_size <= {steps} (0: every step stochastic)")
             return
-        c.one_of("sde_window_schedule", ("fixed", "sliding", "random"))
         why = "without a window (sde_window_size=0)"
         for name in ("sde_window_schedule", "sde_window_start", "sde_window_shift_every"):
             c.unchanged_unless(windowed, name, why)

@@ -11,7 +11,7 @@ from diffrl.config import registry
 from diffrl.config._errors import ConfigError, Violation
 from diffrl.config._yaml import YAMLError, load_yaml_file
 from diffrl.config.overrides import parse_value
-from diffrl.config.shared import RENAMED, SharedConfig
+from diffrl.config.shared import SharedConfig, read_record
 
 __all__ = ["load_config", "read_config_file", "trainer_from_overrides"]
 
@@ -64,18 +64,19 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
     :data:`diffrl.config.registry.TRAINERS`), among the overrides first, then in the file;
     with neither it is the default trainer's (DDPO). Unknown fields and wrong types raise one
     :class:`ConfigError` naming every bad key. ``recorded=True`` reads a run's own
-    ``config.yaml`` written by an older diffrl (renamed fields are taken under their new
-    names); a user's file with an old name is an error that names the new one. The result
+    ``config.yaml`` written by an older diffrl (:func:`~diffrl.config.shared.read_record`:
+    renamed fields are taken under their new names); a user's file with an old name is an error that names the new one. The result
     is not validated: call ``config.validate(num_processes)`` once the process count is known.
     """
     where = str(path) if path is not None else "overrides"
     data = read_config_file(path) if path is not None else {}
-    if recorded:
-        data = {RENAMED.get(k, k): v for k, v in data.items()}
     from_file = _chosen(data, where)
     from_overrides = trainer_from_overrides(overrides)
     spec = from_overrides or from_file or registry.get(registry.DEFAULT_TRAINER)
     if from_overrides and from_file and from_overrides is not from_file:
         data = {k: v for k, v in data.items() if k != registry.TRAINER_KEY}  # the command line wins
-    config = registry.config_class(spec.name).from_dict(data, source=where)
+    config_cls = registry.config_class(spec.name)
+    if recorded:
+        data = read_record(data, config_cls)
+    config = config_cls.from_dict(data, source=where)
     return config.with_overrides(overrides) if overrides else config

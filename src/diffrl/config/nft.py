@@ -10,18 +10,19 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from diffrl.config._base import Checks, option
+from diffrl.config._base import APPLY, Checks, option
+from diffrl.config.resume import MODEL, OBJECTIVE, SHAPES
+from diffrl.config.sections import GroupSection, TimestepEpochSection
 from diffrl.config.shared import SharedConfig
 
 __all__ = ["NFTConfig", "NFTSampler"]
 
 NFTSampler = Literal["ddim", "dpmsolver++", "ddpm"]
 EMAScheduleName = Literal["none", "linear", "warm_start"]
-AdvantageStd = Literal["group", "global"]
 
 
 @dataclasses.dataclass
-class NFTConfig(SharedConfig):
+class NFTConfig(GroupSection, TimestepEpochSection, SharedConfig):
     """Configuration of ``NFTTrainer``.
 
     One epoch: ``sample_num_batches_per_epoch`` batches of ``sample_batch_size`` samples per process,
@@ -34,56 +35,50 @@ class NFTConfig(SharedConfig):
     """
 
     # ---- shared fields whose NFT default differs (the paper samples deterministically, without CFG) ----
-    sample_eta: float = option(0.0, trl=False, help="DDIM eta of nft_sampler=ddim (0: deterministic DDIM, as "
-                                                    "the paper; NFT needs no log-probabilities).")
-    sample_guidance_scale: float = option(1.0, trl=False, help="Classifier-free guidance of the sampler (the "
-                                                               "paper samples and trains without CFG: 1).")
-    train_learning_rate: float = option(3e-4, trl=False, help="Learning rate (the paper's 3e-4 for LoRA).")
+    sample_eta: float = option(0.0, trl=False, resume=APPLY,
+                               help="DDIM eta of nft_sampler=ddim (0: deterministic DDIM, as the paper; NFT needs no "
+                                    "log-probabilities).")
+    sample_guidance_scale: float = option(1.0, trl=False, resume=APPLY,
+                                          help="Classifier-free guidance of the sampler (the paper samples and trains "
+                                               "without CFG: 1).")
+    train_learning_rate: float = option(3e-4, trl=False, resume=APPLY,
+                                        help="Learning rate (the paper's 3e-4 for LoRA).")
 
     # ---- batches ----
-    sample_batch_size: int = option(8, trl=False, help="Samples per batch per process (a multiple of group_size "
-                                                       "for text models).")
-    sample_num_batches_per_epoch: int = option(2, trl=False, help="Batches sampled per epoch per process.")
-    group_size: int = option(4, trl=False, help="Text models: images per prompt, normalised against each other "
-                                                "(GRPO's group). Unconditional models: all samples of an epoch "
-                                                "are one group and this is not read.")
-    train_num_inner_epochs: int = option(1, trl=False, help="Passes over an epoch's samples.")
-    train_timestep_fraction: float = option(1.0, trl=False, help="Fraction of the sampling schedule's timesteps "
-                                                                 "each sample is trained at (drawn uniformly "
-                                                                 "without replacement).")
-    train_adv_clip_max: float = option(5.0, trl=False, help="A_max: advantages are clipped to [-A_max, A_max] "
-                                                            "and mapped to r = A / A_max / 2 + 0.5.")
-    nft_advantage_std: AdvantageStd = option("group", trl=False, help="Divide advantages by each group's reward "
-                                                                      "std ('group') or by the whole epoch's "
-                                                                      "('global').")
+    sample_batch_size: int = option(8, trl=False, resume=SHAPES,
+                                    help="Samples per batch per process (a multiple of group_size for text models).")
+    sample_num_batches_per_epoch: int = option(2, trl=False, resume=SHAPES,
+                                               help="Batches sampled per epoch per process.")
+    group_size: int = option(4, trl=False, resume=SHAPES,
+                             help="Text models: images per prompt, normalised against each other (GRPO's group). "
+                                  "Unconditional models: all samples of an epoch are one group and this is not read.")
+    train_num_inner_epochs: int = option(1, trl=False, resume=APPLY, help="Passes over an epoch's samples.")
+    train_timestep_fraction: float = option(1.0, trl=False, resume=SHAPES,
+                                            help="Fraction of the sampling schedule's timesteps each sample is trained "
+                                                 "at (drawn uniformly without replacement).")
+    train_adv_clip_max: float = option(5.0, trl=False, resume=APPLY,
+                                       help="A_max: advantages are clipped to [-A_max, A_max] and mapped to r = A / "
+                                            "A_max / 2 + 0.5.")
 
     # ---- the method ----
-    nft_sampler: NFTSampler = option("ddim", trl=False,
+    nft_sampler: NFTSampler = option("ddim", trl=False, resume=OBJECTIVE,
                                      help="Sampler of the training data: 'ddim' (with sample_eta; 0 is "
                                           "deterministic), 'dpmsolver++' (diffusers' multistep DPM-Solver++, "
                                           "deterministic) or 'ddpm' (ancestral).")
-    nft_dpm_solver_order: int = option(2, trl=False, help="Order of DPM-Solver++ (1, 2 or 3).")
-    nft_beta: float = option(1.0, trl=False, help="beta of the implicit policies x0_pm (the paper: 1; 0.1 for OCR).")
-    nft_kl_coef: float = option(0.0, trl=False, help="Weight of ||eps_theta - eps_ref||^2 to the reference model "
-                                                     "(NVlabs: 1e-4 on some tasks; 0 skips the reference pass).")
+    nft_dpm_solver_order: int = option(2, trl=False, resume=OBJECTIVE, help="Order of DPM-Solver++ (1, 2 or 3).")
+    nft_beta: float = option(1.0, trl=False, resume=OBJECTIVE,
+                             help="beta of the implicit policies x0_pm (the paper: 1; 0.1 for OCR).")
+    nft_kl_coef: float = option(0.0, trl=False, resume=OBJECTIVE,
+                                help="Weight of ||eps_theta - eps_ref||^2 to the reference model "
+                                     "(NVlabs: 1e-4 on some tasks; 0 skips the reference pass).")
     nft_ema_schedule: EMAScheduleName = option(
-        "linear", trl=False,
+        "linear", trl=False, resume=OBJECTIVE,
         help="Decay of the old policy's EMA by optimizer step: 'none' (old = current after every epoch), "
              "'linear' (min(0.001 step, 0.5), NVlabs' default) or 'warm_start' (0 for 75 steps, then "
              "min(0.0075 (step - 75), 0.999)).")
-    nft_old_policy_on_cpu: bool = option(False, trl=False, help="Full fine-tuning: keep the old policy's copy "
-                                                                "(and the reference's) in CPU memory.")
-
-    may_be_infinite = frozenset({"train_max_grad_norm"})
-
-    @property
-    def num_train_timesteps(self) -> int:
-        """Timesteps each sample is trained at per inner epoch: ``int(sample_num_steps * train_timestep_fraction)``."""
-        return int(self.sample_num_steps * self.train_timestep_fraction)
-
-    def samples_per_epoch(self, num_processes: int = 1) -> int:
-        """Samples drawn per epoch over all processes."""
-        return self.sample_batch_size * num_processes * self.sample_num_batches_per_epoch
+    nft_old_policy_on_cpu: bool = option(False, trl=False, resume=MODEL,
+                                         help="Full fine-tuning: keep the old policy's copy "
+                                              "(and the reference's) in CPU memory.")
 
     def minibatches_per_epoch(self) -> int:
         """Training minibatches per inner epoch per process."""
@@ -91,15 +86,10 @@ class NFTConfig(SharedConfig):
 
     def _check(self, c: Checks, num_processes: int, check_environment: bool) -> None:
         super()._check(c, num_processes, check_environment)
-        for name in ("sample_batch_size", "sample_num_batches_per_epoch", "train_num_inner_epochs", "group_size"):
-            c.at_least(name, 1)
+        c.at_least("group_size", 1)
         c.positive("nft_beta", "set nft_beta > 0 (the paper uses 1.0)")
         c.at_least("nft_kl_coef", 0.0)
         c.positive("train_adv_clip_max")
-        c.between("train_timestep_fraction", 0.0, 1.0, low_open=True)
-        c.one_of("nft_sampler", ("ddim", "dpmsolver++", "ddpm"))
-        c.one_of("nft_ema_schedule", ("none", "linear", "warm_start"))
-        c.one_of("nft_advantage_std", ("group", "global"))
         c.unchanged_unless(self.nft_sampler == "dpmsolver++", "nft_dpm_solver_order",
                            f"with nft_sampler={self.nft_sampler!r}")
         if self.nft_sampler == "dpmsolver++":
@@ -110,11 +100,6 @@ class NFTConfig(SharedConfig):
         if c.ok("nft_old_policy_on_cpu") and self.nft_old_policy_on_cpu is True and self.train_lora is True:
             c.add("nft_old_policy_on_cpu", "applies to full fine-tuning; with LoRA the old policy is a second set "
                   "of adapters (small) and stays on the accelerator", "remove it, or set train_lora=false")
-        if c.ok("sample_num_steps", "train_timestep_fraction") and self.sample_num_steps >= 1 \
-                and 0 < self.train_timestep_fraction <= 1 and self.num_train_timesteps < 1:
-            c.add("train_timestep_fraction",
-                  f"leaves int({self.sample_num_steps} * {self.train_timestep_fraction}) = 0 timesteps to train on",
-                  f"set train_timestep_fraction >= {1 / self.sample_num_steps:.4g}")
         self._check_batches(c)
 
     def _check_batches(self, c: Checks) -> None:

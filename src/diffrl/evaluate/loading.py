@@ -119,7 +119,7 @@ def _load_checkpoint(source: str, run: Path, base: str | None, base_revision: st
     """A training checkpoint: the run's base model (or ``base``, when the recorded one has moved) with the run's
     LoRA settings, VAE and SDXL size conditioning (:func:`diffrl.build.build_policy`), then the checkpoint's
     trainable weights. ``info`` records the run's ``sample_height``/``sample_width``."""
-    config = load_config(run / "config.yaml")
+    config = load_config(run / "config.yaml", recorded=True)
     recorded = build.base_model(config)
     base_model = base or recorded
     if base and not _same_model(base, recorded):

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from diffrl import build
-from diffrl.config import load_config
+from diffrl.config import SharedConfig, load_config
+from diffrl.config.secrets import REDACTED
 from diffrl.evaluate.compare import Evaluation, ModelSource, evaluate_models
 from diffrl.evaluate.inputs import TRAIN, EvaluationError, PromptItem, draw_prompts
 from diffrl.evaluate.loading import load_model
@@ -23,11 +24,12 @@ def compare_run(run_dir: str | os.PathLike, *, model: str | os.PathLike | None =
                 seeds: Sequence[int] = (0, 1, 2, 3), num_inference_steps: int | None = None,
                 guidance_scale: float | None = None, eta: float | None = None, batch_size: int = 8,
                 device: str = "cpu", mixed_precision: str = "no",
-                log: Callable[[str], None] | None = None) -> Evaluation:
+                log: Callable[[str], None] | None = None, config: SharedConfig | None = None) -> Evaluation:
     """Sample the run's base model (``model:`` of its ``config.yaml``; the digits DDPM when unset) and its
     fine-tuned ``model`` (default ``run_dir/final``) from the same noise, on ``num_prompts`` prompts of the run's
     prompt source, and score them with the run's reward. Steps, guidance and eta default to the run's
-    ``sample_*`` settings."""
+    ``sample_*`` settings. ``config`` is the run's live config (with its credentials, which the recorded
+    ``config.yaml`` never holds); without it the record is read, and a credential the reward needs is an error."""
     run = Path(run_dir)
     tuned = Path(model) if model is not None else run / "final"
     if not tuned.exists():
@@ -35,7 +37,13 @@ def compare_run(run_dir: str | os.PathLike, *, model: str | os.PathLike | None =
                               "or --no-samples for curves and metrics only")
     if not (run / "config.yaml").is_file():
         raise EvaluationError(f"'{run}' has no config.yaml to read the base model and reward from; use --no-samples")
-    config = load_config(run / "config.yaml")
+    config = config if config is not None else load_config(run / "config.yaml", recorded=True)
+    for name in ("reward_options", "prompt_options"):
+        for key, value in getattr(config, name).items():
+            if value == REDACTED:
+                raise EvaluationError(
+                    f"the run's {name}.{key} is a credential, which run records never hold; train with "
+                    f"{name}.{key}='${{env:NAME}}' (read from the environment again here), or use --no-samples")
     base = build.base_model(config)
     reward_name = config.reward or "digit"
     if config.prompts:

@@ -18,15 +18,15 @@ from torch.utils.checkpoint import checkpoint
 
 from diffrl.algorithms.truncation import GradientPlan
 from diffrl.config import SharedConfig, Violation
-from diffrl.config.shared import SDXL_SIZE_FIELDS, SIZE_FIELDS
+from diffrl.config._types import suggest
+from diffrl.config.sections import SIZE_FIELDS
 from diffrl.pipelines import precision
 from diffrl.pipelines.chain import run_chain
 from diffrl.pipelines.loading import load_pipeline
 from diffrl.pipelines.lora import LoraSettings, add_lora
 from diffrl.pipelines.saved import plan_load, write_model_info
-from diffrl.pipelines.schedule import DenoisingSchedule
 from diffrl.pipelines.types import SampleResult, Trajectory
-from diffrl.samplers import StepOutput
+from diffrl.samplers import DenoisingSchedule, StepOutput
 
 Params = Mapping[str, torch.Tensor]
 
@@ -58,8 +58,9 @@ class TrainableUNetPolicy:
     """The ``_class_name`` values of ``model_index.json`` that this family loads (:mod:`diffrl.pipelines.auto`)."""
     fixed_size: ClassVar[bool] = False
     """Whether the image size is fixed by the network (pixel DDPMs: no sample sizes, no VAE)."""
-    size_conditioning: ClassVar[bool] = False
-    """Whether the family takes micro-conditioning on image sizes (the ``sdxl_*`` settings)."""
+    model_options: ClassVar[Mapping[str, str]] = {}
+    """The family's own settings (``model_options.NAME`` of the config) -> what each sets; the family checks them
+    (:meth:`option_violations`) and applies them (:meth:`configure`)."""
 
     pipeline: Any
     _unet: torch.nn.Module  # kept for callers of the old private name; use trainable_module
@@ -141,8 +142,8 @@ class TrainableUNetPolicy:
     @classmethod
     def setting_violations(cls, config: SharedConfig, what: str) -> list[Violation]:
         """The settings of ``config`` this family cannot honour, known before any weights load (``what`` names the
-        model in the messages): sample sizes or a VAE where the size is fixed, size conditioning where the family
-        has none."""
+        model in the messages): sample sizes or a VAE where the size is fixed, and ``model_options`` the family
+        does not have or cannot take."""
         violations = []
         if cls.fixed_size:
             for name in SIZE_FIELDS:
@@ -152,13 +153,20 @@ class TrainableUNetPolicy:
             if config.vae is not None:
                 violations.append(Violation("vae", config.vae, f"cannot be set: {what}, which has no VAE",
                                             "remove vae (null)"))
-        if not cls.size_conditioning:
-            for name in SDXL_SIZE_FIELDS:
-                value = getattr(config, name)
-                if value != type(config)._default(name):
-                    violations.append(Violation(name, value, f"is SDXL size conditioning, but {what}",
-                                                f"remove {name}, or use an SDXL model"))
+        for name, value in config.model_options.items():
+            if name not in cls.model_options:
+                close = suggest(str(name), cls.model_options)
+                takes = f"its options: {', '.join(cls.model_options)}" if cls.model_options else "it takes none"
+                violations.append(Violation(f"model_options.{name}", value, f"is not an option of {what} ({takes})",
+                                            f"did you mean {close!r}?" if close else "remove it"))
+        known = {k: v for k, v in config.model_options.items() if k in cls.model_options}
+        violations.extend(cls.option_violations(known))
         return violations
+
+    @classmethod
+    def option_violations(cls, options: Mapping[str, Any]) -> list[Violation]:
+        """The values among ``options`` (the family's own, by name) that it cannot take; none here."""
+        return []
 
     def loaded_violations(self, config: SharedConfig) -> list[Violation]:
         """Settings refused once the weights are loaded (e.g. a sample size the VAE cannot produce); none here."""

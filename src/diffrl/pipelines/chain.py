@@ -51,7 +51,7 @@ def run_chain(
     flags = [False] * n_steps if grad_steps is None else [bool(f) for f in grad_steps[:n_steps]]
     if len(flags) < n_steps:
         raise ValueError(f"grad_steps has {len(grad_steps or [])} flags for {n_steps} steps.")
-    compute_log_prob = schedule.sampler == "ddpm" or eta > 0
+    compute_log_prob = schedule.is_stochastic(eta)
     stochastic = [compute_log_prob] * n_steps if sde_steps is None else [bool(f) for f in sde_steps[:n_steps]]
     if len(stochastic) < n_steps:
         raise ValueError(f"sde_steps has {len(sde_steps or [])} flags for {n_steps} steps; give one per step.")

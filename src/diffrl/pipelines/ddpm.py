@@ -15,7 +15,7 @@ from diffrl.pipelines import precision
 from diffrl.pipelines.base import TrainableUNetPolicy
 from diffrl.pipelines.chain import chain_options
 from diffrl.pipelines.lora import load_lora_state_dict, lora_state_dict, merged_unet
-from diffrl.pipelines.schedule import DenoisingSchedule, SamplerName
+from diffrl.samplers import DenoisingSchedule, SamplerName
 from diffrl.pipelines.types import SampleResult, TextConditioning
 
 # PEFT's on-disk names, so ``peft.PeftModel.from_pretrained(unet, folder)`` loads what diffrl saves.

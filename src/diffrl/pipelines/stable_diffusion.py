@@ -178,14 +178,18 @@ class StableDiffusionPolicy(TrainableUNetPolicy):
 
     # ----------------------------------------------------------------- saving
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """LoRA: ``pytorch_lora_weights.safetensors`` for the diffusers pipeline's ``load_lora_weights``; full
+        """LoRA: ``pytorch_lora_weights.safetensors`` (with the adapter's config, alpha included, in its metadata) for
+        the diffusers pipeline's ``load_lora_weights``; full
         fine-tuning: a whole pipeline folder for its ``from_pretrained``. Both with ``diffrl_model.json`` (base
         model, LoRA settings and the kind's own settings) to continue training."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.use_lora:
             layers = convert_state_dict_to_diffusers(lora_state_dict(self._unet))
-            self.pipeline_class.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
+            # The adapter's config (rank, alpha, targets) in the file's metadata, where diffusers' load_lora_weights
+            # reads it: without it diffusers assumes alpha = rank and loads any other alpha at the wrong scale.
+            self.pipeline_class.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True,
+                                                  unet_lora_adapter_metadata=self.lora.peft_config().to_dict())
         else:
             self.pipeline.unet = self._unet
             self.pipeline.save_pretrained(directory, safe_serialization=True)

@@ -15,8 +15,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from diffrl.config import SharedConfig
-from diffrl.config.shared import SDXL_SIZE_FIELDS
+from diffrl.config import SharedConfig, Violation
 from diffrl.pipelines import precision
 from diffrl.pipelines.saved import read_model_info
 from diffrl.pipelines.stable_diffusion import StableDiffusionPolicy, per_prompt_negatives
@@ -98,16 +97,35 @@ class StableDiffusionXLPolicy(StableDiffusionPolicy):
     description = "an SDXL model"
     pipeline_class = StableDiffusionXLPipeline
     pipeline_class_names = frozenset({"StableDiffusionXLPipeline"})
-    size_conditioning = True
+    model_options = {
+        "original_size": "[height, width] of the add_time_ids size conditioning (null: the sampled size)",
+        "target_size": "[height, width] of add_time_ids (null: the sampled size)",
+        "crops_coords_top_left": "[top, left] crop of add_time_ids ([0, 0]: centred, uncropped images)",
+    }
+
+    @classmethod
+    def option_violations(cls, options: Mapping[str, Any]) -> list[Violation]:
+        """Sizes are two positive pixel counts (or null); the crop is two offsets >= 0."""
+        violations = []
+        for name, value in options.items():
+            crop = name == "crops_coords_top_left"
+            if value is None and not crop:
+                continue
+            pair = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value)
+            if not pair or min(value) < (0 if crop else 1):
+                words = "two offsets >= 0 (top, left)" if crop else "two positive sizes (height, width)"
+                example = "[0,0] (no crop)" if crop else "[1024,1024], or null for the sampled size"
+                violations.append(Violation(f"model_options.{name}", value, f"must be {words} in pixels",
+                                            f"e.g. model_options.{name}={example}"))
+        return violations
 
     def configure(self, config: SharedConfig) -> None:
-        """The run's VAE and its size conditioning (``sdxl_*``; unset: what a loaded diffrl result recorded)."""
+        """The run's VAE and its size conditioning (``model_options``; unset: what a loaded diffrl result
+        recorded)."""
         super().configure(config)
-        for name, attribute in zip(SDXL_SIZE_FIELDS, ("original_size", "target_size", "crops_coords_top_left")):
-            value = getattr(config, name)
-            if value != type(config)._default(name):
-                setattr(self, attribute, tuple(value))
-
+        for name, value in config.model_options.items():
+            setattr(self, name, tuple(value) if value is not None else None)
 
     def __init__(self, pipeline: StableDiffusionXLPipeline, *, original_size: Size | None = None,
                  crops_coords_top_left: Size = (0, 0), target_size: Size | None = None, **settings: Any) -> None:

@@ -7,7 +7,7 @@ from typing import Any, Iterator, Mapping, NamedTuple, Protocol, Sequence, runti
 import torch
 
 from diffrl.algorithms.truncation import GradientPlan
-from diffrl.pipelines.schedule import DenoisingSchedule
+from diffrl.samplers import DenoisingSchedule
 from diffrl.samplers import StepOutput
 
 

@@ -1,15 +1,17 @@
 """Training checkpoints through ``accelerator.save_state`` / ``load_state``, inside diffrl's atomic commit.
 
 A checkpoint folder ``checkpoint_<epoch>/`` holds what accelerate writes (``optimizer.bin`` or its sharded
-FSDP/DeepSpeed equivalent, ``scaler.pt`` under fp16, ``random_states_<rank>.pkl`` per process and
-``custom_checkpoint_<i>.pkl`` for the objects registered with ``register_for_checkpointing``: the learning-rate
-schedule and the trainer's state), plus diffrl's own files: ``trainable.safetensors`` (only the trained weights,
-LoRA adapters or the whole UNet, gathered to full tensors under sharding; ``diffrl evaluate`` reads it),
-``rng_<rank>.pt`` per process, any trainer extras (:meth:`Trainer.checkpoint_files`) and last the marker
-``diffrl_state.json``. Every process writes into the same hidden folder; only the main process commits it.
+FSDP/DeepSpeed equivalent, ``scaler.pt`` under fp16, ``random_states_<rank>.pkl`` per process: the one record of
+the random generators, and ``custom_checkpoint_0.pkl``, the learning-rate schedule registered with
+``register_for_checkpointing``), plus diffrl's own files: ``trainable.safetensors`` (only the trained weights,
+LoRA adapters or the whole network, gathered to full tensors under sharding; ``diffrl evaluate`` reads it), any
+recipe extras (``Recipe.save_files``) and last the marker ``diffrl_state.json``: the one record of the trainer's
+state (:meth:`Trainer.checkpoint_state`), written when the folder commits. Every process writes into the same
+hidden folder; only the main process commits it.
 
-Checkpoints of the earlier layout (``trainable.safetensors``, ``optimizer.pt``, ``lr_scheduler.pt``,
-``rng_<rank>.pt``) still resume: :func:`load_checkpoint` reads them directly.
+Checkpoints written before (with ``rng_<rank>.pt`` beside accelerate's random states, and the trainer state also
+pickled as ``custom_checkpoint_1.pkl``) resume as they are; so does the layout before accelerate's ``save_state``
+(``optimizer.pt``, ``lr_scheduler.pt``): :func:`load_legacy_checkpoint` reads it directly.
 """
 
 from __future__ import annotations
@@ -86,20 +88,6 @@ def whole_parameters(module: torch.nn.Module, full: dict[str, torch.Tensor] | No
             owner._parameters[leaf] = param
 
 
-class TrainerState:
-    """The trainer's own state (epoch, step, statistics, ...) as an object accelerate checkpoints
-    (``register_for_checkpointing``): JSON-like data, also written to the marker for people and tools."""
-
-    def __init__(self) -> None:
-        self.value: dict[str, Any] = {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.value)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.value = dict(state)
-
-
 @contextlib.contextmanager
 def _explicit_folders(accelerator: Accelerator) -> Iterator[None]:
     """``save_state``/``load_state`` into the folder given, even when TRL-style ``project_kwargs`` turned on
@@ -123,10 +111,9 @@ class CheckpointIO:
     def __init__(self, accelerator: Accelerator, policy: DiffusionPolicy, lr_scheduler,
                  prepared: torch.nn.Module | None = None) -> None:
         self.accelerator, self.policy, self.lr_scheduler, self.prepared = accelerator, policy, lr_scheduler, prepared
-        self.trainer_state = TrainerState()
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
-        accelerator.register_for_checkpointing(lr_scheduler, self.trainer_state)
+        accelerator.register_for_checkpointing(lr_scheduler)
 
     def _ours(self, models: list) -> list[int]:
         module = self.policy.trainable_module
@@ -152,10 +139,11 @@ class CheckpointIO:
              extra_files: Callable[[Path], None] | None = None) -> Path:
         """Every process takes part (no process waits on a save the others skip: TRL's multi-GPU hang).
 
-        All processes ``save_state`` into one hidden folder (named after the main process's id), each adds its
-        ``rng_<rank>.pt``, ``extra_files(tmp)`` runs on every process; after all succeeded the main process writes
-        the marker, renames the folder into place and drops old checkpoints (never the one just written). A
-        failure on any process removes the folder and raises :class:`CheckpointWriteError` on every process."""
+        All processes ``save_state`` into one hidden folder (named after the main process's id; accelerate writes
+        each process's random states), ``extra_files(tmp)`` runs on every process; after all succeeded the main
+        process writes the marker (``state``, the trainer's), renames the folder into place and drops old
+        checkpoints (never the one just written). A failure on any process removes the folder and raises
+        :class:`CheckpointWriteError` on every process."""
         acc = self.accelerator
         tag = [os.getpid()]
         if acc.num_processes > 1:
@@ -168,12 +156,10 @@ class CheckpointIO:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         acc.wait_for_everyone()
-        self.trainer_state.value = {"epoch": epoch, **state}
         error = None
         try:
             with _explicit_folders(acc):
                 acc.save_state(str(tmp))
-            torch.save(ckpt.save_rng_state(), tmp / f"rng_{acc.process_index}.pt")
             if extra_files is not None:
                 extra_files(tmp)
         except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
@@ -207,13 +193,13 @@ class CheckpointIO:
         path = Path(path)
         if (path / OPTIMIZER_FILE).is_file():
             return load_legacy_checkpoint(self.accelerator, path, self.policy, optimizer, self.lr_scheduler)
-        marker_state = ckpt.read_state(path)
+        state = ckpt.read_state(path)
         with _explicit_folders(self.accelerator):
             self.accelerator.load_state(str(path))
         rng_file = path / f"rng_{self.accelerator.process_index}.pt"
-        if rng_file.is_file():  # the same states accelerate restored, also when its own file is missing
+        if rng_file.is_file():  # a checkpoint written before accelerate's random states were the only record
             ckpt.load_rng_state(torch.load(rng_file, weights_only=True))
-        return self.trainer_state.value or marker_state
+        return state
 
 
 def load_trainable_weights(policy: DiffusionPolicy, path: Path) -> None:

@@ -115,7 +115,7 @@ class PeriodicEvaluator:
     def run(self) -> EvalResult:
         c = self.config
         return evaluate(self.policy, self.reward_fn, self.prompts, seed=c.eval_seed,
-                        num_inference_steps=getattr(c, "eval_num_steps", None) or c.sample_num_steps,
+                        num_inference_steps=c.eval_num_steps or c.sample_num_steps,
                         guidance_scale=c.sample_guidance_scale, eta=c.sample_eta if c.sample_eta > 0 else 1.0,
                         batch_size=max(getattr(c, "sample_batch_size", c.train_batch_size), 16),
                         height=c.sample_height, width=c.sample_width)

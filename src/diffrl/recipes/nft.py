@@ -15,19 +15,18 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from diffrl.algorithms import (EMA_SCHEDULES, NFTStats, advantages_to_optimality, ema_update,
                                gathered_group_advantages, nft_loss, prediction_kl, sample_train_timesteps)
-from diffrl.pipelines.schedule import DenoisingSchedule
 from diffrl.recipes.epoch import EpochResult, Timer, Timings
 from diffrl.recipes.recipe import RecipeBase
 from diffrl.recipes.run import Run
 from diffrl.recipes.samples import ScoredBatch, cycled_negatives, gather_rewards
 from diffrl.recipes.update import MicroStep, UpdateLoop
 from diffrl.rewards import score
+from diffrl.samplers import DenoisingSchedule, DPMSolverSchedule, sampling_schedule
 from diffrl.seeding import Stream, generator_for
 
 __all__ = ["OLD_POLICY_FILE", "NFTRecipe", "NFTSamples"]
@@ -91,13 +90,11 @@ class NFTRecipe(RecipeBase):
         """The trained parameters by name (the keys of ``trainable_state_dict``), not copies."""
         return {n: p for n, p in self.policy.trainable_module.named_parameters() if p.requires_grad}
 
-    def make_sampling_schedule(self) -> DenoisingSchedule | DPMSolverMultistepScheduler:
-        c, config = self.config, self.policy.schedule.scheduler.config
-        if c.nft_sampler == "dpmsolver++":
-            # diffusers' multistep DPM-Solver++ (Lu et al. 2022), built from the model's own noise schedule.
-            return DPMSolverMultistepScheduler.from_config(dict(config), algorithm_type="dpmsolver++",
-                                                           solver_order=c.nft_dpm_solver_order)
-        return DenoisingSchedule.from_scheduler_config(config, sampler=c.nft_sampler)
+    def make_sampling_schedule(self) -> DenoisingSchedule | DPMSolverSchedule:
+        """``nft_sampler`` on the model's own noise schedule."""
+        c = self.config
+        return sampling_schedule(c.nft_sampler, self.policy.schedule.scheduler.config,
+                                 dpm_solver_order=c.nft_dpm_solver_order)
 
     def train_timesteps(self) -> int:
         """Training timesteps drawn per sample and inner epoch (``train_timestep_fraction`` of the sampling steps)."""
@@ -181,7 +178,7 @@ class NFTRecipe(RecipeBase):
         group = c.group_size if self.policy.is_conditional else None
         group_ids = self.group_ids(local, group, acc.num_processes)
         adv = gathered_group_advantages(all_rewards, group_ids, acc.process_index, acc.num_processes,
-                                        std=c.nft_advantage_std, clip=c.train_adv_clip_max)
+                                        std=c.adv_std, clip=c.train_adv_clip_max)
         r = advantages_to_optimality(adv, c.train_adv_clip_max).to(acc.device)
         conds = [b.samples[1] for b in batches]
         cond = None if conds[0] is None else type(conds[0]).concat(conds)
@@ -206,28 +203,13 @@ class NFTRecipe(RecipeBase):
                                          guidance=guidance > 1.0, height=c.sample_height, width=c.sample_width)
         params = self.old_params()
         x = policy.initial_noise(len(prompts), generator, c.sample_height, c.sample_width)
-        batch = x.shape[0]
-        schedule = self.sampling_schedule
-        if isinstance(schedule, DPMSolverMultistepScheduler):
-            schedule.set_timesteps(c.sample_num_steps, device=x.device)  # also resets the solver's history
-            for t in schedule.timesteps:
-                out = policy.predict(x, t.expand(batch), cond, guidance, params=params)
-                x = schedule.step(out, t, x).prev_sample
-        else:
-            for t in schedule.timesteps(c.sample_num_steps, device=x.device):
-                t = t.expand(batch)
-                out = policy.predict(x, t, cond, guidance, params=params)
-                x = schedule.step(out, x, t, schedule.prev_timesteps(t, c.sample_num_steps), eta=c.sample_eta,
-                                  generator=generator, compute_log_prob=False).prev_sample
+        x = self.sampling_schedule.denoise(x, lambda x_t, t: policy.predict(x_t, t, cond, guidance, params=params),
+                                           c.sample_num_steps, eta=c.sample_eta, generator=generator)
         return x.float(), (None if cond is None else cond.without_guidance())
 
     def train_timestep_grid(self) -> torch.Tensor:
         """``[N]`` the sampling schedule's timesteps, from which each sample's training timesteps are drawn."""
-        schedule, n = self.sampling_schedule, self.config.sample_num_steps
-        if isinstance(schedule, DPMSolverMultistepScheduler):
-            schedule.set_timesteps(n)
-            return schedule.timesteps.clone()
-        return schedule.timesteps(n)
+        return self.sampling_schedule.timesteps(self.config.sample_num_steps)
 
     # ------------------------------------------------------------------ training
     def train_inner(self, samples: NFTSamples, epoch: int, inner: int, global_step: int,

@@ -17,6 +17,7 @@ from diffrl import checkpoint as ckpt
 from diffrl.config import SharedConfig, diff_for_resume, load_config
 from diffrl.config.accelerate_settings import resolve_mixed_precision
 from diffrl.pipelines.types import DiffusionPolicy
+from diffrl.prompts import PromptSource
 from diffrl.recipes.accelerator import choose_run_name, make_accelerator, process_state, seed_processes
 from diffrl.recipes.evaluation import PeriodicEvaluator
 from diffrl.recipes.guard import DivergenceGuard
@@ -64,6 +65,8 @@ class Run:
         self.metrics = MetricsLogger(acc, self.run_dir)
         self.guard = DivergenceGuard(self.checkpoints_dir)
         self.evaluator = PeriodicEvaluator(config, policy, reward_fn, prompt_fn, self.run_dir, acc)
+        if isinstance(prompt_fn, PromptSource):  # each process its own share of the stream (after the evaluation's)
+            prompt_fn.shard(acc.process_index, acc.num_processes)
 
     def _resume_changes(self, record: SharedConfig, epoch: int) -> dict[str, tuple[Any, Any]]:
         """Settings that differ from the resumed run's newest config record; those that cannot change mid-run
@@ -72,7 +75,7 @@ class Run:
         recorded_file = records[-1] if records else self.run_dir / CONFIG_FILE
         if not recorded_file.is_file():
             return {}
-        diff = diff_for_resume(load_config(recorded_file), record)
+        diff = diff_for_resume(load_config(recorded_file, recorded=True), record)
         diff.raise_if_refused(f"checkpoint epoch {epoch}")
         return {c.field: (c.old, c.new) for c in diff.applied}
 

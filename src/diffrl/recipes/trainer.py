@@ -24,6 +24,7 @@ from PIL import Image
 from diffrl.build import apply_gradient_checkpointing
 from diffrl.config import SharedConfig
 from diffrl.pipelines.types import DiffusionPolicy
+from diffrl.prompts import PromptSource
 from diffrl.recipes.accelerator import process_state
 from diffrl.recipes.checkpoints import CheckpointIO, full_trainable_state_dict, is_sharded, whole_parameters
 from diffrl.recipes.epoch import EpochResult, epoch_metrics
@@ -148,9 +149,11 @@ class Trainer:
 
     def checkpoint_state(self, global_step: int, metrics: dict[str, float]) -> dict[str, Any]:
         """The one checkpoint dict (JSON; weights, optimizer, schedule and RNG are files beside it): the step, the
-        epoch's metrics, the cumulative time and reward queries, the evaluator's and the recipe's state."""
+        epoch's metrics, the cumulative time and reward queries, the position in a built-in prompt source's stream, the
+        evaluator's and the recipe's state."""
         return {"global_step": global_step, "metrics": metrics, "wall_s": self.wall_s,
                 "reward_queries": self.reward_queries, "evaluation": self.run.evaluator.state_dict(),
+                "prompts": self.prompt_fn.state_dict() if isinstance(self.prompt_fn, PromptSource) else None,
                 "recipe": self.recipe.state_dict()}
 
     # ------------------------------------------------------------------ resume
@@ -161,6 +164,8 @@ class Trainer:
         self.recipe.load_state_dict(state.get("recipe", state))  # checkpoints before "recipe" kept it at the top
         self.recipe.load_files(path)
         self.run.evaluator.load_state_dict(state.get("evaluation"))
+        if isinstance(self.prompt_fn, PromptSource) and state.get("prompts") is not None:
+            self.prompt_fn.load_state_dict(state["prompts"])  # checkpoints before diffrl 0.1 restart the stream
         apply_optimizer_settings(self.optimizer, self.lr_scheduler, self.config, changed)
         metrics = self.run.metrics
         dropped = metrics.truncate_after(int(state["epoch"]))
@@ -193,7 +198,7 @@ class Trainer:
         prompts = list(self.run.evaluator.prompts[:count]) or [self.prompt_fn()[0] for _ in range(count)]
         images = [batch.images.cpu() for batch in sample_on_seeds(
             self.policy, prompts, [c.eval_seed + i for i in range(len(prompts))],
-            num_inference_steps=getattr(c, "eval_num_steps", None) or c.sample_num_steps,
+            num_inference_steps=c.eval_num_steps or c.sample_num_steps,
             guidance_scale=c.sample_guidance_scale, eta=c.sample_eta, batch_size=count,
             height=c.sample_height, width=c.sample_width)]
         return sample_grid(torch.cat(images))
@@ -227,8 +232,8 @@ class Trainer:
 
         ``repo_id`` defaults to ``config.hub_model_id``, then the run name."""
         self._check_finite_weights()
-        repo = repo_id or getattr(self.config, "hub_model_id", None) or self.run_name
-        private = private if private is not None else getattr(self.config, "hub_private", None)
+        repo = repo_id or self.config.hub_repo_id(self.run_name)
+        private = private if private is not None else self.config.hub_private
         samples = self.card_samples()
         with self._whole_weights():
             return push_result(self.accelerator, self.policy, self.config, self.last_metrics, self.trainer_name,

@@ -1,20 +1,36 @@
-"""Pure step math for stochastic diffusion samplers, with exact log-probabilities.
+"""Step math for diffusion samplers, with exact log-probabilities, and the schedules that drive it.
 
-No models and no I/O: every function maps tensors to tensors. The policies in
-:mod:`diffrl.pipelines` call these once per denoising step.
+The step functions (``ddim.py``, ``ddpm.py``) map tensors to tensors; :mod:`~diffrl.samplers.rules` names each
+sampler's step; :class:`~diffrl.samplers.denoising.DenoisingSchedule` holds a model's noise schedule and runs the
+rule per step (no models: the policies in :mod:`diffrl.pipelines` call it once per denoising step);
+:class:`~diffrl.samplers.dpm_solver.DPMSolverSchedule` draws clean samples without log-probabilities.
+:func:`sampling_schedule` is the one place a sampler name becomes a schedule.
 """
+
+from __future__ import annotations
+
+from typing import Any, Mapping
 
 from diffrl.samplers.ddim import ddim_step, ddim_variance
 from diffrl.samplers.ddpm import ddpm_step
+from diffrl.samplers.denoising import DenoisingSchedule, Predict, SamplerName
+from diffrl.samplers.dpm_solver import DPMSolverSchedule
 from diffrl.samplers.gaussian import DeterministicStepError, gaussian_log_prob, reduce_per_sample
 from diffrl.samplers.prediction import PredictionConfig, predict_x0_and_eps
-from diffrl.samplers.types import StepOutput
+from diffrl.samplers.rules import STEP_RULES, StepRule
 from diffrl.samplers.schedule import alphas_at, previous_timesteps
+from diffrl.samplers.types import StepOutput
 
 __all__ = [
+    "STEP_RULES",
+    "DPMSolverSchedule",
+    "DenoisingSchedule",
     "DeterministicStepError",
+    "Predict",
     "PredictionConfig",
+    "SamplerName",
     "StepOutput",
+    "StepRule",
     "alphas_at",
     "ddim_step",
     "ddim_variance",
@@ -23,4 +39,14 @@ __all__ = [
     "predict_x0_and_eps",
     "previous_timesteps",
     "reduce_per_sample",
+    "sampling_schedule",
 ]
+
+
+def sampling_schedule(name: str, scheduler_config: Mapping[str, Any], *,
+                      dpm_solver_order: int = 2) -> DenoisingSchedule | DPMSolverSchedule:
+    """The schedule of sampler ``name`` ("ddim", "ddpm" or "dpmsolver++") on a model's scheduler config; both kinds
+    have ``timesteps(n)`` and ``denoise(x, predict, n, eta=, generator=)``."""
+    if name == "dpmsolver++":
+        return DPMSolverSchedule(scheduler_config, order=dpm_solver_order)
+    return DenoisingSchedule.from_scheduler_config(scheduler_config, sampler=name)

@@ -1,27 +1,28 @@
-"""The sampling schedule a policy follows: timesteps from a diffusers scheduler, steps from :mod:`diffrl.samplers`."""
+"""The sampling schedule a policy follows: timesteps from a diffusers scheduler, steps from a :mod:`~diffrl.samplers.rules`
+rule; and the chain without log-probabilities (:meth:`DenoisingSchedule.denoise`)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 from diffusers import DDIMScheduler
 
-from diffrl.samplers import (
-    PredictionConfig,
-    StepOutput,
-    alphas_at,
-    ddim_step,
-    ddpm_step,
-    predict_x0_and_eps,
-    previous_timesteps,
-)
+from diffrl.samplers.ddim import ddim_step
+from diffrl.samplers.prediction import PredictionConfig, predict_x0_and_eps
+from diffrl.samplers.rules import STEP_RULES, StepRule
+from diffrl.samplers.schedule import alphas_at, previous_timesteps
+from diffrl.samplers.types import StepOutput
+
+__all__ = ["DenoisingSchedule", "Predict", "SamplerName"]
 
 logger = logging.getLogger(__name__)
 
 SamplerName = Literal["ddim", "ddpm"]
+Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``predict(x_t, t) -> model output`` for a ``[B]`` timestep tensor (the policy's call, conditioning bound)."""
 
 
 @dataclass
@@ -31,8 +32,8 @@ class DenoisingSchedule:
     Built from the model's own scheduler config. Timesteps follow diffusers' ``DDIMScheduler.set_timesteps``
     (its ``timestep_spacing``), with ``steps_offset`` raised to at least 1 so that the last transition goes
     from ``t >= 1`` to ``t' = 0`` and is stochastic like every other (see
-    :func:`diffrl.samplers.previous_timesteps`). ``sampler="ddim"`` uses the DDIM step with ``eta``;
-    ``"ddpm"`` the ancestral step (``eta`` then does not apply).
+    :func:`diffrl.samplers.previous_timesteps`). The step is the rule of ``sampler``
+    (:data:`~diffrl.samplers.rules.STEP_RULES`): "ddim" with ``eta``, "ddpm" the ancestral step.
     """
 
     scheduler: DDIMScheduler
@@ -41,13 +42,21 @@ class DenoisingSchedule:
 
     @classmethod
     def from_scheduler_config(cls, config: Mapping[str, Any], sampler: SamplerName = "ddim") -> "DenoisingSchedule":
-        if sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"sampler={sampler!r} is not supported; use 'ddim' or 'ddpm'.")
+        if sampler not in STEP_RULES:
+            raise ValueError(f"sampler={sampler!r} is not supported; use one of {sorted(STEP_RULES)}.")
         offset = int(config.get("steps_offset", 0) or 0)
         if offset < 1:
             logger.info("sampling with steps_offset=1 (model config has %d) so the final step keeps a density", offset)
         scheduler = DDIMScheduler.from_config(dict(config), steps_offset=max(1, offset), set_alpha_to_one=False)
         return cls(scheduler, PredictionConfig.from_scheduler_config(scheduler.config), sampler)
+
+    @property
+    def rule(self) -> StepRule:
+        return STEP_RULES[self.sampler]
+
+    def is_stochastic(self, eta: float) -> bool:
+        """Whether this sampler's steps draw noise (and have a log-probability) at ``eta``."""
+        return self.rule.is_stochastic(eta)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -85,11 +94,19 @@ class DenoisingSchedule:
     ) -> StepOutput:
         """One transition for per-sample ``timesteps``/``prev_timesteps`` of shape ``[B]``."""
         a_t, a_prev = alphas_at(self.scheduler.alphas_cumprod, timesteps, prev_timesteps, sample.ndim)
-        if self.sampler == "ddpm":
-            return ddpm_step(model_output, sample, a_t, a_prev, config=self.prediction, generator=generator,
-                             prev_sample=prev_sample, noise=noise, compute_log_prob=compute_log_prob)
-        return ddim_step(model_output, sample, a_t, a_prev, eta=eta, config=self.prediction, generator=generator,
-                         prev_sample=prev_sample, noise=noise, compute_log_prob=compute_log_prob)
+        return self.rule.step(model_output, sample, a_t, a_prev, eta=eta, config=self.prediction, generator=generator,
+                              prev_sample=prev_sample, noise=noise, compute_log_prob=compute_log_prob)
+
+    def denoise(self, x: torch.Tensor, predict: Predict, num_inference_steps: int, *, eta: float = 0.0,
+                generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """The whole chain from ``x`` (the initial noise) to ``x_0``, no log-probabilities, no gradients kept."""
+        batch = x.shape[0]
+        for t in self.timesteps(num_inference_steps, device=x.device):
+            t = t.expand(batch)
+            out = predict(x, t)
+            x = self.step(out, x, t, self.prev_timesteps(t, num_inference_steps), eta=eta, generator=generator,
+                          compute_log_prob=False).prev_sample
+        return x
 
     def deterministic_step(self, model_output: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor,
                            prev_timesteps: torch.Tensor) -> StepOutput:
