@@ -18,7 +18,7 @@ model, graph); ``training_peak_mb`` is that peak minus the resident size once th
 the first epoch (what training added at its peak: activations kept for the backward pass, gradients,
 optimizer state). CPU RSS is coarse (the allocator keeps freed pages), so compare settings, not single
 megabytes. Results print as a table and are saved as JSON to ``--out`` (default
-``bench/results/alignprop_memory.json``).
+``bench/results/alignprop_memory/<date>-<commit>.json``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import build_tiny_sd, machine, peak_rss_mb, rss_mb, save_record
+from common import build_tiny_sd, machine, peak_rss_mb, result_path, rss_mb, save_record
 
 HERE = Path(__file__).resolve().parent
 
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per run (default 1)")
     parser.add_argument("--trl-python", default=None,
                         help="a Python with trl==0.23.1 installed (a separate venv); TRL is skipped without it")
-    parser.add_argument("--out", default=str(HERE / "results" / "alignprop_memory.json"))
+    parser.add_argument("--out", default=str(result_path("alignprop_memory")))
     parser.add_argument("--child", choices=["diffrl", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import save_record
+from common import machine, result_path, save_record
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reward-seconds", type=float, default=0.5)
     parser.add_argument("--batches", type=int, default=6)
-    parser.add_argument("--out", default="bench/results/async_rewards.json")
+    parser.add_argument("--out", default=str(result_path("async_rewards")))
     args = parser.parse_args()
     torch.set_num_threads(1)
     from diffrl import DDPOConfig, DDPOTrainer, DefaultDDPODDPMPipeline
@@ -53,8 +51,7 @@ def main() -> None:
                 "sampling_s": round(m["perf/sampling_s"], 3), "reward_wait_s": round(m["perf/reward_s"], 3),
                 "epoch_s": round(time.perf_counter() - start, 3)}
     report = {"command": f"python bench/async_rewards.py --reward-seconds {args.reward_seconds} --batches {args.batches}",
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-              "load_average": os.getloadavg(), "reward_seconds_per_batch": args.reward_seconds, "batches": args.batches,
+              "machine": machine(), "reward_seconds_per_batch": args.reward_seconds, "batches": args.batches,
               "results": results}
     save_record(report, args.out)
     print(json.dumps(report, indent=2))

@@ -25,7 +25,7 @@ Sharded smoke runs: ``accelerate launch --config_file configs/accelerate/{fsdp,z
 bench/gpu_sharded.py --case ...`` (full fine-tuning of the tiny SD for 2 epochs, and LoRA), pass/fail and the error.
 On ``--device cpu`` the same script runs without accelerate launch (``plain``), since accelerate turns FSDP off
 without a GPU. The record is printed as a markdown table and saved as JSON (``--out``, default ``$OUT/gpu.json``
-when ``OUT`` is set, else ``bench/results/gpu.json``) with the markdown beside it (``.md``).
+when ``OUT`` is set, else ``bench/results/gpu/<date>-<commit>.json``) with the markdown beside it (``.md``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import build_tiny_sd, machine, save_record
+from common import build_tiny_sd, machine, result_path, save_record
 from gpu_flops import bf16_peak_tflops, count_unet_flops, measured_matmul_tflops
 from gpu_rows import availability
 from gpu_sharded import run_case
@@ -58,7 +58,7 @@ SIZES = {"latent": (8, 64), "steps": (2, 20), "sample_batch": (2, 8), "sample_ba
 
 
 def _default_out() -> Path:
-    return Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT") else HERE / "results" / "gpu.json"
+    return Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT") else result_path("gpu")
 
 
 def _env(threads: int) -> dict:

@@ -16,7 +16,7 @@
 # Both venvs see python3's torch, accelerate, numpy... through a .pth file, so nothing large is carried. A package
 # already importable in python3 at the pinned version is not needed in the wheelhouse; a missing one is reported.
 # The wheelhouse is about 33 MB; the device tool carries it when bench/out/wheelhouse is named in `carry`.
-# Results go to $OUT/gpu.json and $OUT/gpu.md when OUT is set, else bench/results/gpu.json.
+# Results go to $OUT/gpu.json and $OUT/gpu.md when OUT is set, else bench/results/gpu/<date>-<commit>.json (and .md).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

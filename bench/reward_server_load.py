@@ -25,7 +25,7 @@ import time
 import urllib.parse
 
 import torch
-from common import machine, save_record
+from common import machine, result_path, save_record
 
 from diffrl.rewards import load
 from diffrl.rewards._wire import encode_images
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--body-timeout", type=float, default=5.0, help="the started server's --body-timeout")
     parser.add_argument("--max-batch-images", type=int, default=0, help="the started server's --max-batch-images")
     parser.add_argument("--hostile-wait", type=float, default=200.0, help="give up on a hostile client after this")
-    parser.add_argument("--out", default="bench/results/reward_server_load.json")
+    parser.add_argument("--out", default=str(result_path("reward_server_load")))
     args = parser.parse_args()
     process = None
     if args.url is None:

@@ -3,7 +3,7 @@
     python bench/throughput.py                                              # diffrl, tiny SD on the CPU
     python bench/throughput.py --trl-python /tmp/trlvenv/bin/python         # ... and TRL 0.23.1 beside it
     python bench/throughput.py --device cuda --sd15-random --mixed-precision fp16 \\
-        --trl-python /path/to/trl-venv/bin/python --out bench/results/throughput_sd15_cuda.json   # on a GPU
+        --trl-python /path/to/trl-venv/bin/python --out bench/results/throughput/<date>-<commit>-sd15-cuda.json   # on a GPU
 
 Two workloads, the same ``DDPOConfig``/``AlignPropConfig`` fields for both libraries:
 
@@ -39,7 +39,7 @@ through accelerate's logger when the model has no LoRA file); ``project_kwargs``
 ``automatic_checkpoint_naming`` (its ``accelerator.save_state()`` raises with TRL's default empty project
 config, REFERENCE.md defect 1); ``save_freq`` beyond the run, so neither library saves a checkpoint inside the
 timed epochs; no image hook (TRL indexes ``accelerator.trackers[0]``, which is empty without a tracker).
-Results print as a table and are saved as JSON to ``--out`` (default ``bench/results/throughput.json``).
+Results print as a table and are saved as JSON to ``--out`` (default ``bench/results/throughput/<date>-<commit>.json``).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import build_tiny_sd, machine, peak_rss_mb, rss_mb, save_record, versions
+from common import build_tiny_sd, machine, peak_rss_mb, result_path, rss_mb, save_record, versions
 
 HERE = Path(__file__).resolve().parent
 WORKLOADS = ("ddpo", "alignprop")
@@ -415,7 +415,7 @@ def main(argv=None) -> int:
                              "as TRL does); TRL has no such setting")
     parser.add_argument("--trl-python", default=None,
                         help="a Python with trl==0.23.1 installed (a separate venv); TRL is skipped without it")
-    parser.add_argument("--out", default=str(HERE / "results" / "throughput.json"))
+    parser.add_argument("--out", default=str(result_path("throughput")))
     parser.add_argument("--child", choices=["diffrl", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--workload", choices=WORKLOADS, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

@@ -67,6 +67,9 @@ def problems(err: pytest.ExceptionInfo[ConfigError]) -> dict[str, str]:
 def test_trl_defaults_are_kept(cls: type, expected: dict[str, Any]) -> None:
     config = cls()
     actual = {name: getattr(config, name) for name in expected}
+    # The one deliberate difference: runs of a diffrl trainer go to a "diffrl" tracker project, not TRL's "trl".
+    assert actual.pop("tracker_project_name") == "diffrl" and expected["tracker_project_name"] == "trl"
+    expected = {k: v for k, v in expected.items() if k != "tracker_project_name"}
     assert actual == expected
     assert {type(getattr(config, n)) for n in expected if isinstance(expected[n], float)} == {float}
     assert config.exp_name == os.path.basename(sys.argv[0]).removesuffix(".py")

@@ -163,3 +163,22 @@ def test_a_restored_position_continues_the_stream():
 def test_cycled_prompts_over_processes_visit_each_prompt_once_per_pass():
     shares = [load("fixed", prompts=["a", "b", "c", "d"], order="cycle").shard(r, 2) for r in range(2)]
     assert [p for p, _ in _draw(shares[0], 2)] == ["a", "c"] and [p for p, _ in _draw(shares[1], 2)] == ["b", "d"]
+
+
+def test_jsonl_prompts_carry_their_metadata_and_bad_lines_name_the_line(tmp_path):
+    path = tmp_path / "geneval.jsonl"
+    path.write_text('{"prompt": "two cats", "tag": "counting", "count": 2}\n\n'
+                    '{"prompt": "a red cube", "tag": "colors"}\n')
+    source = load("jsonl", path=str(path), order="cycle")
+    assert _draw(source, 3) == [("two cats", {"tag": "counting", "count": 2}), ("a red cube", {"tag": "colors"}),
+                                ("two cats", {"tag": "counting", "count": 2})]
+    sampled = load("jsonl", path=str(path), seed=3)
+    assert {p for p, _ in _draw(sampled, 40)} == {"two cats", "a red cube"}
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
+    with pytest.raises(PromptError, match=r"bad.jsonl:2 has no string field 'prompt'"):
+        load("jsonl", path=str(tmp_path / "bad.jsonl"))
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "ok"}\n{oops\n')
+    with pytest.raises(PromptError, match=r"broken.jsonl:2 is not JSON"):
+        load("jsonl", path=str(tmp_path / "broken.jsonl"))
+    (tmp_path / "text.jsonl").write_text('{"text": "a fox", "id": 7}\n')
+    assert load("jsonl", path=str(tmp_path / "text.jsonl"), key="text")() == ("a fox", {"id": 7})

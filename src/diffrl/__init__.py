@@ -38,10 +38,15 @@ _EXPORTS = {
     "DefaultDDPOStableDiffusionXLPipeline": "diffrl.pipelines.trl_compat",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+_SUBMODULES = ("prompts", "rewards")
+"""Submodules reachable as attributes (``diffrl.rewards.load(...)``) after a bare ``import diffrl``."""
+
+__all__ = sorted(_EXPORTS) + ["__version__", *_SUBMODULES]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"diffrl.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'diffrl' has no attribute {name!r}")

@@ -6,7 +6,6 @@ settings and reward from its ``config.yaml``.
 
 from __future__ import annotations
 
-import inspect
 
 from typing import Any, Callable
 
@@ -60,10 +59,15 @@ def _raise(violations: list[Violation], config: SharedConfig) -> None:
         raise ConfigError(violations, f"{type(config).__name__} does not fit the model")
 
 
+def model_family(config: SharedConfig) -> type:
+    """The policy class of the configured model's family, read from its small files (no weights load)."""
+    return policy_class(model_kind(base_model(config), config.model_revision))
+
+
 def check_model_settings(config: SharedConfig) -> None:
     """The settings the configured model's family cannot take, read from its small files before any weights load
     (so ``diffrl train`` refuses a setting of another family in a second, not after minutes of loading)."""
-    family = policy_class(model_kind(base_model(config), config.model_revision))
+    family = model_family(config)
     _raise(family.setting_violations(config, _model_words(config, family)), config)
 
 
@@ -72,6 +76,33 @@ def check_policy_settings(config: SharedConfig, policy: Any) -> None:
     those known once loaded (e.g. sample sizes the VAE cannot produce). One :class:`ConfigError` naming each."""
     family = type(policy)
     _raise(family.setting_violations(config, _model_words(config, family)) + policy.loaded_violations(config), config)
+
+
+def policy_record(config: SharedConfig, policy: Any) -> dict[str, Any]:
+    """The model and LoRA fields of what really runs: the policy's (a policy built by the caller, TRL-style, decides
+    them; the config may not name the model at all). The run records these, so checkpoints and reports rebuild it."""
+    record: dict[str, Any] = {"train_lora": bool(policy.use_lora)}
+    if getattr(policy, "base_model", None) not in (None, default_model()):
+        record["model"] = policy.base_model
+    if policy.use_lora:
+        alpha = policy.lora.alpha
+        record.update(lora_rank=policy.lora.rank, lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
+                      lora_target_modules=list(policy.lora.target_modules))
+    return record
+
+
+def check_policy_matches_config(config: SharedConfig, policy: Any) -> None:
+    """A LoRA field set in the config (away from its default) that the given policy does not have is an error: the
+    policy decides, and ignoring the field would be a silent correction."""
+    violations = []
+    for name, value in policy_record(config, policy).items():
+        configured = getattr(config, name)
+        if name == "model" or configured == type(config)._default(name) or configured == value:
+            continue
+        violations.append(Violation(name, configured, f"differs from the policy the trainer was given ({name}="
+                                    f"{value!r}), which decides", "build the policy with the same settings (e.g. "
+                                    "LoraSettings(rank=..., alpha=...)), or remove the field"))
+    _raise(violations, config)
 
 
 def apply_gradient_checkpointing(policy: Any, config: SharedConfig) -> None:
@@ -108,7 +139,17 @@ def build_prompt_fn(config: SharedConfig, conditional: bool) -> Callable:
                                          f"{', '.join(prompts.available())})")])
         return prompts.load("empty")
     options = config.resolved("prompt_options")
-    factory = prompts.SOURCES.factories.get(config.prompts)
-    if factory is not None and "seed" in inspect.signature(factory).parameters:
+    if prompts.SOURCES.takes_option(config.prompts, "seed"):
         options.setdefault("seed", config.seed)  # the run's seed, unless the source's own is given
     return prompts.load(config.prompts, **options)
+
+
+def build_eval_prompt_fn(config: SharedConfig) -> Callable | None:
+    """The held-out prompt source of training-time evaluation (``eval_prompts``, seeded with ``eval_seed`` unless
+    its options give a seed), or None: evaluation then draws from the training prompts."""
+    if config.eval_prompts is None:
+        return None
+    options = config.resolved("eval_prompt_options")
+    if prompts.SOURCES.takes_option(config.eval_prompts, "seed"):
+        options.setdefault("seed", config.eval_seed)
+    return prompts.load(config.eval_prompts, **options)

@@ -43,6 +43,8 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command("diffrl.evaluate.cli", "add_evaluate_parser",
                         "compare a base model and fine-tuned results on the same noise"),
     "report": Command("diffrl.evaluate.cli", "add_report_parser", "write a self-contained HTML report for a run"),
+    "export": Command("diffrl.commands.export", "add_parser",
+                      "write a result or checkpoint for diffusers, ComfyUI or AUTOMATIC1111"),
 }
 
 TRAIN_HELP = """Train with a YAML config (presets in configs/) and overrides. Without a config file: with model=... the

@@ -4,8 +4,8 @@ The sets from the DDPO paper (Black et al. 2023; ddpo-pytorch's ``prompts.py``):
 ``simple_animals`` (45 common animals), ``imagenet_animals`` (the first 398 ImageNet-1k
 classes, which are the animals), ``imagenet_all`` (all 1000), ``nouns_activities``
 ("a cat riding a bike", the prompt-alignment task) and ``counting`` ("three dogs", with
-question/answer metadata); plus ``from_file``, ``fixed`` lists and ``empty`` (for
-unconditional models). Class names are ImageNet-1k's first WordNet synonym.
+question/answer metadata); plus ``from_file``, ``jsonl`` (prompts with metadata), ``fixed``
+lists and ``empty`` (for unconditional models). Class names are ImageNet-1k's first WordNet synonym.
 
 The built-in sources are :class:`PromptSource` objects: draw ``i`` depends on the seed and ``i``
 alone (``Stream.PROMPTS`` of :mod:`diffrl.seeding`, never the global RNG), so the same seed gives
@@ -19,13 +19,15 @@ like the rewards.
 
 from __future__ import annotations
 
+import inspect
+import json
 import random
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from diffrl.registry import Registry
+from diffrl.registry import Registry, positional_parameters
 from diffrl.seeding import Stream, stream_seed
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "imagenet_all",
     "imagenet_animals",
     "indefinite_article",
+    "jsonl",
     "load",
     "nouns_activities",
     "plural",
@@ -272,6 +275,46 @@ def from_file(*, path: str | Path, order: str = "sample", seed: int | None = 0) 
     return PromptList(_read_lines(path, "from_file"), order=order, seed=seed, source="from_file")
 
 
+class PromptRecords(PromptList):
+    """Prompts with per-prompt metadata (each record's other fields), drawn as :class:`PromptList` draws."""
+
+    def __init__(self, records: Sequence[tuple[str, dict[str, Any]]], *, order: str = "sample", seed: int | None = 0,
+                 source: str = "jsonl") -> None:
+        super().__init__([prompt for prompt, _ in records], order=order, seed=seed, source=source)
+        self.metadata = [dict(meta) for _, meta in records]
+
+    def draw(self, index: int) -> tuple[str, dict[str, Any]]:
+        if self.order == "cycle":
+            i = index % len(self.prompts)
+        else:
+            i = self.rng(index).randrange(len(self.prompts))
+        return self.prompts[i], dict(self.metadata[i])
+
+
+def jsonl(*, path: str | Path, key: str = "prompt", order: str = "sample", seed: int | None = 0) -> PromptRecords:
+    """Prompts from a JSON Lines file: one object per line, its ``key`` field the prompt and every other field
+    its metadata (handed to the reward as ``prompt_metadata``: GenEval-style tags, OCR targets, ...)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise PromptError(f"prompt source 'jsonl': file {str(file)!r} does not exist; check option path")
+    records = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PromptError(f"prompt source 'jsonl': {file}:{number} is not JSON ({err.msg}); write one object "
+                              "per line") from err
+        if not isinstance(item, dict) or not isinstance(item.get(key), str):
+            raise PromptError(f"prompt source 'jsonl': {file}:{number} has no string field {key!r}; every line "
+                              f"needs one (or set option key to the field that holds the prompt)")
+        records.append((item[key], {k: v for k, v in item.items() if k != key}))
+    if not records:
+        raise PromptError(f"prompt source 'jsonl': file {str(file)!r} has no prompts (one JSON object per line)")
+    return PromptRecords(records, order=order, seed=seed)
+
+
 def fixed(*, prompts: Sequence[str], order: str = "cycle", seed: int | None = 0) -> PromptList:
     """Prompts from a given list, in turn (``order="cycle"``) or sampled (``order="sample"``)."""
     return PromptList(prompts, order=order, seed=seed, source="fixed")
@@ -282,11 +325,24 @@ def empty() -> PromptFn:
     return lambda: ("", {})
 
 
+def is_prompt_function(target: Any) -> bool:
+    """A reference that is already a prompt function (TRL's ``prompt_fn() -> (prompt, metadata)``): a callable
+    without parameters; one with parameters, or a class, is a factory called with ``prompt_options``."""
+    if isinstance(target, type):
+        return False
+    try:
+        return not inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return positional_parameters(target) == 0
+
+
 SOURCES: Registry[PromptFn] = Registry("prompt source", "known sources", PromptError, {
     source.__name__: source for source in (simple_animals, imagenet_animals, imagenet_all, nouns_activities, counting,
-                                           from_file, fixed, empty)
-})
-"""The prompt-source names ``load`` knows; ``register`` adds one (a factory taking keyword options)."""
+                                           from_file, jsonl, fixed, empty)
+}, entry_points="diffrl.prompts", direct=is_prompt_function)
+"""The prompt-source names ``load`` knows; ``register`` adds one (a factory taking keyword options); installed
+packages add theirs through the ``diffrl.prompts`` entry-point group, and ``load("pkg.mod:name")`` takes a
+reference to your own prompt function or factory."""
 _REGISTRY = SOURCES.factories
 
 available = SOURCES.available

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffrl import DDPOConfig, DDPOTrainer, DefaultDDPODDPMPipeline, DefaultDDPOStableDiffusionPipeline, prompts
+from diffrl import DDPOConfig, DDPOTrainer, DefaultDDPODDPMPipeline, DefaultDDPOStableDiffusionPipeline, prompts, rewards
 from diffrl.config import ConfigError
 from diffrl.rewards import RewardError
 
@@ -199,3 +199,71 @@ def test_push_to_hub_uploads_the_result_and_never_shows_the_token(tiny_ddpm_path
     out = capsys.readouterr()
     logged = "".join(p.read_text() for p in (tmp_path / "logs").rglob("*") if p.is_file() and p.suffix in {".json", ".jsonl", ".yaml", ".md"})
     assert "hf_secret_token_123" not in out.out + out.err + logged
+
+
+def test_eval_prompts_are_a_held_out_set_scored_by_training_time_evaluation(tiny_ddpm_path, tmp_path):
+    scored: list[str] = []
+
+    def reward(images, prompts, metadata):
+        scored.extend(prompts)
+        return brightness(images, prompts, metadata)
+
+    config = _config(tmp_path, num_epochs=1, eval_every=1, eval_num_samples=4, eval_prompts="fixed",
+                     eval_prompt_options={"prompts": ["held out a", "held out b"]})
+    trainer = DDPOTrainer(config, reward, prompts.load("fixed", prompts=["train"]),
+                          DefaultDDPODDPMPipeline(tiny_ddpm_path))
+    trainer.train()
+    assert trainer.run.evaluator.prompts == ["held out a", "held out b", "held out a", "held out b"]
+    assert scored.count("train") == 4 and scored.count("held out a") == 2  # training draws never the held-out set
+    assert "eval/reward_mean" in logged_metrics(tmp_path)[-1]
+
+
+class RecordingTracker:
+    """Stands in for a W&B/TensorBoard tracker: what the run logs to it."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.images: list[tuple[str, int, tuple]] = []
+        self.metrics: list[dict] = []
+
+    def log(self, values, step=None, **kwargs):
+        self.metrics.append(dict(values))
+
+    def log_images(self, values, step=None, **kwargs):
+        self.images += [(key, step, tuple(value.shape)) for key, value in values.items()]
+
+
+def test_trackers_get_fixed_image_keys_evaluation_images_and_reward_components(tiny_ddpm_path, tmp_path):
+    reward = rewards.load("combined", components=[
+        {"reward": brightness_reward(), "key": "bright", "weight": 2.0},
+        {"reward": brightness_reward(-1.0), "key": "dark", "weight": 1.0}])
+    config = _config(tmp_path, num_epochs=2, eval_every=1, eval_num_samples=4)
+    trainer = DDPOTrainer(config, reward, lambda: ("", {}), DefaultDDPODDPMPipeline(tiny_ddpm_path))
+    tracker = RecordingTracker()
+    trainer.accelerator.trackers.append(tracker)
+    trainer.train()
+    keys = [key for key, _, _ in tracker.images]
+    # one key per kind of picture (one dashboard panel), not one per prompt and reward
+    assert set(keys) == {"samples/last_batch", "eval/samples"} and keys.count("samples/last_batch") == 2
+    assert ("eval/samples", 2, (4, 3, 8, 8)) in tracker.images  # at the epoch's global step
+    rows = logged_metrics(tmp_path)
+    for row in rows:
+        assert row["reward/component/bright"] == pytest.approx(-row["reward/component/dark"], abs=1e-6)
+        assert row["reward/mean"] == pytest.approx(row["reward/component/bright"], abs=1e-5)  # 2 b - b
+        assert row["eval/component/bright"] > 0
+
+
+def brightness_reward(sign: float = 1.0):
+    def reward(images, prompts, metadata):
+        return sign * images.mean(dim=(1, 2, 3)), {}
+    reward.differentiable = True
+    return reward
+
+
+def test_tracker_runs_are_named_after_the_run_folder_unless_the_user_names_them():
+    from diffrl.recipes.run import tracker_init_kwargs
+
+    merged = tracker_init_kwargs({"wandb": {"entity": "me"}, "mlflow": {"run_name": "mine"}}, "ddpo_2026.12.06")
+    assert merged["wandb"] == {"entity": "me", "name": "ddpo_2026.12.06"} and merged["mlflow"]["run_name"] == "mine"
+    assert DDPOConfig().tracker_project_name == "diffrl"

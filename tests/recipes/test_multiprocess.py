@@ -58,3 +58,29 @@ def test_two_process_grpo_keeps_groups_whole_and_weights_in_sync(tiny_ddpm_path,
     assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], rel=0, abs=1e-9)
     assert ranks[0]["global_step"] == ranks[1]["global_step"] > 0
     assert len((tmp_path / "logs" / "mp" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_an_fsdp_launch_without_gpus_is_refused_not_run_unsharded(tmp_path):
+    """accelerate falls back to plain data parallel (MULTI_CPU) with the FSDP config on a CPU-only machine; a run
+    that asked for sharding stops with one line naming what happened, before any model loads."""
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2",
+           "--main_process_port", str(_free_port()), "-m", "diffrl", "train", "num_epochs=1",
+           f"logdir={tmp_path / 'logs'}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if line.startswith("diffrl train: error:")]
+    assert lines and "asked for FSDP" in lines[0] and "accelerate set up MULTI_CPU" in lines[0]
+    assert not list((tmp_path / "logs").rglob("*.safetensors")) if (tmp_path / "logs").exists() else True
+
+
+def test_the_sharding_check_reads_what_the_launcher_asked_for(monkeypatch):
+    from diffrl.recipes.accelerator import ShardingUnavailableError, check_requested_sharding
+
+    check_requested_sharding("MULTI_CPU")  # nothing asked: nothing to refuse
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    check_requested_sharding("DEEPSPEED")
+    with pytest.raises(ShardingUnavailableError, match="asked for DEEPSPEED .* set up NO"):
+        check_requested_sharding("NO")

@@ -62,7 +62,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add serve-reward's arguments to ``parser``; it sets ``func``."""
-    parser.add_argument("--reward", required=True, help="registered reward name, e.g. aesthetic or alignment")
+    parser.add_argument("--reward", required=True, help="a registered reward name (e.g. aesthetic or alignment), an "
+                        "installed package's, or your own as package.module:function")
     parser.add_argument("--option", action="append", default=[], type=_option, metavar="KEY=VALUE",
                         help="reward option, repeatable; values are YAML, as in train overrides "
                         "(e.g. classes=[6,7,8], differentiable=false, dtype=bfloat16)")

@@ -39,8 +39,9 @@ def parse_key_value(text: str, setting: str) -> tuple[str, Any]:
 
 
 def draw_prompts(source: str, num: int, options: Mapping[str, Any] | None = None, *,
-                 setting: str = "--prompt-source") -> list[tuple[str, dict[str, Any]]]:
-    """``num`` distinct prompts (with metadata) from the prompt source ``source``, in the order first drawn.
+                 setting: str = "--prompt-source", at_most: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """``num`` distinct prompts (with metadata) from the prompt source ``source``, in the order first drawn
+    (``at_most``: as many as the source has, when it has fewer).
 
     Sources draw with replacement from their own seeded RNG, so the same options give the same prompts.
     """
@@ -55,7 +56,7 @@ def draw_prompts(source: str, num: int, options: Mapping[str, Any] | None = None
             break
         text, metadata = fn()
         drawn.setdefault(text, dict(metadata))
-    if len(drawn) < num:
+    if len(drawn) < num and not at_most:
         raise EvaluationError(f"{setting} {source} gave only {len(drawn)} distinct prompts in {max_draws} draws but "
                               f"{num} were asked for; lower --num to {len(drawn)} or less")
     return list(drawn.items())

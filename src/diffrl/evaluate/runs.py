@@ -27,7 +27,7 @@ def compare_run(run_dir: str | os.PathLike, *, model: str | os.PathLike | None =
                 log: Callable[[str], None] | None = None, config: SharedConfig | None = None) -> Evaluation:
     """Sample the run's base model (``model:`` of its ``config.yaml``; the digits DDPM when unset) and its
     fine-tuned ``model`` (default ``run_dir/final``) from the same noise, on ``num_prompts`` prompts of the run's
-    prompt source, and score them with the run's reward. Steps, guidance and eta default to the run's
+    held-out ``eval_prompts`` or else its training prompt source (all of them when it has fewer), and score them with the run's reward. Steps, guidance and eta default to the run's
     ``sample_*`` settings. ``config`` is the run's live config (with its credentials, which the recorded
     ``config.yaml`` never holds); without it the record is read, and a credential the reward needs is an error."""
     run = Path(run_dir)
@@ -46,8 +46,13 @@ def compare_run(run_dir: str | os.PathLike, *, model: str | os.PathLike | None =
                     f"{name}.{key}='${{env:NAME}}' (read from the environment again here), or use --no-samples")
     base = build.base_model(config)
     reward_name = config.reward or "digit"
-    if config.prompts:
-        drawn = draw_prompts(config.prompts, num_prompts, config.prompt_options, setting="the run's prompts")
+    source, options = (config.eval_prompts, "eval_prompt_options") if config.eval_prompts else (config.prompts,
+                                                                                                 "prompt_options")
+    if source and build.model_family(config).is_conditional:  # an unconditional model ignores prompts
+        drawn = draw_prompts(source, num_prompts, config.resolved(options), setting="the run's prompts",
+                             at_most=True)
+        if len(drawn) < num_prompts and log is not None:
+            log(f"the run's prompt source has {len(drawn)} distinct prompt(s); showing all of them")
         prompts = [PromptItem(text, meta, TRAIN) for text, meta in drawn]
     else:
         prompts = [PromptItem("", {}, TRAIN)]

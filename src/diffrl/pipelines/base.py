@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 from diffrl.algorithms.truncation import GradientPlan
@@ -23,7 +25,7 @@ from diffrl.config.sections import SIZE_FIELDS
 from diffrl.pipelines import precision
 from diffrl.pipelines.chain import run_chain
 from diffrl.pipelines.loading import load_pipeline
-from diffrl.pipelines.lora import LoraSettings, add_lora
+from diffrl.pipelines.lora import LoraSettings, add_lora, kohya_state_dict, lora_state_dict, merged_unet
 from diffrl.pipelines.saved import plan_load, write_model_info
 from diffrl.pipelines.types import SampleResult, Trajectory
 from diffrl.samplers import DenoisingSchedule, StepOutput
@@ -180,6 +182,36 @@ class TrainableUNetPolicy:
         """``diffrl_model.json`` beside the saved weights: what :meth:`from_pretrained` reads to continue."""
         write_model_info(directory, kind=self.kind, base_model=self.base_model, revision=self.revision,
                          lora=self.lora.to_dict() if self.lora else None, extra=self._model_info_extra())
+
+    def save_merged(self, directory: str | os.PathLike) -> None:
+        """The whole pipeline as a diffusers folder with any LoRA update merged into the weights: it loads with
+        diffusers alone (``<Pipeline>.from_pretrained``; ComfyUI's diffusers loader), no PEFT and no diffrl."""
+        original = self.pipeline.unet
+        self.pipeline.unet = merged_unet(self._unet) if self.use_lora else self._unet
+        try:
+            self.pipeline.save_pretrained(directory, safe_serialization=True)
+        finally:
+            self.pipeline.unet = original
+
+    kohya_base_version: ClassVar[str | None] = None
+    """``ss_base_model_version`` of a kohya LoRA file of this family (None: the family has no such format)."""
+
+    def save_kohya_lora(self, path: str | os.PathLike) -> None:
+        """The LoRA adapter as one kohya-format ``.safetensors`` file (``lora_unet_..._to_q.lora_down.weight`` and
+        ``.alpha`` keys, the layout AUTOMATIC1111, ComfyUI and diffusers' ``load_lora_weights`` read), with the
+        adapter's real alpha (diffusers' converter writes the rank) and kohya's ``ss_*`` metadata."""
+        if self.kohya_base_version is None:
+            raise ValueError(f"{self.description} has no kohya LoRA format (it is for Stable Diffusion and SDXL "
+                             "UNets); export as diffusers or merged")
+        if not self.use_lora:
+            raise ValueError("this result is a full fine-tune, not a LoRA; export it as merged (a whole pipeline "
+                             "folder) instead")
+        state = kohya_state_dict(lora_state_dict(self._unet), self.lora.alpha)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(self.lora.rank),
+                    "ss_network_alpha": str(self.lora.alpha), "ss_base_model_version": self.kohya_base_version,
+                    "ss_training_comment": "trained with diffrl"}
+        save_file(state, str(path), metadata=metadata)
 
     def _model_info_extra(self) -> dict[str, Any] | None:
         """Kind-specific settings recorded in ``diffrl_model.json`` (none by default)."""

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from diffrl.pipelines import precision
 from diffrl.pipelines.base import TrainableUNetPolicy
 from diffrl.pipelines.chain import chain_options
-from diffrl.pipelines.lora import load_lora_state_dict, lora_state_dict, merged_unet
+from diffrl.pipelines.lora import load_lora_state_dict, lora_state_dict
 from diffrl.samplers import DenoisingSchedule, SamplerName
 from diffrl.pipelines.types import SampleResult, TextConditioning
 
@@ -110,7 +110,3 @@ class DDPMPolicy(TrainableUNetPolicy):
             DDPMPipeline(unet=self._unet, scheduler=self.pipeline.scheduler).save_pretrained(directory, safe_serialization=True)
         self._write_model_info(directory)
 
-    def save_merged(self, directory: str | os.PathLike) -> None:
-        """A plain ``DDPMPipeline`` folder with any LoRA update merged into the weights: it loads with diffusers
-        alone (``DDPMPipeline.from_pretrained``), no PEFT and no diffrl."""
-        DDPMPipeline(unet=merged_unet(self._unet), scheduler=self.pipeline.scheduler).save_pretrained(directory)

@@ -6,6 +6,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+from diffusers.utils import convert_state_dict_to_kohya
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 
 ADAPTER = "default"
@@ -76,6 +77,14 @@ def load_lora_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor],
             f"LoRA weights in '{source}' do not fit this model's adapter (rank/targets differ?): "
             f"unexpected {unexpected[:5]}, missing {missing[:5]}."
         )
+
+
+def kohya_state_dict(peft_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """A UNet adapter's PEFT-named weights in kohya's layout (diffusers' ``convert_state_dict_to_kohya``), each
+    module's ``.alpha`` set to the adapter's ``alpha`` (the converter writes the rank, which reloads any other alpha
+    at the wrong scale)."""
+    state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_state.items()})
+    return {k: (torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous()) for k, v in state.items()}
 
 
 def merged_unet(model: torch.nn.Module) -> torch.nn.Module:

@@ -39,6 +39,7 @@ class StableDiffusionPolicy(TrainableUNetPolicy):
     description = "a Stable Diffusion model"
     pipeline_class = StableDiffusionPipeline
     pipeline_class_names = frozenset({"StableDiffusionPipeline"})
+    kohya_base_version = "sd_v1"
     load_options = ("single_file_config", "vae")
     is_conditional = True
 

@@ -97,6 +97,7 @@ class StableDiffusionXLPolicy(StableDiffusionPolicy):
     description = "an SDXL model"
     pipeline_class = StableDiffusionXLPipeline
     pipeline_class_names = frozenset({"StableDiffusionXLPipeline"})
+    kohya_base_version = "sdxl_base_v1-0"
     model_options = {
         "original_size": "[height, width] of the add_time_ids size conditioning (null: the sampled size)",
         "target_size": "[height, width] of add_time_ids (null: the sampled size)",

@@ -24,11 +24,35 @@ def use_cpu_processes_without_gpus() -> None:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
+class ShardingUnavailableError(ValueError):
+    """The launch asked for FSDP or DeepSpeed, but accelerate set up something else (nothing would be sharded)."""
+
+
+SHARDING_REQUESTS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
+"""What ``accelerate launch --config_file configs/accelerate/{fsdp,zero2}.yaml`` sets -> the distributed type."""
+
+
+def check_requested_sharding(distributed_type: object) -> None:
+    """Refuse a run whose launch asked for FSDP or DeepSpeed when accelerate runs another type: without GPUs it
+    silently falls back to data parallel (``MULTI_CPU``), where a user who chose sharding for memory would get
+    every parameter on every process and a run that proves nothing about sharding."""
+    actual = str(getattr(distributed_type, "value", distributed_type))
+    for variable, wanted in SHARDING_REQUESTS.items():
+        if os.environ.get(variable, "").lower() in ("1", "true", "yes") and actual != wanted:
+            why = "" if torch.cuda.is_available() else " (no GPU is visible: accelerate shards on GPUs only)"
+            raise ShardingUnavailableError(
+                f"the launch asked for {wanted} ({variable}=true, from the accelerate config), but accelerate set up "
+                f"{actual}{why}, so nothing would be sharded; run on GPUs, or launch without the {wanted} config "
+                "(--multi_gpu: plain data parallel)")
+
+
 def process_state() -> PartialState:
     """accelerate's process group, before the accelerator: CPU processes over gloo when there are no GPUs
     (``PartialState`` must be told ``cpu=True`` for that; the ``Accelerator`` reads the same flag)."""
     use_cpu_processes_without_gpus()
-    return PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+    state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+    check_requested_sharding(state.distributed_type)
+    return state
 
 
 def make_accelerator(config: SharedConfig, mixed_precision: str, run_dir: Path) -> Accelerator:
@@ -38,6 +62,7 @@ def make_accelerator(config: SharedConfig, mixed_precision: str, run_dir: Path) 
     project = ProjectConfiguration(**config.project_configuration_kwargs(run_dir))
     accelerator = Accelerator(log_with=config.log_with, mixed_precision=mixed_precision, project_config=project,
                               **config.accelerator_kwargs)
+    check_requested_sharding(accelerator.distributed_type)
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator

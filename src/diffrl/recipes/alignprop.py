@@ -65,6 +65,7 @@ class AlignPropRecipe(RecipeBase):
                  for m in range(accumulate)]
         chains = group_equal_plans(plans, self.micro_batch_chunk())
         rewards: list[torch.Tensor] = []
+        metadata: list[Any] = []
         last: dict[str, Any] = {}
         sampling_s = 0.0
 
@@ -74,10 +75,11 @@ class AlignPropRecipe(RecipeBase):
             with torch.enable_grad():
                 pairs = self.sample_micro_batches(epoch, group, plans[group[0]])
                 self.run.check_samples({"images": pairs["images"]}, epoch, global_step)
-                pairs["rewards"] = self.score_images(pairs)
+                pairs["rewards"], reward_metadata = self.score_images(pairs, with_metadata=True)
                 loss = self.reward_loss(pairs["rewards"])
             last = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in pairs.items()}
             rewards.append(last["rewards"])
+            metadata.append(reward_metadata)
             sampling_s += time.perf_counter() - started
             return loss, [{"loss/reward": loss.detach()}] * len(group)  # a chain's loss is its micro-batches' mean
 
@@ -92,7 +94,7 @@ class AlignPropRecipe(RecipeBase):
                  "truncation/first_grad_step": float(np.mean([p.first_grad_step for p in plans]))}
         self.last_plan = plans[-1]
         return EpochResult(global_step, gather_rewards(acc, rewards), Timings(sampling_s, 0.0, training_s), stats,
-                           extra)
+                           extra, tuple(metadata))
 
     def micro_batch_chunk(self) -> int:
         """Micro-batches per chain at most: ``train_micro_batch_chunk``, or (0) all of them on the CPU and one on
@@ -136,12 +138,12 @@ class AlignPropRecipe(RecipeBase):
                     negative_prompts=cycled_negatives(c.negative_prompt_list, batch_size, batches),
                     generator=generator, height=c.sample_height, width=c.sample_width)
 
-    def score_images(self, prompt_image_pairs: dict[str, Any]) -> torch.Tensor:
-        """Score ``prompt_image_pairs``: rewards ``[B']`` attached to the graph; a reward that
-        returns values without gradients is an error that names it."""
-        rewards, _ = score(self.reward_fn, prompt_image_pairs["images"], prompt_image_pairs["prompts"],
-                           prompt_image_pairs["prompt_metadata"], keep_grad=True)
-        return rewards
+    def score_images(self, prompt_image_pairs: dict[str, Any], with_metadata: bool = False):
+        """Score ``prompt_image_pairs``: rewards ``[B']`` attached to the graph (and the reward's metadata when
+        ``with_metadata``); a reward that returns values without gradients is an error that names it."""
+        rewards, metadata = score(self.reward_fn, prompt_image_pairs["images"], prompt_image_pairs["prompts"],
+                                  prompt_image_pairs["prompt_metadata"], keep_grad=True)
+        return (rewards, metadata) if with_metadata else rewards
 
     def reward_loss(self, rewards: torch.Tensor) -> torch.Tensor:
         """``-reward_coefficient * mean(rewards)``: maximise the reward."""

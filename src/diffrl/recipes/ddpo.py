@@ -99,7 +99,8 @@ class DDPORecipe(RecipeBase):
         for inner in range(self.config.train_num_inner_epochs):
             global_step = self.train_inner(samples, weights, epoch, inner, global_step, stats)
         extra = {f"stat_tracking/{k}": v for k, v in self.stat_tracker.stats().items()} if self.stat_tracker else {}
-        return EpochResult(global_step, all_rewards, Timings(sampling_s, reward_s, timer.lap()), stats, extra)
+        return EpochResult(global_step, all_rewards, Timings(sampling_s, reward_s, timer.lap()), stats, extra,
+                           tuple(b.reward_metadata for b in batches))
 
     # ------------------------------------------------------------------ sampling and rewards
     def sample_epoch(self, epoch: int, global_step: int) -> tuple[list[ScoredBatch], float, float]:

@@ -10,6 +10,7 @@ numbers:
   reward backpropagation: the sampling chain with gradients), scoring them (waiting for asynchronous scores
   included), and updating (backward passes and optimizer steps); ``perf/epoch_s`` is their sum.
 - ``perf/samples_per_s``: the epoch's samples, all processes together, per second of sampling and scoring.
+- ``reward/component/<key>``: with a combined reward, the mean of each component (unweighted), all processes.
 - every list in ``stats`` (``loss/policy``, ``stats/approx_kl``, ``stats/grad_norm``, ...): the mean over its
   entries, then over processes.
 """
@@ -17,6 +18,7 @@ numbers:
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -59,6 +61,8 @@ class EpochResult(NamedTuple):
     timings: Timings
     stats: dict[str, list[torch.Tensor]]
     extra: dict[str, float]
+    reward_metadata: tuple = ()
+    """This process's reward metadata, one per scored batch: a combined reward's components become metrics."""
 
     @property
     def reward_queries(self) -> int:
@@ -78,5 +82,19 @@ def epoch_metrics(result: EpochResult, accelerator: Any) -> dict[str, float]:
     for key, values in result.stats.items():
         mean = torch.stack([torch.as_tensor(v).detach().float() for v in values]).mean()
         metrics[key] = float(accelerator.reduce(mean.to(accelerator.device), "mean"))
+    for key, mean in component_means(result.reward_metadata).items():
+        metrics[f"reward/component/{key}"] = float(accelerator.reduce(torch.tensor(mean, device=accelerator.device), "mean"))
     metrics.update(result.extra)
     return metrics
+
+
+def component_means(metadata: Sequence[Any]) -> dict[str, float]:
+    """The mean of each component of a combined reward (its metadata's ``components``, one ``[B]`` tensor per key)
+    over the batches, by key; ``{}`` for other rewards."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for item in metadata:
+        components = item.get("components") if isinstance(item, Mapping) else None
+        if isinstance(components, Mapping):
+            for key, values in components.items():
+                parts.setdefault(str(key), []).append(torch.as_tensor(values).detach().float().flatten().cpu())
+    return {key: float(torch.cat(parts[key]).mean()) for key in sorted(parts)}

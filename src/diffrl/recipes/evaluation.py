@@ -15,6 +15,7 @@ import torch
 
 from diffrl.metrics import diversity
 from diffrl.pipelines.types import DiffusionPolicy
+from diffrl.recipes.epoch import component_means
 from diffrl.rewards import score
 from diffrl.seeding import sample_on_seeds
 
@@ -105,8 +106,9 @@ class PeriodicEvaluator:
     every numeric reward-metadata value as ``eval/<key>``, and keeps the best policy."""
 
     def __init__(self, config, policy: DiffusionPolicy, reward_fn: Callable, prompt_fn: Callable, run_dir: Path,
-                 accelerator) -> None:
+                 accelerator, log_images: Callable[[str, torch.Tensor, int], None] | None = None) -> None:
         self.config, self.policy, self.reward_fn, self.accelerator = config, policy, reward_fn, accelerator
+        self.log_images = log_images
         self.enabled = config.eval_every > 0
         # Drawn once, up front, so every evaluation scores the same prompts with the same noise.
         self.prompts = [prompt_fn()[0] for _ in range(config.eval_num_samples)] if self.enabled else []
@@ -120,7 +122,9 @@ class PeriodicEvaluator:
                         batch_size=max(getattr(c, "sample_batch_size", c.train_batch_size), 16),
                         height=c.sample_height, width=c.sample_width)
 
-    def maybe_run(self, epoch: int) -> dict[str, float]:
+    def maybe_run(self, epoch: int, global_step: int = 0) -> dict[str, float]:
+        """Evaluate when ``epoch`` is due: the metrics, and the first 16 images to the trackers (``eval/samples``,
+        the same seeds every time, so the panel shows the model changing)."""
         if not self.enabled or (epoch + 1) % self.config.eval_every:
             return {}
         metrics: dict[str, float] = {}
@@ -128,7 +132,10 @@ class PeriodicEvaluator:
             result = self.run()
             metrics = {"eval/reward_mean": result.reward_mean, "eval/reward_std": float(result.rewards.std()),
                        "eval/diversity": prompt_diversity(result.images, result.prompts),
-                       **metadata_means(result.metadata)}
+                       **metadata_means(result.metadata),
+                       **{f"eval/component/{k}": v for k, v in component_means(result.metadata).items()}}
+            if self.log_images is not None:
+                self.log_images("eval/samples", result.images[:16].float().cpu(), global_step)
             if self.best is not None:
                 metrics["eval/is_best"] = float(self.best.update(self.policy, result.reward_mean, epoch))
         self.accelerator.wait_for_everyone()

@@ -137,7 +137,8 @@ class GRPORecipe(RecipeBase):
         extra = {"reward/group_std": float(group_std.mean()),
                  "stats/zero_std_groups": float((group_std == 0).float().mean()),
                  "stats/window_start": float(window.index(True)), "stats/window_size": float(sum(window))}
-        return EpochResult(global_step, all_rewards, Timings(sampling_s, reward_s, training_s), stats, extra)
+        return EpochResult(global_step, all_rewards, Timings(sampling_s, reward_s, training_s), stats, extra,
+                           tuple(b.reward_metadata for b in batches))
 
     def epoch_prompts(self) -> list[tuple[str, Any]]:
         """``prompts_per_epoch`` ``(prompt, metadata)`` pairs, the main process's draw on every process."""

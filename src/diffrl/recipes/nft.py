@@ -143,7 +143,8 @@ class NFTRecipe(RecipeBase):
         decay = self.ema_schedule.decay(global_step)
         ema_update(self.old, self.trained(), decay)  # NVlabs: once per epoch, decay by optimizer steps
         extra = {"stats/optimality_mean": float(samples.r.mean()), "stats/ema_decay": decay}
-        return EpochResult(global_step, all_rewards, Timings(sampling_s, reward_s, timer.lap()), stats, extra)
+        return EpochResult(global_step, all_rewards, Timings(sampling_s, reward_s, timer.lap()), stats, extra,
+                           tuple(b.reward_metadata for b in batches))
 
     # ------------------------------------------------------------------ sampling and rewards
     def sample_epoch(self, epoch: int, global_step: int) -> tuple[list[ScoredBatch], float, float]:

@@ -120,15 +120,9 @@ def _pil_images(image: Any) -> list[Image.Image]:
     return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in array]
 
 
-def last_batch_images(data: Any) -> dict[str, torch.Tensor]:
-    """``{"<prompt> | <reward>": image [1, 3, H, W]}`` of the last sampled batch: DDPO's hook data (a list of
-    ``[images, prompts, prompt_metadata, rewards, reward_metadata]``) or AlignProp's dict."""
-    if isinstance(data, Mapping):
-        images, prompts, rewards = data["images"], data["prompts"], data.get("rewards")
-    else:
-        images, prompts, _, rewards, *_ = data[-1]
-    out = {}
-    for i, image in enumerate(images):
-        reward = f" | {float(rewards[i]):.3g}" if rewards is not None else ""
-        out[f"{i}: {str(prompts[i])[:40]}{reward}"] = image.detach().float().cpu().unsqueeze(0)
-    return out
+def last_batch_images(data: Any, limit: int = 16) -> torch.Tensor:
+    """``[N, 3, H, W]`` (at most ``limit``) images of the last sampled batch: DDPO's hook data (a list of
+    ``[images, prompts, prompt_metadata, rewards, reward_metadata]``) or AlignProp's dict. They go to the trackers
+    under one fixed key (``samples/last_batch``), so a dashboard keeps one panel that steps through epochs."""
+    images = data["images"] if isinstance(data, Mapping) else data[-1][0]
+    return images[:limit].detach().float().cpu()

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from diffrl import checkpoint as ckpt
+from diffrl import build
 from diffrl.config import SharedConfig, diff_for_resume, load_config
 from diffrl.config.accelerate_settings import resolve_mixed_precision
 from diffrl.pipelines.types import DiffusionPolicy
@@ -23,6 +24,18 @@ from diffrl.recipes.evaluation import PeriodicEvaluator
 from diffrl.recipes.guard import DivergenceGuard
 from diffrl.recipes.records import ImageFolderTracker, MetricsLogger, last_batch_images, write_config_record
 from diffrl.run_folder import CONFIG_FILE
+
+
+TRACKER_RUN_NAME = {"wandb": "name", "mlflow": "run_name", "swanlab": "experiment_name"}
+"""The init keyword that names a run, per tracker (accelerate passes ``init_kwargs[tracker]`` to its constructor)."""
+
+
+def tracker_init_kwargs(user: dict, run_name: str) -> dict:
+    """``tracker_kwargs`` with each tracker's run named after the run folder, unless the user named it."""
+    merged = {tracker: dict(kwargs) for tracker, kwargs in user.items()}
+    for tracker, key in TRACKER_RUN_NAME.items():
+        merged.setdefault(tracker, {}).setdefault(key, run_name)
+    return merged
 
 
 class Run:
@@ -47,7 +60,9 @@ class Run:
         self.run_name = choose_run_name(config, processes.num_processes, self.resume)
         self.run_dir = Path(config.logdir) / self.run_name
         self.checkpoints_dir = ckpt.checkpoint_dir(config.logdir, self.run_name)
-        record = dataclasses.replace(config, mixed_precision=precision.value)  # the precision in force
+        # The record names what really runs: the precision in force, and the policy's model and LoRA settings
+        # (a policy built by the caller, TRL-style, decides them), so checkpoints and reports rebuild it.
+        record = dataclasses.replace(config, mixed_precision=precision.value, **build.policy_record(config, policy))
         resumed_epoch = int(ckpt.read_state(self.resume)["epoch"]) if self.resume is not None else None
         self.changed = self._resume_changes(record, resumed_epoch) if self.resume is not None else {}
         self.accelerator = acc = make_accelerator(config, precision.value, self.run_dir)
@@ -61,10 +76,11 @@ class Run:
         policy.to(acc.device, precision.value)
         if config.log_with:
             acc.init_trackers(config.tracker_project_name, config=config.to_flat_dict(),
-                              init_kwargs=config.tracker_kwargs)
+                              init_kwargs=tracker_init_kwargs(config.tracker_kwargs, self.run_name))
         self.metrics = MetricsLogger(acc, self.run_dir)
         self.guard = DivergenceGuard(self.checkpoints_dir)
-        self.evaluator = PeriodicEvaluator(config, policy, reward_fn, prompt_fn, self.run_dir, acc)
+        self.evaluator = PeriodicEvaluator(config, policy, reward_fn, build.build_eval_prompt_fn(config) or prompt_fn,
+                                           self.run_dir, acc, log_images=self.log_images)
         if isinstance(prompt_fn, PromptSource):  # each process its own share of the stream (after the evaluation's)
             prompt_fn.shard(acc.process_index, acc.num_processes)
 
@@ -86,12 +102,20 @@ class Run:
     def show_images(self, data: Any, global_step: int) -> None:
         """TRL's hook contract: ``hook(data, global_step, tracker)`` with the first tracker, or — when the run has
         none — an :class:`~diffrl.recipes.records.ImageFolderTracker` saving PNGs under accelerate's project
-        folder (the run folder unless ``project_kwargs`` names another). Without a hook but with a tracker, the
-        last batch's images (captioned with prompt and reward) go to the tracker."""
+        folder (the run folder unless ``project_kwargs`` names another). Without a hook but with trackers, the
+        last batch's images go to them under ``samples/last_batch``."""
         acc = self.accelerator
         tracker = acc.trackers[0] if acc.trackers else None
         if self.image_hook is not None:
             folder = Path(acc.project_dir or ".") / "images"
             self.image_hook(data, global_step, tracker if tracker is not None else ImageFolderTracker(folder))
-        elif tracker is not None and acc.is_main_process and hasattr(tracker, "log_images"):
-            tracker.log_images(last_batch_images(data), step=global_step)
+        else:
+            self.log_images("samples/last_batch", last_batch_images(data), global_step)
+
+    def log_images(self, key: str, images: torch.Tensor, global_step: int) -> None:
+        """``images [N, 3, H, W]`` in [0, 1] to every tracker that takes images, under ``key`` (main process)."""
+        if not self.accelerator.is_main_process:
+            return
+        for tracker in self.accelerator.trackers:
+            if hasattr(tracker, "log_images"):
+                tracker.log_images({key: images}, step=global_step)

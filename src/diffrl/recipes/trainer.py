@@ -21,13 +21,13 @@ from typing import Any, Callable, ClassVar
 import torch
 from PIL import Image
 
-from diffrl.build import apply_gradient_checkpointing
+from diffrl.build import apply_gradient_checkpointing, check_policy_matches_config
 from diffrl.config import SharedConfig
 from diffrl.pipelines.types import DiffusionPolicy
 from diffrl.prompts import PromptSource
 from diffrl.recipes.accelerator import process_state
 from diffrl.recipes.checkpoints import CheckpointIO, full_trainable_state_dict, is_sharded, whole_parameters
-from diffrl.recipes.epoch import EpochResult, epoch_metrics
+from diffrl.recipes.epoch import epoch_metrics
 from diffrl.recipes.optim import apply_optimizer_settings
 from diffrl.recipes.recipe import Recipe
 from diffrl.recipes.results import model_card, push_result, sample_grid, save_result
@@ -78,6 +78,7 @@ class Trainer:
         self.reward_fn, self.prompt_fn, self.image_samples_callback = reward_function, prompt_function, image_samples_hook
         self.recipe: Recipe = self.recipe_class(config, policy, reward_function, prompt_function)  # checks inputs
         config.validate(num_processes=process_state().num_processes)
+        check_policy_matches_config(config, policy)
         apply_gradient_checkpointing(policy, config)  # also for policies built outside diffrl train
         self.run = Run(config, policy, reward_function, prompt_function, image_samples_hook)
         self.recipe.setup(self.run)
@@ -138,7 +139,7 @@ class Trainer:
         metrics = {"epoch": epoch, **epoch_metrics(result, self.accelerator),
                    "train/lr": self.lr_scheduler.get_last_lr()[0], **peak_memory_metrics(self.accelerator.device),
                    "perf/wall_s": self.wall_s, "perf/reward_queries": float(self.reward_queries)}
-        metrics.update(self.run.evaluator.maybe_run(epoch))
+        metrics.update(self.run.evaluator.maybe_run(epoch, global_step))
         self.last_metrics = metrics
         if (epoch + 1) % self.config.save_freq == 0 or epoch + 1 == self.config.num_epochs:
             self.run.guard.check_weights(self.recipe.update.params, epoch, global_step, self.config.train_learning_rate)

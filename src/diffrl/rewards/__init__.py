@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from diffrl.digits import DigitReward
-from diffrl.registry import Registry
+from diffrl.registry import Registry, positional_parameters
 from diffrl.rewards.aesthetic import AestheticScore
 from diffrl.rewards.alignment import AlignmentReward
 from diffrl.rewards.base import ImageReward, Reward, RewardError
@@ -50,6 +50,13 @@ def digit(digit: int = 3, kind: str = "log_prob") -> Reward:
     return reward
 
 
+def is_reward_function(target: Any) -> bool:
+    """A reference that is already a reward: a function (or callable object) with TRL's signature
+    ``reward(images, prompts, prompt_metadata)``; a class (e.g. an :class:`ImageReward` subclass) or a function
+    taking options is a factory instead."""
+    return not isinstance(target, type) and (positional_parameters(target) or 0) >= 3
+
+
 def _combined(*, components: Any) -> WeightedSum:
     """``combined``: a weighted sum of registered rewards (:func:`diffrl.rewards.combine.combined`)."""
     return combined(components=components, load=load)
@@ -67,8 +74,10 @@ REWARDS: Registry[Reward] = Registry("reward", "known rewards", RewardError, {
     "alignment": AlignmentReward,
     "remote": RemoteReward,
     "combined": _combined,
-})
-"""The reward names ``load`` knows; ``register`` adds one (a factory taking keyword options, a class works)."""
+}, entry_points="diffrl.rewards", direct=is_reward_function)
+"""The reward names ``load`` knows; ``register`` adds one (a factory taking keyword options, a class works);
+installed packages add theirs through the ``diffrl.rewards`` entry-point group, and ``load("pkg.mod:name")``
+takes a reference to your own reward function or factory."""
 _REGISTRY = REWARDS.factories
 
 available = REWARDS.available

@@ -47,7 +47,10 @@ class RunSection(ConfigBase):
                                   help="Keyword arguments for accelerate's ProjectConfiguration (project_dir, "
                                        "logging_dir, automatic_checkpoint_naming, total_limit, ...). "
                                        "project_dir/logging_dir default to the run folder.")
-    tracker_project_name: str = option("trl", resume=APPLY, help="Name of project to use for tracking.")
+    tracker_project_name: str = option("diffrl", resume=APPLY,
+                                       help="Name of project to use for tracking (TRL's default was 'trl'); each "
+                                            "tracker's run is named after the run folder unless tracker_kwargs "
+                                            "names it.")
     logdir: str = option("logs", resume=RUN_FOLDER, help="Top-level logging directory for checkpoint saving.")
     num_epochs: int = option(100, resume=APPLY, help="Number of epochs to train.")
     save_freq: int = option(1, resume=APPLY, help="Number of epochs between saving model checkpoints.")
@@ -67,6 +70,13 @@ class RunSection(ConfigBase):
     eval_num_steps: int = option(0, trl=False, resume=APPLY,
                                  help="Sampler steps of evaluation (0: sample_num_steps); train with few steps, "
                                       "evaluate with many.")
+    eval_prompts: Optional[str] = option(
+        None, trl=False, resume=APPLY,
+        help="A held-out prompt source for training-time evaluation (any prompts: value, e.g. jsonl or "
+             "my_pkg.prompts:heldout), drawn once with eval_seed. null: eval_num_samples draws of the training "
+             "prompts.")
+    eval_prompt_options: dict = option(factory=dict, trl=False, resume=APPLY,
+                                       help="Keyword arguments for the eval_prompts source.")
     keep_best: bool = option(False, trl=False, resume=APPLY,
                              help="Also keep the checkpoint with the best evaluation reward (needs eval_every > 0).")
     output_dir: str = option("", trl=False, resume=APPLY,
@@ -102,6 +112,9 @@ class RunSection(ConfigBase):
         c.at_least("eval_every", 0)
         c.at_least("eval_num_samples", 1)
         c.at_least("eval_num_steps", 0)
+        if c.ok("eval_prompts") and self.eval_prompts == "":
+            c.add("eval_prompts", "must not be empty", "name a prompt source, or null to evaluate on training prompts")
+        c.unchanged_unless(self.eval_prompts is not None, "eval_prompt_options", "without eval_prompts")
         if self.keep_best and c.ok("eval_every") and self.eval_every == 0:
             c.add("keep_best", "needs evaluations to rank checkpoints", "set eval_every to 1 or more")
         if c.ok("hub_model_id") and self.hub_model_id is not None and self.hub_model_id.count("/") > 1:

@@ -34,15 +34,21 @@ class TaskSection(ConfigBase):
 
     # ---- diffrl extras ----
     reward: Optional[str] = option(None, trl=False, resume=OBJECTIVE,
-                                   help="Registered name of the reward function. null: the model's default (the "
-                                        "digit classifier for the digits DDPM).")
+                                   help="The reward: a registered name (aesthetic, pickscore, ...), an installed "
+                                        "package's (entry point group diffrl.rewards), or your own as "
+                                        "package.module:function (TRL's reward signature, or a factory/class "
+                                        "taking reward_options). null: the model's default (the digit classifier "
+                                        "for the digits DDPM).")
     reward_options: dict = option(factory=dict, trl=False, resume=OBJECTIVE,
                                   help="Keyword arguments for the reward (reward_options.KEY=VALUE on the command "
                                        "line). Credentials (token, api_key, password, URL user-info) are never "
                                        "written to files or trackers; give them as '${env:NAME}' to read the "
                                        "environment variable NAME instead.")
     prompts: Optional[str] = option(None, trl=False, resume=OBJECTIVE,
-                                    help="Registered name of the prompt source. null: the model's default (an empty "
+                                    help="The prompt source: a registered name (simple_animals, from_file, ...), an "
+                                         "installed package's (group diffrl.prompts), or your own as "
+                                         "package.module:function (a prompt function without parameters, or a "
+                                         "factory taking prompt_options). null: the model's default (an empty "
                                          "prompt for an unconditional model).")
     prompt_options: dict = option(factory=dict, trl=False, resume=OBJECTIVE,
                                   help="Keyword arguments for the prompt source.")
