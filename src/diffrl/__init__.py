@@ -1,4 +1,4 @@
-"""diffrl: fine-tune diffusion models against reward functions (DDPO, AlignProp, DRaFT, ReFL).
+"""diffrl: fine-tune diffusion models against reward functions (DDPO, AlignProp, DRaFT, ReFL, GRPO, DiffusionNFT).
 
 The public API, imported lazily so that ``diffrl --help`` does not load torch and diffusers.
 Policies (:mod:`diffrl.pipelines`) sample trajectories with exact log-probabilities; samplers

@@ -86,3 +86,27 @@ def test_report_renders_in_headless_chromium(evaluation, lora_run, tmp_path):
     assert not_white > 0.03, f"the page looks blank ({not_white:.1%} non-white pixels)"
     assert saturated > 0.005, f"no image content visible ({saturated:.2%} colourful pixels)"
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100
+
+
+def test_a_grid_of_many_seeds_fits_the_page_and_scrolls_beyond(tiny_ddpm_path):
+    from diffrl.evaluate.report import grid_section
+
+    base = load_policy(tiny_ddpm_path, use_lora=False)
+    seeds = list(range(16))
+    evaluation = evaluate_models([ModelSource.of("base", base)], {"jpeg": rewards.load("jpeg_compressibility")},
+                                 [PromptItem("", {}, TRAIN)], seeds, SampleSettings(2, 1.0, 1.0, 16),
+                                 preview_seeds=16)
+    body = grid_section(evaluation).body
+    widths = [int(w) for w in re.findall(r'<img [^>]*width="(\d+)"', body)]
+    assert len(widths) == 16 and max(widths) * 16 <= 1000  # the 16-seed row of the quickstart fits the page
+    assert '<div class="scroll"><table class="grid">' in body  # wider grids scroll in their own box
+
+
+def test_a_curve_constant_up_to_rounding_draws_flat():
+    from diffrl.evaluate.plots import value_range
+
+    lo, hi = value_range(-1e-7, 1e-7)  # reward/max of a run whose best sample scores 0 every epoch
+    assert hi - lo >= 1e-6 and lo < -1e-7 and hi > 1e-7
+    lo, hi = value_range(0.9999999, 1.0000001)
+    assert hi - lo == pytest.approx(1e-3)
+    assert value_range(0.2, 0.8) == (0.2, 0.8)  # a real change keeps its own range

@@ -62,6 +62,7 @@ def test_diffrl_train_without_a_file_but_with_a_model_trains_that_model_not_the_
     out = capsys.readouterr().out
     run = tmp_path / "logs" / "sd"
     assert "digits" not in out and "DDPMPipeline" not in out and f"fine-tuned model: {run / 'final'}" in out
+    assert f"trained DDPOTrainer on {tiny_sd_path} (a Stable Diffusion model, LoRA rank 4, alpha 4) for 1 epochs" in out
     assert not (run / "summary.json").exists()  # the quickstart's artefact
     assert (run / "final" / "pytorch_lora_weights.safetensors").is_file()
     config = (run / "config.yaml").read_text()

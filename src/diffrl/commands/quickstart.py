@@ -59,8 +59,9 @@ def run_quickstart(overrides: Sequence[str] = ()) -> int:
         policy.save_merged(run_dir / "final_merged")
     image_grid([before.images[:16], after.images[:16]], run_dir / "grid_before_after.png", labels=["base", "tuned"])
     reward_curve(run_dir / "metrics.jsonl", run_dir / "reward_curve.png")
-    evaluation = compare_run(run_dir, seeds=range(config.eval_seed, config.eval_seed + 16), device=str(acc.device),
-                             batch_size=16, config=config)
+    # The report scores the summary's seeds (eval_num_samples of them, from eval_seed) and shows the first 8.
+    evaluation = compare_run(run_dir, seeds=range(config.eval_seed, config.eval_seed + config.eval_num_samples),
+                             device=str(acc.device), batch_size=128, config=config, preview_seeds=8)
     report = write_report(run_dir / "report.html", evaluation=evaluation, runs={run_dir.name: run_dir},
                           title=f"diffrl quickstart: {run_dir.name}")
     summary = {

@@ -64,7 +64,11 @@ def train_from_config(path: str | os.PathLike | None, overrides: Sequence[str] =
     trainer.save_pretrained(str(final))
     if trainer.accelerator.is_main_process:
         write_curves_report(Path(trainer.run_dir))
-    trainer.accelerator.print(f"run folder: {trainer.run_dir}\nfine-tuned model: {final}")
+    policy = trainer.policy
+    lora = f"LoRA rank {policy.lora.rank}, alpha {policy.lora.alpha:g}" if policy.use_lora else "all weights"
+    trainer.accelerator.print(f"trained {type(trainer).__name__} on {build.base_model(config)} ({policy.description}, "
+                              f"{lora}) for {trainer.first_epoch} epochs\nrun folder: {trainer.run_dir}\n"
+                              f"fine-tuned model: {final}")
     if config.push_to_hub:
         url = trainer.push_to_hub()
         trainer.accelerator.print(f"pushed to {url}")

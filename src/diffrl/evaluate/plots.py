@@ -30,6 +30,16 @@ def image_grid(rows: Sequence[torch.Tensor], path: Path, *, cell: int = 48, labe
     return path
 
 
+def value_range(lo: float, hi: float) -> tuple[float, float]:
+    """The y-axis of a curve: ``[lo, hi]``, widened to at least 1e-3 of the values' magnitude (and 1e-6), so a
+    curve that is constant up to float rounding draws flat instead of magnifying the rounding to full height."""
+    span = max(1e-3 * max(abs(lo), abs(hi)), 1e-6)
+    if hi - lo < span:
+        middle = (hi + lo) / 2
+        lo, hi = middle - span / 2, middle + span / 2
+    return lo, hi
+
+
 def line_plot(xs: Sequence[float], ys: Sequence[float], path: Path, *, title: str, xlabel: str = "epoch",
               bands: Sequence[float] | None = None, size: tuple[int, int] = (480, 300)) -> Path:
     """A minimal line chart (with an optional +-band, e.g. the reward std) saved as PNG."""
@@ -43,8 +53,7 @@ def line_plot(xs: Sequence[float], ys: Sequence[float], path: Path, *, title: st
         return path
     lo = min(y - (bands[i] if bands else 0) for i, y in enumerate(ys))
     hi = max(y + (bands[i] if bands else 0) for i, y in enumerate(ys))
-    if hi - lo < 1e-12:
-        lo, hi = lo - 0.5, hi + 0.5
+    lo, hi = value_range(lo, hi)
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
 
     def px(x: float, y: float) -> tuple[float, float]:

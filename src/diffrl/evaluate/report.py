@@ -40,6 +40,7 @@ table { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; }
 th, td { border: 1px solid #d0d7de; padding: 4px 8px; text-align: right; vertical-align: middle; }
 th { background: #f6f8fa; } td.name, th.name { text-align: left; }
 table.grid td, table.grid th { text-align: center; padding: 3px; } table.grid img { display: block; margin: 0 auto; }
+.scroll { max-width: 100%; overflow-x: auto; }
 .cap { font-size: 11px; color: #57606a; } .up { color: #1a7f37; } .down { color: #cf222e; }
 .badge { font-size: 11px; padding: 1px 6px; border-radius: 8px; background: #ddf4ff; color: #0969da; }
 .badge.heldout { background: #fff8c5; color: #9a6700; }
@@ -112,6 +113,9 @@ def grid_section(evaluation: Evaluation) -> Section:
     """For each previewed prompt: one row per model, one column per seed, every column from the same noise."""
     caption_reward = evaluation.trained_reward or (evaluation.reward_names[0] if evaluation.reward_names else None)
     blocks = []
+    # Thumbnails shrink with the number of seeds so a row fits a page (about 1000 px), never below 48 px; a
+    # grid wider than the page scrolls inside its own box.
+    thumb = max(48, min(96, 1000 // max(1, len(evaluation.preview_seeds)) - 8))
     for row, p in enumerate(evaluation.preview_prompts):
         prompt = evaluation.prompts[p]
         head = "<tr><th></th>" + "".join(f"<th>seed {s}</th>" for s in evaluation.preview_seeds) + "</tr>"
@@ -122,7 +126,7 @@ def grid_section(evaluation: Evaluation) -> Section:
             for col, seed in enumerate(evaluation.preview_seeds):
                 array = thumbs[col].permute(1, 2, 0).numpy()
                 h, w = array.shape[:2]
-                scale = max(1.0, 96 / max(h, w))
+                scale = thumb / max(h, w)
                 tag = img_tag(array, f"{model}, prompt {p}, seed {seed}", round(w * scale), round(h * scale),
                               pixelated=scale > 1)
                 cap = ""
@@ -132,7 +136,8 @@ def grid_section(evaluation: Evaluation) -> Section:
                 cells.append(f"<td>{tag}{cap}</td>")
             lines.append(f'<tr><th class="name">{html.escape(model)}</th>{"".join(cells)}</tr>')
         text = html.escape(prompt.text) if prompt.text else "<i>(no prompt: unconditional)</i>"
-        blocks.append(f'<h3>{text} {_badge(prompt.split)}</h3><table class="grid">{head}{"".join(lines)}</table>')
+        blocks.append(f'<h3>{text} {_badge(prompt.split)}</h3><div class="scroll"><table class="grid">{head}'
+                      f'{"".join(lines)}</table></div>')
     intro = ('<p class="meta">Rows: models; columns: seeds. Each column starts from the same initial noise and '
              'receives the same per-step noise in every model.'
              + (f' Under each image: its {html.escape(caption_reward)} reward.' if caption_reward else "") + "</p>")

@@ -24,11 +24,13 @@ def compare_run(run_dir: str | os.PathLike, *, model: str | os.PathLike | None =
                 seeds: Sequence[int] = (0, 1, 2, 3), num_inference_steps: int | None = None,
                 guidance_scale: float | None = None, eta: float | None = None, batch_size: int = 8,
                 device: str = "cpu", mixed_precision: str = "no",
-                log: Callable[[str], None] | None = None, config: SharedConfig | None = None) -> Evaluation:
+                log: Callable[[str], None] | None = None, config: SharedConfig | None = None,
+                preview_seeds: int | None = None) -> Evaluation:
     """Sample the run's base model (``model:`` of its ``config.yaml``; the digits DDPM when unset) and its
     fine-tuned ``model`` (default ``run_dir/final``) from the same noise, on ``num_prompts`` prompts of the run's
     held-out ``eval_prompts`` or else its training prompt source (all of them when it has fewer), and score them with the run's reward. Steps, guidance and eta default to the run's
-    ``sample_*`` settings. ``config`` is the run's live config (with its credentials, which the recorded
+    ``sample_*`` settings; the first ``preview_seeds`` (default: all) are shown as images, every seed is scored.
+    ``config`` is the run's live config (with its credentials, which the recorded
     ``config.yaml`` never holds); without it the record is read, and a credential the reward needs is an error."""
     run = Path(run_dir)
     tuned = Path(model) if model is not None else run / "final"
@@ -74,4 +76,5 @@ def compare_run(run_dir: str | os.PathLike, *, model: str | os.PathLike | None =
               ModelSource(tuned.name, loader(str(tuned), base), {"source": str(tuned), "role": "fine-tuned"})]
     return evaluate_models(models, {reward_name: build.build_reward(config)}, prompts, list(seeds), settings,
                            trained_reward=reward_name, reward_options={reward_name: dict(config.reward_options)},
-                           preview_prompts=num_prompts, preview_seeds=len(seeds), log=log)
+                           preview_prompts=num_prompts,
+                           preview_seeds=len(seeds) if preview_seeds is None else preview_seeds, log=log)
