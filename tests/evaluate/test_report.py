@@ -110,3 +110,26 @@ def test_a_curve_constant_up_to_rounding_draws_flat():
     lo, hi = value_range(0.9999999, 1.0000001)
     assert hi - lo == pytest.approx(1e-3)
     assert value_range(0.2, 0.8) == (0.2, 0.8)  # a real change keeps its own range
+
+
+def test_a_sixteen_seed_report_has_no_horizontal_overflow_at_1280_px(tiny_ddpm_path, lora_run, tmp_path):
+    """The quickstart's report shape (16 seeds shown) in a real browser: the page is no wider than the window."""
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium); the rendering check needs it")
+    base = load_policy(tiny_ddpm_path, use_lora=False)
+    evaluation = evaluate_models([ModelSource.of("base", base), ModelSource.of("tuned", base)],
+                                 {"jpeg": rewards.load("jpeg_compressibility")}, [PromptItem("", {}, TRAIN)],
+                                 list(range(650, 666)), SampleSettings(2, 1.0, 1.0, 16), preview_seeds=16)
+    report = write_report(tmp_path / "report.html", evaluation=evaluation, runs={"run": lora_run})
+    probe = tmp_path / "probe.html"  # the report itself has no script; the probe adds one that reports the width
+    probe.write_text(report.read_text(encoding="utf-8").replace(
+        "</body>", "<script>document.body.setAttribute('data-width', document.documentElement.scrollWidth)"
+                   "</script></body>"), encoding="utf-8")
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900", "--virtual-time-budget=3000",
+           "--dump-dom", probe.resolve().as_uri()]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    found = re.search(r'data-width="(\d+)"', done.stdout)
+    assert found, done.stderr[-2000:]
+    assert int(found.group(1)) <= 1280

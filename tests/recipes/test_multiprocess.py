@@ -84,3 +84,37 @@ def test_the_sharding_check_reads_what_the_launcher_asked_for(monkeypatch):
     check_requested_sharding("DEEPSPEED")
     with pytest.raises(ShardingUnavailableError, match="asked for DEEPSPEED .* set up NO"):
         check_requested_sharding("NO")
+
+
+RANK_REWARD = '''
+import json, os
+
+def brightness(images, prompts, prompt_metadata):
+    with open(os.path.join(os.environ["SCORED_DIR"], f"scored_{os.environ['RANK']}.jsonl"), "a") as f:
+        f.write(json.dumps(list(prompts)) + "\\n")
+    return images.mean(dim=(1, 2, 3)), {}
+'''
+
+
+def test_two_machines_start_with_the_same_command_from_the_environment(tiny_ddpm_path, tmp_path):
+    """scripts/launch.sh on two "machines" (NODE_RANK 0 and 1 on this host): one run, each node scoring its own
+    share of the prompts, one metrics file and one final model."""
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "rank_reward.py").write_text(RANK_REWARD)
+    port = _free_port()
+    args = [f"model={tiny_ddpm_path}", "reward=rank_reward:brightness", "prompts=fixed",
+            "prompt_options.prompts=[p0, p1, p2, p3]", "prompt_options.order=cycle", "num_epochs=2",
+            "sample_num_steps=2", "sample_batch_size=2", "sample_num_batches_per_epoch=1", "train_batch_size=2",
+            "mixed_precision=no", f"logdir={tmp_path / 'logs'}", "run_name=mn"]
+    env = dict(os.environ, NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", SCORED_DIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    nodes = [subprocess.Popen(["bash", str(root / "scripts" / "launch.sh"), *args], env=dict(env, NODE_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outputs = [node.communicate(timeout=400) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    scored = {r: [json.loads(line) for line in (tmp_path / f"scored_{r}.jsonl").read_text().splitlines()]
+              for r in (0, 1)}
+    assert scored[0] == [["p0", "p2"], ["p0", "p2"]] and scored[1] == [["p1", "p3"], ["p1", "p3"]]
+    run = tmp_path / "logs" / "mn"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2 and (run / "final").is_dir()

@@ -196,7 +196,12 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return None
         c = self.config
-        prompts = list(self.run.evaluator.prompts[:count]) or [self.prompt_fn()[0] for _ in range(count)]
+        prompts = list(self.run.evaluator.prompts[:count])
+        if not prompts:  # fresh draws, which leave a built-in source's position (saved in checkpoints) where it was
+            position = self.prompt_fn.state_dict() if isinstance(self.prompt_fn, PromptSource) else None
+            prompts = [self.prompt_fn()[0] for _ in range(count)]
+            if position is not None:
+                self.prompt_fn.load_state_dict(position)
         images = [batch.images.cpu() for batch in sample_on_seeds(
             self.policy, prompts, [c.eval_seed + i for i in range(len(prompts))],
             num_inference_steps=c.eval_num_steps or c.sample_num_steps,

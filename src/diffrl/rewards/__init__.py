@@ -23,6 +23,7 @@ from diffrl.rewards.classifier import over50
 from diffrl.rewards.clip import clip_score, pickscore
 from diffrl.rewards.combine import WeightedSum, combined
 from diffrl.rewards.jpeg import jpeg_compressibility, jpeg_incompressibility
+from diffrl.rewards.openai_vlm import OpenAIVisionReward, VisionJudgeError
 from diffrl.rewards.remote import RemoteReward, RemoteRewardError
 from diffrl.rewards.scoring import require_differentiable, score
 
@@ -33,6 +34,7 @@ __all__ = [
     "score",
     "require_differentiable",
     "RemoteRewardError",
+    "VisionJudgeError",
     "WeightedSum",
     "available",
     "load",
@@ -73,6 +75,7 @@ REWARDS: Registry[Reward] = Registry("reward", "known rewards", RewardError, {
     "over50": over50,
     "alignment": AlignmentReward,
     "remote": RemoteReward,
+    "openai_vlm": OpenAIVisionReward,
     "combined": _combined,
 }, entry_points="diffrl.rewards", direct=is_reward_function)
 """The reward names ``load`` knows; ``register`` adds one (a factory taking keyword options, a class works);

@@ -2,40 +2,29 @@
 
 Sends images in batches as JSON (base64 raw arrays, no pickle), with a timeout per
 network operation and a bounded number of retries with exponential backoff for the
-failures that can pass (connection refused or reset, timeouts, 502/503/504). Every
+failures that can pass (connection refused or reset, timeouts, 429/502/503/504: :mod:`diffrl.rewards._http`). Every
 failure raises :class:`RemoteRewardError` naming the URL and what to check, so a
 trainer never hangs on a dead server.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
-import socket
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any
 
 import torch
 
+from diffrl.rewards._http import JsonClient, ServiceError
 from diffrl.rewards._wire import ENCODINGS, PROTOCOL, TOKEN_ENV, encode_images, jsonable
 from diffrl.rewards.base import (ImageReward, PromptMetadata, Prompts, RewardError, RewardOutput, check_choice,
                                  check_positive)
 
 __all__ = ["RemoteReward", "RemoteRewardError"]
 
-_RETRY_STATUS = (502, 503, 504)
 
-
-class RemoteRewardError(RuntimeError):
+class RemoteRewardError(ServiceError):
     """The reward server could not be reached, refused the request, or answered something unusable."""
-
-
-class _Retryable(Exception):
-    """A failure worth another attempt; carries the message for the final error."""
 
 
 class RemoteReward(ImageReward):
@@ -83,7 +72,15 @@ class RemoteReward(ImageReward):
         self.token = token if token is not None else os.environ.get(TOKEN_ENV) or None
         self.timeout, self.retries, self.backoff = float(timeout), retries, float(backoff)
         self.batch_size, self.encoding = batch_size, encoding
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self._client = JsonClient(
+            self.url, token=self.token, timeout=timeout, retries=retries, backoff=backoff,
+            service=f"reward server at {self.url}", error=RemoteRewardError,
+            unreachable_hint=f"Check that `diffrl serve-reward` is running there and reachable, or raise option "
+                             f"timeout={self.timeout:g}",
+            auth_hint=lambda sent: (("the token does not match the server's" if sent else
+                                     "no token was sent; set option token") + f" (or ${TOKEN_ENV})"),
+            too_large_hint=f"lower option batch_size={self.batch_size}, use encoding='uint8', or raise the server's "
+                           "--max-request-mb")
 
     def __repr__(self) -> str:  # never shows the token
         token = "set" if self.token else "none"
@@ -91,7 +88,7 @@ class RemoteReward(ImageReward):
 
     def health(self) -> dict[str, Any]:
         """The server's ``GET /health`` answer (reward name, protocol, request limit)."""
-        return self._request("GET", "/health", None)
+        return self._client.request("GET", "/health")
 
     def score_images(self, images: torch.Tensor, prompts: Prompts, prompt_metadata: PromptMetadata) -> RewardOutput:
         prompts = list(prompts) if prompts is not None else None
@@ -109,7 +106,7 @@ class RemoteReward(ImageReward):
                 "prompts": prompts[start:stop] if prompts is not None else None,
                 "prompt_metadata": jsonable(prompt_metadata[start:stop]) if prompt_metadata is not None else None,
             }
-            answer = self._request("POST", "/reward", json.dumps(body).encode("utf-8"))
+            answer = self._client.request("POST", "/reward", body)
             rewards += self._check_rewards(answer, stop - start)
             metadata = answer.get("metadata") or {}
             parts.append((stop - start, metadata if isinstance(metadata, dict) else {"value": metadata}))
@@ -128,75 +125,6 @@ class RemoteReward(ImageReward):
                 f"got {str(answer)[:200]!r}; is {self.url} a diffrl reward server?"
             )
         return [float(v) for v in values]
-
-    def _request(self, method: str, path: str, data: bytes | None) -> dict[str, Any]:
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                return self._attempt(method, path, data)
-            except _Retryable as error:
-                last = str(error)
-        raise RemoteRewardError(
-            f"reward server at {self.url} failed {self.retries + 1} attempt(s): {last}. "
-            f"Check that `diffrl serve-reward` is running there and reachable, or raise option timeout={self.timeout:g}"
-        )
-
-    def _attempt(self, method: str, path: str, data: bytes | None) -> dict[str, Any]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
-        try:
-            with self._opener.open(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as error:
-            self._raise_for_status(error)
-        except urllib.error.URLError as error:
-            reason = error.reason
-            if isinstance(reason, (TimeoutError, socket.timeout)):
-                raise _Retryable(f"no answer within timeout={self.timeout:g}s") from None
-            raise _Retryable(f"cannot connect ({reason})") from None
-        except (TimeoutError, socket.timeout):
-            raise _Retryable(f"no answer within timeout={self.timeout:g}s") from None
-        except (ConnectionError, http.client.RemoteDisconnected, http.client.IncompleteRead) as error:
-            raise _Retryable(f"connection dropped ({type(error).__name__}: {error})") from None
-        except http.client.HTTPException as error:
-            raise RemoteRewardError(
-                f"reward server at {self.url} answered garbage, not HTTP ({type(error).__name__}: {error}); "
-                "is the url right?"
-            ) from None
-        try:
-            answer = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RemoteRewardError(
-                f"reward server at {self.url} answered garbage, not JSON: {raw[:200]!r}; is the url right?"
-            ) from None
-        if not isinstance(answer, dict):
-            raise RemoteRewardError(f"reward server at {self.url} answered garbage: {str(answer)[:200]!r}")
-        return answer
-
-    def _raise_for_status(self, error: urllib.error.HTTPError) -> None:
-        try:
-            message = json.loads(error.read()).get("error", "")
-        except Exception:  # an error page that is not our JSON
-            message = ""
-        detail = f" ({message})" if message else ""
-        if error.code in _RETRY_STATUS:
-            raise _Retryable(f"HTTP {error.code}{detail}") from None
-        if error.code in (401, 403):
-            hint = "no token was sent; set option token" if not self.token else "the token does not match the server's"
-            raise RemoteRewardError(
-                f"reward server at {self.url} refused the request (HTTP {error.code}){detail}: {hint} "
-                f"(or ${TOKEN_ENV})"
-            ) from None
-        if error.code == 413:
-            raise RemoteRewardError(
-                f"reward server at {self.url} refused the request as too large (HTTP 413){detail}; lower option "
-                f"batch_size={self.batch_size}, use encoding='uint8', or raise the server's --max-request-mb"
-            ) from None
-        raise RemoteRewardError(f"reward server at {self.url} answered HTTP {error.code}{detail}") from None
 
 
 def _merge(parts: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
