@@ -182,3 +182,18 @@ def test_jsonl_prompts_carry_their_metadata_and_bad_lines_name_the_line(tmp_path
         load("jsonl", path=str(tmp_path / "broken.jsonl"))
     (tmp_path / "text.jsonl").write_text('{"text": "a fox", "id": 7}\n')
     assert load("jsonl", path=str(tmp_path / "text.jsonl"), key="text")() == ("a fox", {"id": 7})
+
+
+@pytest.mark.parametrize("order", ["sample", "cycle"])
+def test_a_from_file_source_resumes_its_stream_per_process(tmp_path, order):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(f"thing number {i}" for i in range(20)))
+    straight = [load("from_file", path=str(path), order=order, seed=5).shard(r, 2) for r in range(2)]
+    expected = [_draw(s, 12) for s in straight]
+    for rank in range(2):  # preempted after 5 draws, restarted from the checkpoint's position
+        first = load("from_file", path=str(path), order=order, seed=5).shard(rank, 2)
+        head = _draw(first, 5)
+        restarted = load("from_file", path=str(path), order=order, seed=5).shard(rank, 2)
+        restarted.load_state_dict(first.state_dict())
+        assert head + _draw(restarted, 7) == expected[rank]
+    assert not {p for p, _ in expected[0]} & {p for p, _ in expected[1]} or order == "sample"
