@@ -47,3 +47,20 @@ def test_cosine_distance_by_hand():
     assert diversity(features, "cosine") == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="unknown distance metric"):
         pairwise_distances(features, "l1")
+
+
+def test_image_statistics_name_the_signs_of_reward_hacking():
+    from diffrl.metrics import image_statistics
+
+    black = torch.zeros(2, 3, 4, 4)
+    stats = image_statistics(black)
+    assert stats == {"brightness": 0.0, "dark_fraction": 1.0, "saturated_fraction": 0.0, "colour_entropy": 0.0}
+    white = torch.ones(2, 3, 4, 4)
+    assert image_statistics(white)["saturated_fraction"] == 1.0
+    # half red, half blue pixels: two colour bins of equal weight, one bit
+    split = torch.zeros(1, 3, 2, 2)
+    split[0, 0, 0] = 1.0
+    split[0, 2, 1] = 1.0
+    assert image_statistics(split)["colour_entropy"] == pytest.approx(1.0)
+    noise = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert image_statistics(noise)["colour_entropy"] == pytest.approx(6.0, abs=0.05)  # 64 bins, near uniform

@@ -100,3 +100,23 @@ def diversity(features: torch.Tensor, metric: DistanceMetric = "rms") -> float:
     d = pairwise_distances(features, metric)
     i, j = torch.triu_indices(n, n, offset=1)
     return float(d[i, j].mean())
+
+
+def image_statistics(images: torch.Tensor) -> dict[str, float]:
+    """Statistics that caught reward hacking in published runs, for ``[B, 3, H, W]`` images in ``[0, 1]``:
+
+    * ``brightness``: the mean pixel value (dimming pleased the digit classifier here);
+    * ``dark_fraction`` / ``saturated_fraction``: pixels whose luminance (Rec. 601) is below 0.05 / above 0.95
+      (blown-out or black images that please aesthetic or compressibility rewards);
+    * ``colour_entropy``: the entropy in bits of the images' colours quantised to 4 levels per channel (64 bins;
+      at most 6 bits; near 0 when every image is one flat colour).
+    """
+    x = images.detach().float().clamp(0, 1)
+    luminance = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    levels = (x * 3.999).floor().long()  # 0..3 per channel
+    bins = (levels[:, 0] * 16 + levels[:, 1] * 4 + levels[:, 2]).flatten()
+    p = torch.bincount(bins, minlength=64).float()
+    p = p[p > 0] / p.sum()
+    return {"brightness": float(x.mean()), "dark_fraction": float((luminance < 0.05).float().mean()),
+            "saturated_fraction": float((luminance > 0.95).float().mean()),
+            "colour_entropy": float(-(p * p.log2()).sum())}

@@ -267,3 +267,19 @@ def test_tracker_runs_are_named_after_the_run_folder_unless_the_user_names_them(
     merged = tracker_init_kwargs({"wandb": {"entity": "me"}, "mlflow": {"run_name": "mine"}}, "ddpo_2026.12.06")
     assert merged["wandb"] == {"entity": "me", "name": "ddpo_2026.12.06"} and merged["mlflow"]["run_name"] == "mine"
     assert DDPOConfig().tracker_project_name == "diffrl"
+
+
+def test_stop_below_ends_a_collapsing_run_with_the_reason_and_a_usable_result(tiny_ddpm_path, tmp_path, capsys):
+    config = _config(tmp_path, num_epochs=5, eval_every=1, eval_num_samples=4, stop_below={"eval/diversity": 10.0},
+                     stop_above={"eval/dark_fraction": 2.0})
+    trainer = DDPOTrainer(config, brightness, lambda: ("", {}), DefaultDDPODDPMPipeline(tiny_ddpm_path))
+    trainer.train()
+    rows = logged_metrics(tmp_path)
+    assert len(rows) == 1 and {"eval/brightness", "eval/dark_fraction", "eval/colour_entropy"} <= set(rows[0])
+    assert trainer.stop_reason.startswith("eval/diversity=") and "fell below 10 (stop_below)" in trainer.stop_reason
+    assert "stopped after epoch 0: eval/diversity=" in capsys.readouterr().out
+    assert (tmp_path / "logs" / "run" / "checkpoints" / "checkpoint_0").is_dir()  # the epoch's checkpoint first
+    with pytest.raises(ConfigError, match="stop_below.reward/mean.*is not an evaluation metric"):
+        DDPOConfig(stop_below={"reward/mean": 0.0}, eval_every=1).validate()
+    with pytest.raises(ConfigError, match="stop_above=.*: needs evaluations to watch"):
+        DDPOConfig(stop_above={"eval/dark_fraction": 0.5}).validate()

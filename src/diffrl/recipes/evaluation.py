@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
-from diffrl.metrics import diversity
+from diffrl.metrics import diversity, image_statistics
 from diffrl.pipelines.types import DiffusionPolicy
 from diffrl.recipes.epoch import component_means
 from diffrl.rewards import score
@@ -102,8 +102,10 @@ class BestKeeper:
 
 class PeriodicEvaluator:
     """``eval_every``/``eval_num_samples``/``eval_seed``/``keep_best`` for any trainer: evaluates on the main
-    process every ``eval_every`` epochs, logs ``eval/reward_mean``, ``eval/reward_std``, ``eval/diversity`` and
-    every numeric reward-metadata value as ``eval/<key>``, and keeps the best policy."""
+    process every ``eval_every`` epochs, logs ``eval/reward_mean``, ``eval/reward_std``, ``eval/diversity``, the
+    hacking signs of :func:`diffrl.metrics.image_statistics` (``eval/brightness``, ``eval/dark_fraction``,
+    ``eval/saturated_fraction``, ``eval/colour_entropy``) and every numeric reward-metadata value as
+    ``eval/<key>``, and keeps the best policy."""
 
     def __init__(self, config, policy: DiffusionPolicy, reward_fn: Callable, prompt_fn: Callable, run_dir: Path,
                  accelerator, log_images: Callable[[str, torch.Tensor, int], None] | None = None) -> None:
@@ -132,6 +134,7 @@ class PeriodicEvaluator:
             result = self.run()
             metrics = {"eval/reward_mean": result.reward_mean, "eval/reward_std": float(result.rewards.std()),
                        "eval/diversity": prompt_diversity(result.images, result.prompts),
+                       **{f"eval/{k}": v for k, v in image_statistics(result.images).items()},
                        **metadata_means(result.metadata),
                        **{f"eval/component/{k}": v for k, v in component_means(result.metadata).items()}}
             if self.log_images is not None:

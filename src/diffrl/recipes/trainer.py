@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
+from accelerate.utils import broadcast_object_list
 from PIL import Image
 
 from diffrl.build import apply_gradient_checkpointing, check_policy_matches_config
@@ -54,6 +55,18 @@ def peak_memory_metrics(device: torch.device) -> dict[str, float]:
     peak = torch.cuda.max_memory_allocated(device) / 2**20
     torch.cuda.reset_peak_memory_stats(device)
     return {"perf/peak_memory_mb": peak}
+
+
+def crossed_threshold(metrics: dict[str, float], below: dict, above: dict) -> str:
+    """The first threshold ``metrics`` crossed (``stop_below``: fell below; ``stop_above``: rose above), as a
+    sentence naming metric, value and setting; ``""`` when none (or the metric was not measured this epoch)."""
+    for key, threshold in below.items():
+        if key in metrics and metrics[key] < threshold:
+            return f"{key}={metrics[key]:.4g} fell below {threshold:g} (stop_below)"
+    for key, threshold in above.items():
+        if key in metrics and metrics[key] > threshold:
+            return f"{key}={metrics[key]:.4g} rose above {threshold:g} (stop_above)"
+    return ""
 
 
 class Trainer:
@@ -124,9 +137,28 @@ class Trainer:
         last = epochs if epochs is not None else self.config.num_epochs
         for epoch in range(self.first_epoch, last):
             self.global_step = self.step(epoch, self.global_step)
+            self.stop_reason = self._stop_reason()
+            if self.stop_reason:
+                self.accelerator.print(f"stopped after epoch {epoch}: {self.stop_reason}")
+                last = epoch + 1
+                break
         self.first_epoch = max(self.first_epoch, last)
         if self.config.log_with:
             self.accelerator.end_training()
+
+    stop_reason: str = ""
+    """Why the last ``train`` call stopped before its last epoch (``stop_below`` / ``stop_above``), or ``""``."""
+
+    def _stop_reason(self) -> str:
+        """The main process's verdict on the epoch's evaluation (only it evaluates), on every process, so all of
+        them stop together."""
+        c = self.config
+        if not (c.stop_below or c.stop_above):
+            return ""
+        reason = [crossed_threshold(self.last_metrics, c.stop_below, c.stop_above)]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(reason, from_process=0)
+        return reason[0]
 
     def step(self, epoch: int, global_step: int) -> int:
         """One epoch, then evaluation, checkpoint and the metrics line (written after the checkpoint commits);

@@ -77,6 +77,14 @@ class RunSection(ConfigBase):
              "prompts.")
     eval_prompt_options: dict = option(factory=dict, trl=False, resume=APPLY,
                                        help="Keyword arguments for the eval_prompts source.")
+    stop_below: dict = option(
+        factory=dict, trl=False, resume=APPLY,
+        help="Stop the run, with the reason, when an evaluation metric falls below a threshold: e.g. "
+             "{eval/diversity: 0.05} stops a run collapsing onto one image (needs eval_every > 0). The epoch's "
+             "checkpoint and metrics are written first; the final model is saved as after the last epoch.")
+    stop_above: dict = option(factory=dict, trl=False, resume=APPLY,
+                              help="As stop_below, for metrics that rise past a threshold: e.g. "
+                                   "{eval/dark_fraction: 0.5}.")
     keep_best: bool = option(False, trl=False, resume=APPLY,
                              help="Also keep the checkpoint with the best evaluation reward (needs eval_every > 0).")
     output_dir: str = option("", trl=False, resume=APPLY,
@@ -112,6 +120,18 @@ class RunSection(ConfigBase):
         c.at_least("eval_every", 0)
         c.at_least("eval_num_samples", 1)
         c.at_least("eval_num_steps", 0)
+        for name in ("stop_below", "stop_above"):
+            if not c.ok(name):
+                continue
+            for key, value in getattr(self, name).items():
+                if not str(key).startswith("eval/"):
+                    c.add(f"{name}.{key}", "is not an evaluation metric", "use an eval/... metric (eval/diversity, "
+                          "eval/reward_mean, eval/brightness, eval/dark_fraction, ...)", value=value)
+                elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                    c.add(f"{name}.{key}", "must be a number (the threshold)", f"e.g. {name}.{key}=0.05",
+                          value=value)
+            if getattr(self, name) and c.ok("eval_every") and self.eval_every == 0:
+                c.add(name, "needs evaluations to watch", "set eval_every to 1 or more")
         if c.ok("eval_prompts") and self.eval_prompts == "":
             c.add("eval_prompts", "must not be empty", "name a prompt source, or null to evaluate on training prompts")
         c.unchanged_unless(self.eval_prompts is not None, "eval_prompt_options", "without eval_prompts")
