@@ -118,3 +118,15 @@ def test_two_machines_start_with_the_same_command_from_the_environment(tiny_ddpm
     assert scored[0] == [["p0", "p2"], ["p0", "p2"]] and scored[1] == [["p1", "p3"], ["p1", "p3"]]
     run = tmp_path / "logs" / "mn"
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2 and (run / "final").is_dir()
+
+
+def test_two_processes_stop_together_when_a_guard_fires(tiny_ddpm_path, tmp_path):
+    """Only the main process evaluates; its stop_below verdict reaches the other process (no hang, no extra
+    epoch on one side)."""
+    ranks, out = _launch("ddpo", tiny_ddpm_path, tmp_path / "logs", "num_epochs=3", "sample_num_steps=2",
+                         "sample_batch_size=2", "sample_num_batches_per_epoch=1", "train_batch_size=1",
+                         "eval_every=1", "eval_num_samples=4", "stop_below={eval/diversity: 10.0}")
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] > 0
+    assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], rel=0, abs=1e-9)
+    assert len((tmp_path / "logs" / "mp" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert "stopped after epoch 0: eval/diversity=" in out.stdout
