@@ -197,3 +197,28 @@ def test_a_from_file_source_resumes_its_stream_per_process(tmp_path, order):
         restarted.load_state_dict(first.state_dict())
         assert head + _draw(restarted, 7) == expected[rank]
     assert not {p for p, _ in expected[0]} & {p for p, _ in expected[1]} or order == "sample"
+
+
+def test_hf_dataset_reads_a_saved_dataset_and_local_files_offline_and_resumes(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rows = {"text": [f"a photo of object {i}" for i in range(10)], "tag": [i % 3 for i in range(10)],
+            "unused": list(range(10))}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "saved"))
+    source = load("hf_dataset", path=str(tmp_path / "saved"), column="text", metadata_columns=["tag"],
+                  order="cycle")
+    assert _draw(source, 3) == [("a photo of object 0", {"tag": 0}), ("a photo of object 1", {"tag": 1}),
+                                ("a photo of object 2", {"tag": 2})]
+    shard = load("hf_dataset", path=str(tmp_path / "saved"), column="text", seed=4).shard(1, 2)
+    head, state = _draw(shard, 4), shard.state_dict()
+    rest = _draw(shard, 4)
+    again = load("hf_dataset", path=str(tmp_path / "saved"), column="text", seed=4).shard(1, 2)
+    again.load_state_dict(state)
+    assert _draw(again, 4) == rest and len({p for p, _ in head + rest}) > 1
+    (tmp_path / "rows.jsonl").write_text("\n".join(f'{{"prompt": "p{i}", "level": {i}}}' for i in range(4)))
+    local = load("hf_dataset", path="json", data_files=str(tmp_path / "rows.jsonl"), metadata_columns=["level"],
+                 order="cycle")
+    assert _draw(local, 2) == [("p0", {"level": 0}), ("p1", {"level": 1})]
+    with pytest.raises(PromptError, match="has no column 'txt' \\(did you mean 'text'\\?\\); its columns: text, tag"):
+        load("hf_dataset", path=str(tmp_path / "saved"), column="txt")

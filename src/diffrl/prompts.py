@@ -4,7 +4,7 @@ The sets from the DDPO paper (Black et al. 2023; ddpo-pytorch's ``prompts.py``):
 ``simple_animals`` (45 common animals), ``imagenet_animals`` (the first 398 ImageNet-1k
 classes, which are the animals), ``imagenet_all`` (all 1000), ``nouns_activities``
 ("a cat riding a bike", the prompt-alignment task) and ``counting`` ("three dogs", with
-question/answer metadata); plus ``from_file``, ``jsonl`` (prompts with metadata), ``fixed``
+question/answer metadata); plus ``from_file``, ``jsonl`` (prompts with metadata), ``hf_dataset`` (a Hugging Face dataset), ``fixed``
 lists and ``empty`` (for unconditional models). Class names are ImageNet-1k's first WordNet synonym.
 
 The built-in sources are :class:`PromptSource` objects: draw ``i`` depends on the seed and ``i``
@@ -19,6 +19,7 @@ like the rewards.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import random
@@ -42,6 +43,7 @@ __all__ = [
     "from_file",
     "imagenet_all",
     "imagenet_animals",
+    "hf_dataset",
     "indefinite_article",
     "jsonl",
     "load",
@@ -315,6 +317,53 @@ def jsonl(*, path: str | Path, key: str = "prompt", order: str = "sample", seed:
     return PromptRecords(records, order=order, seed=seed)
 
 
+def hf_dataset(*, path: str | Path, column: str = "prompt", name: str | None = None, split: str = "train",
+               metadata_columns: Sequence[str] | None = None, revision: str | None = None,
+               data_files: str | Sequence[str] | None = None, order: str = "sample",
+               seed: int | None = 0) -> PromptRecords:
+    """Prompts from a Hugging Face dataset through ``datasets``: a Hub id (``name`` its config, ``revision``), a
+    folder written by ``Dataset.save_to_disk``, or a builder with local files (``path="json"``,
+    ``data_files=...``; offline from the local cache with ``HF_DATASETS_OFFLINE=1``). ``column`` holds the
+    prompts; ``metadata_columns`` (default: none) become each prompt's metadata. The split is read once into
+    memory, so draws shard and resume like every built-in source."""
+    try:
+        import datasets
+    except ImportError as err:  # an optional extra
+        raise PromptError("prompt source 'hf_dataset' needs the datasets package: pip install 'diffrl[datasets]'") \
+            from err
+    where = str(path)
+    try:
+        if Path(where).expanduser().is_dir() and (Path(where).expanduser() / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(Path(where).expanduser()))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise PromptError(f"prompt source 'hf_dataset': {where} has no split {split!r}; its splits: "
+                                      f"{', '.join(loaded)}")
+                loaded = loaded[split]
+        else:
+            loaded = datasets.load_dataset(where, name, split=split, revision=revision, data_files=data_files)
+    except PromptError:
+        raise
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
+        raise PromptError(f"prompt source 'hf_dataset': cannot load {where!r} (name={name!r}, split={split!r}): "
+                          f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
+    columns = list(loaded.column_names)
+    wanted = [column, *(metadata_columns or [])]
+    for needed in wanted:
+        if needed not in columns:
+            close = difflib.get_close_matches(needed, columns, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PromptError(f"prompt source 'hf_dataset': {where} has no column {needed!r}{hint}; its columns: "
+                              f"{', '.join(columns)}")
+    texts = loaded[column]
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise PromptError(f"prompt source 'hf_dataset': column {column!r} of {where} must hold strings (one prompt "
+                          "per row) and must not be empty")
+    extra = {c: loaded[c] for c in metadata_columns or []}
+    records = [(text, {c: values[i] for c, values in extra.items()}) for i, text in enumerate(texts)]
+    return PromptRecords(records, order=order, seed=seed, source="hf_dataset")
+
+
 def fixed(*, prompts: Sequence[str], order: str = "cycle", seed: int | None = 0) -> PromptList:
     """Prompts from a given list, in turn (``order="cycle"``) or sampled (``order="sample"``)."""
     return PromptList(prompts, order=order, seed=seed, source="fixed")
@@ -338,7 +387,7 @@ def is_prompt_function(target: Any) -> bool:
 
 SOURCES: Registry[PromptFn] = Registry("prompt source", "known sources", PromptError, {
     source.__name__: source for source in (simple_animals, imagenet_animals, imagenet_all, nouns_activities, counting,
-                                           from_file, jsonl, fixed, empty)
+                                           from_file, jsonl, hf_dataset, fixed, empty)
 }, entry_points="diffrl.prompts", direct=is_prompt_function)
 """The prompt-source names ``load`` knows; ``register`` adds one (a factory taking keyword options); installed
 packages add theirs through the ``diffrl.prompts`` entry-point group, and ``load("pkg.mod:name")`` takes a
