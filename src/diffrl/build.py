@@ -153,3 +153,10 @@ def build_eval_prompt_fn(config: SharedConfig) -> Callable | None:
     if prompts.SOURCES.takes_option(config.eval_prompts, "seed"):
         options.setdefault("seed", config.eval_seed)
     return prompts.load(config.eval_prompts, **options)
+
+
+def build_eval_rewards(config: SharedConfig) -> dict[str, Callable]:
+    """The held-out rewards of training-time evaluation (``eval_rewards``: name or reference -> options), built
+    (their models load on first use) with ``${env:NAME}`` options resolved."""
+    resolved = config.resolved("eval_rewards")
+    return {name: rewards.load(name, **(options or {})) for name, options in resolved.items()}

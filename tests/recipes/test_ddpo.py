@@ -283,3 +283,18 @@ def test_stop_below_ends_a_collapsing_run_with_the_reason_and_a_usable_result(ti
         DDPOConfig(stop_below={"reward/mean": 0.0}, eval_every=1).validate()
     with pytest.raises(ConfigError, match="stop_above=.*: needs evaluations to watch"):
         DDPOConfig(stop_above={"eval/dark_fraction": 0.5}).validate()
+
+
+def test_eval_rewards_score_the_evaluation_images_held_out(tiny_ddpm_path, tmp_path, capsys):
+    from diffrl.cli import main
+
+    config = _config(tmp_path, num_epochs=1, eval_every=1, eval_num_samples=4,
+                     eval_rewards={"jpeg_compressibility": None, "digit": {"digit": 7}})
+    trainer = DDPOTrainer(config, brightness, lambda: ("", {}), DefaultDDPODDPMPipeline(tiny_ddpm_path))
+    trainer.train()
+    row = logged_metrics(tmp_path)[-1]
+    assert row["eval/heldout/jpeg_compressibility"] < 0 and row["eval/heldout/digit"] < 0  # -kB; log p(7)
+    assert main(["train", "eval_every=1", "eval_rewards={jpeg_compresibility: null}",
+                 f"logdir={tmp_path / 'cli'}"]) == 2
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("diffrl train: error:")][0]
+    assert "did you mean 'jpeg_compressibility'" in line

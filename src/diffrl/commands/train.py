@@ -49,7 +49,8 @@ def make_trainer(config: SharedConfig, image_samples_hook=None):
     build.check_model_settings(config)  # reads the model's small files only
     reward = build.build_reward(config)  # rewards and prompt sources load lazily: their names fail here, cheaply
     prompt_fn = build.build_prompt_fn(config, conditional=True) if config.prompts is not None else None
-    build.build_eval_prompt_fn(config)  # a bad held-out source fails here too, before the model loads
+    build.build_eval_prompt_fn(config)  # a bad held-out source or reward fails here too, before the model loads
+    build.build_eval_rewards(config)
     policy = build.build_policy(config)
     prompt_fn = prompt_fn or build.build_prompt_fn(config, policy.is_conditional)
     return trainer_cls(config, reward, prompt_fn, policy, image_samples_hook=image_samples_hook)

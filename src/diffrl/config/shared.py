@@ -24,8 +24,8 @@ from diffrl.config.secrets import env_references, resolve_env
 __all__ = ["RENAMED", "SIZE_FIELDS", "VAE_FACTOR", "SharedConfig", "default_exp_name", "read_record",
            "split_prompts"]
 
-OPTION_FIELDS = ("reward_options", "prompt_options", "eval_prompt_options", "model_options", "tracker_kwargs",
-                 "accelerator_kwargs", "project_kwargs")
+OPTION_FIELDS = ("reward_options", "prompt_options", "eval_prompt_options", "eval_rewards", "model_options",
+                 "tracker_kwargs", "accelerator_kwargs", "project_kwargs")
 """Mapping fields whose string values may be ``${env:NAME}`` references."""
 
 

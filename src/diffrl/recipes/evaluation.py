@@ -104,13 +104,15 @@ class PeriodicEvaluator:
     """``eval_every``/``eval_num_samples``/``eval_seed``/``keep_best`` for any trainer: evaluates on the main
     process every ``eval_every`` epochs, logs ``eval/reward_mean``, ``eval/reward_std``, ``eval/diversity``, the
     hacking signs of :func:`diffrl.metrics.image_statistics` (``eval/brightness``, ``eval/dark_fraction``,
-    ``eval/saturated_fraction``, ``eval/colour_entropy``) and every numeric reward-metadata value as
-    ``eval/<key>``, and keeps the best policy."""
+    ``eval/saturated_fraction``, ``eval/colour_entropy``), the held-out rewards (``eval_rewards``) as
+    ``eval/heldout/<name>`` and every numeric reward-metadata value as ``eval/<key>``, and keeps the best
+    policy."""
 
     def __init__(self, config, policy: DiffusionPolicy, reward_fn: Callable, prompt_fn: Callable, run_dir: Path,
-                 accelerator, log_images: Callable[[str, torch.Tensor, int], None] | None = None) -> None:
+                 accelerator, log_images: Callable[[str, torch.Tensor, int], None] | None = None,
+                 heldout: Mapping[str, Callable] | None = None) -> None:
         self.config, self.policy, self.reward_fn, self.accelerator = config, policy, reward_fn, accelerator
-        self.log_images = log_images
+        self.log_images, self.heldout = log_images, dict(heldout or {})
         self.enabled = config.eval_every > 0
         # Drawn once, up front, so every evaluation scores the same prompts with the same noise.
         self.prompts = [prompt_fn()[0] for _ in range(config.eval_num_samples)] if self.enabled else []
@@ -137,6 +139,9 @@ class PeriodicEvaluator:
                        **{f"eval/{k}": v for k, v in image_statistics(result.images).items()},
                        **metadata_means(result.metadata),
                        **{f"eval/component/{k}": v for k, v in component_means(result.metadata).items()}}
+            for name, fn in self.heldout.items():  # the same images, scored by rewards the run does not train on
+                values, _ = score(fn, result.images, result.prompts, [{}] * len(result.prompts))
+                metrics[f"eval/heldout/{name}"] = float(values.float().mean())
             if self.log_images is not None:
                 self.log_images("eval/samples", result.images[:16].float().cpu(), global_step)
             if self.best is not None:

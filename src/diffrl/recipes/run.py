@@ -80,7 +80,8 @@ class Run:
         self.metrics = MetricsLogger(acc, self.run_dir)
         self.guard = DivergenceGuard(self.checkpoints_dir)
         self.evaluator = PeriodicEvaluator(config, policy, reward_fn, build.build_eval_prompt_fn(config) or prompt_fn,
-                                           self.run_dir, acc, log_images=self.log_images)
+                                           self.run_dir, acc, log_images=self.log_images,
+                                           heldout=build.build_eval_rewards(config))
         if isinstance(prompt_fn, PromptSource):  # each process its own share of the stream (after the evaluation's)
             prompt_fn.shard(acc.process_index, acc.num_processes)
 

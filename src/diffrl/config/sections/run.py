@@ -77,6 +77,12 @@ class RunSection(ConfigBase):
              "prompts.")
     eval_prompt_options: dict = option(factory=dict, trl=False, resume=APPLY,
                                        help="Keyword arguments for the eval_prompts source.")
+    eval_rewards: dict = option(
+        factory=dict, trl=False, resume=APPLY,
+        help="Held-out rewards scored on every training-time evaluation's images, logged as eval/heldout/<name>: a "
+             "mapping reward (a name or package.module:function) -> its options (or null), e.g. "
+             "{jpeg_compressibility: null, aesthetic: {dtype: bfloat16}}; a reward rising while they fall is being "
+             "hacked (needs eval_every > 0).")
     stop_below: dict = option(
         factory=dict, trl=False, resume=APPLY,
         help="Stop the run, with the reason, when an evaluation metric falls below a threshold: e.g. "
@@ -120,6 +126,16 @@ class RunSection(ConfigBase):
         c.at_least("eval_every", 0)
         c.at_least("eval_num_samples", 1)
         c.at_least("eval_num_steps", 0)
+        if c.ok("eval_rewards"):
+            for key, value in self.eval_rewards.items():
+                if not isinstance(key, str) or not key:
+                    c.add(f"eval_rewards.{key}", "must be a reward name", "e.g. eval_rewards={jpeg_compressibility: "
+                          "null}", value=value)
+                elif value is not None and not isinstance(value, dict):
+                    c.add(f"eval_rewards.{key}", "must be the reward's options (a mapping) or null",
+                          f"e.g. eval_rewards.{key}=null", value=value)
+            if self.eval_rewards and c.ok("eval_every") and self.eval_every == 0:
+                c.add("eval_rewards", "needs evaluations to score", "set eval_every to 1 or more")
         for name in ("stop_below", "stop_above"):
             if not c.ok(name):
                 continue
