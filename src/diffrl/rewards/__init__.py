@@ -22,6 +22,8 @@ from diffrl.rewards.classifier import classifier as _classifier  # keep diffrl.r
 from diffrl.rewards.classifier import over50
 from diffrl.rewards.clip import clip_score, pickscore
 from diffrl.rewards.combine import WeightedSum, combined
+from diffrl.rewards.hpsv2 import HPSv2
+from diffrl.rewards.imagereward import ImageRewardScore
 from diffrl.rewards.jpeg import jpeg_compressibility, jpeg_incompressibility
 from diffrl.rewards.openai_vlm import OpenAIVisionReward, VisionJudgeError
 from diffrl.rewards.remote import RemoteReward, RemoteRewardError
@@ -71,6 +73,8 @@ REWARDS: Registry[Reward] = Registry("reward", "known rewards", RewardError, {
     "aesthetic": AestheticScore,
     "clip_score": clip_score,
     "pickscore": pickscore,
+    "hpsv2": HPSv2,
+    "imagereward": ImageRewardScore,
     "classifier": _classifier,
     "over50": over50,
     "alignment": AlignmentReward,

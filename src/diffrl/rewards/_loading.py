@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,64 @@ def from_pretrained(cls: Any, name_or_path: str, *, reward: str, setting: str, d
             f"reward '{reward}': could not load option {setting}={name_or_path!r} with {cls.__name__} ({error}). "
             "Give a Hub id you can download, or a local directory written by save_pretrained"
         ) from error
+
+
+def resolve_file(location: str, filename: str, *, reward: str, setting: str) -> Path:
+    """A weights file named by option ``setting``: a local file, a local folder holding ``filename``, or a Hub
+    repo id ``owner/name`` from which ``filename`` is downloaded (cached by huggingface_hub)."""
+    local = Path(location).expanduser()
+    if local.is_file():
+        return local
+    if local.is_dir():
+        return local / filename
+    if location.startswith((".", "/", "~")) or location.count("/") != 1:
+        raise RewardError(
+            f"reward '{reward}': option {setting}={location!r} is neither a local file/directory nor a Hub repo id "
+            "'owner/name'"
+        )
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id=location, filename=filename))
+    except Exception as error:  # network, authentication or missing-file errors from the Hub client
+        raise RewardError(
+            f"reward '{reward}': could not download {filename!r} from Hub repo {setting}={location!r} ({error}); "
+            f"give a local path with option {setting} instead"
+        ) from error
+
+
+def load_tensors(path: Path, *, reward: str, setting: str) -> Any:
+    """The tensors in a ``.safetensors`` file, or a ``.pt``/``.pth`` file read without executing pickle code
+    (``torch.load(weights_only=True)`` refuses anything but tensors and plain containers)."""
+    if not path.is_file():
+        raise RewardError(f"reward '{reward}': weights file {str(path)!r} does not exist; check option {setting}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError or RuntimeError depending on version
+        raise RewardError(
+            f"reward '{reward}': {str(path)!r} is not a plain state dict of tensors, refusing to unpickle it "
+            f"({type(error).__name__}); convert it to safetensors or give the original published file"
+        ) from error
+
+
+def load_exactly(module: torch.nn.Module, state: Any, *, reward: str, source: str, target: str) -> None:
+    """Load ``state`` into ``module``: every parameter present with its shape, nothing left over (buffers that
+    the module computes itself may be absent), else one error naming both sides."""
+    parameters = dict(module.named_parameters())
+    missing = sorted(set(parameters) - set(state))
+    unexpected = sorted(set(state) - set(module.state_dict()))
+    shapes = sorted(key for key, value in state.items() if key in parameters and parameters[key].shape != value.shape)
+    if missing or unexpected or shapes:
+        raise RewardError(
+            f"reward '{reward}': the weights in {source} do not fit the architecture of {target} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shape {shapes[:3]}); "
+            "give the files of the published model together"
+        )
+    module.load_state_dict(state, strict=False)
 
 
 class ModelReward(ImageReward):

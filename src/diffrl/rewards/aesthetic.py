@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffrl.rewards._loading import ModelReward, freeze, from_pretrained, place
+from diffrl.rewards._loading import ModelReward, freeze, from_pretrained, load_tensors, place, resolve_file
 from diffrl.rewards.base import PromptMetadata, Prompts, RewardError, RewardOutput
 from diffrl.rewards.preprocess import ImageTransform, to_uint8_arrays
 
@@ -63,21 +63,7 @@ def load_aesthetic_mlp(path: str | Path) -> AestheticMLP:
     ``.pth`` files go through ``torch.load(weights_only=True)``, which refuses anything but
     tensors and plain containers.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise RewardError(f"reward 'aesthetic': MLP weights file {str(path)!r} does not exist; check option mlp")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises UnpicklingError or RuntimeError depending on version
-            raise RewardError(
-                f"reward 'aesthetic': {str(path)!r} is not a plain state dict of tensors, refusing to unpickle it "
-                f"({type(error).__name__}); convert it to safetensors or give the original LAION file"
-            ) from error
+    state = load_tensors(Path(path), reward="aesthetic", setting="mlp")
     expected = {f"layers.{i}.{p}" for i in _LINEAR_INDICES for p in ("weight", "bias")}
     if not isinstance(state, Mapping) or set(state) != expected:
         found = sorted(state) if isinstance(state, Mapping) else type(state).__name__
@@ -89,27 +75,6 @@ def load_aesthetic_mlp(path: str | Path) -> AestheticMLP:
     mlp = AestheticMLP(widths)
     mlp.load_state_dict(state)
     return mlp
-
-
-def _resolve_mlp_file(mlp: str, mlp_file: str) -> Path:
-    local = Path(mlp).expanduser()
-    if local.is_file():
-        return local
-    if local.is_dir():
-        return local / mlp_file
-    if mlp.startswith((".", "/", "~")) or mlp.count("/") != 1:
-        raise RewardError(
-            f"reward 'aesthetic': option mlp={mlp!r} is neither a local file/directory nor a Hub repo id 'owner/name'"
-        )
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(repo_id=mlp, filename=mlp_file))
-    except Exception as error:  # network, authentication or missing-file errors from the Hub client
-        raise RewardError(
-            f"reward 'aesthetic': could not download {mlp_file!r} from Hub repo mlp={mlp!r} ({error}); "
-            "give a local path with option mlp instead"
-        ) from error
 
 
 class AestheticScore(ModelReward):
@@ -148,7 +113,7 @@ class AestheticScore(ModelReward):
         from transformers import AutoImageProcessor, CLIPModel
 
         clip = from_pretrained(CLIPModel, self.clip_model, reward=self.name, setting="clip_model", dtype=dtype)
-        head = load_aesthetic_mlp(_resolve_mlp_file(self.mlp, self.mlp_file))
+        head = load_aesthetic_mlp(resolve_file(self.mlp, self.mlp_file, reward=self.name, setting="mlp"))
         if head.input_size != clip.config.projection_dim:
             raise RewardError(
                 f"reward 'aesthetic': the MLP expects {head.input_size}-d embeddings but "

@@ -58,12 +58,22 @@ class ClipSimilarity(ModelReward):
         self._transform: ImageTransform | None = None
 
     def _load(self, dtype: torch.dtype) -> None:
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+        from transformers import AutoImageProcessor, AutoTokenizer
 
-        self._clip = freeze(from_pretrained(CLIPModel, self.model, reward=self.name, setting="model", dtype=dtype))
+        self._clip = freeze(self._load_clip(dtype))
         self._tokenizer = from_pretrained(AutoTokenizer, self.processor, reward=self.name, setting="processor")
         image_processor = from_pretrained(AutoImageProcessor, self.processor, reward=self.name, setting="processor")
-        self._transform = ImageTransform.from_processor(image_processor)
+        self._transform = self._image_transform(image_processor)
+
+    def _load_clip(self, dtype: torch.dtype) -> Any:
+        """The ``CLIPModel`` (a subclass loads another layout here)."""
+        from transformers import CLIPModel
+
+        return from_pretrained(CLIPModel, self.model, reward=self.name, setting="model", dtype=dtype)
+
+    def _image_transform(self, image_processor: Any) -> ImageTransform:
+        """The preprocessing the scores were published with (here: the processor's own)."""
+        return ImageTransform.from_processor(image_processor)
 
     def score_images(self, images: torch.Tensor, prompts: Prompts, prompt_metadata: PromptMetadata) -> RewardOutput:
         device, dtype = self._prepare(images)

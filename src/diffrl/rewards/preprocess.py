@@ -37,12 +37,15 @@ def _size_field(size: Any, key: str) -> int | None:
 class ImageTransform:
     """Resize, center-crop and normalise ``[B, 3, H, W]`` images in ``[0, 1]``.
 
-    ``shortest_edge`` resizes keeping the aspect ratio (CLIP); ``resize`` resizes to an
-    exact ``(height, width)`` (ViT). Resizing is antialiased and computed in float32
-    (bicubic antialiasing has no bfloat16 kernel on CPU); the output is cast to ``dtype``.
+    ``shortest_edge`` resizes keeping the aspect ratio (CLIP); ``longest_edge`` does the
+    same for the long side, and a ``crop`` larger than the result pads it with black, centred
+    (open_clip's ``ResizeMaxSize``, which HPSv2 scores with); ``resize`` resizes to an exact
+    ``(height, width)`` (ViT). Resizing is antialiased and computed in float32 (bicubic
+    antialiasing has no bfloat16 kernel on CPU); the output is cast to ``dtype``.
     """
 
     shortest_edge: int | None = 224
+    longest_edge: int | None = None
     resize: tuple[int, int] | None = None
     crop: tuple[int, int] | None = (224, 224)
     mean: tuple[float, float, float] = CLIP_MEAN
@@ -80,6 +83,10 @@ class ImageTransform:
             short, long = (height, width) if height <= width else (width, height)
             new_long = int(self.shortest_edge * long / short)
             target = (self.shortest_edge, new_long) if height <= width else (new_long, self.shortest_edge)
+        elif self.longest_edge is not None:
+            # open_clip's ResizeMaxSize: scale = longest_edge / max(h, w), each side rounded.
+            scale = self.longest_edge / max(height, width)
+            target = (round(height * scale), round(width * scale))
         if target is not None and tuple(target) != (height, width):
             antialias = self.mode in ("bilinear", "bicubic")
             align = False if antialias else None

@@ -43,7 +43,9 @@ def _clip_image_processor(image_size: int):
     )
 
 
-def make_tiny_clip(directory: str | Path, *, image_size: int = 32, projection_dim: int = 16, seed: int = 0) -> Path:
+def make_tiny_clip(
+    directory: str | Path, *, image_size: int = 32, projection_dim: int = 16, seed: int = 0, hidden_act: str = "quick_gelu"
+) -> Path:
     """A tiny random ``CLIPModel`` with tokenizer and image processor, as a Hub repo would hold them.
 
     Loads with ``CLIPModel.from_pretrained``, ``AutoTokenizer`` and ``AutoImageProcessor``.
@@ -62,12 +64,14 @@ def make_tiny_clip(directory: str | Path, *, image_size: int = 32, projection_di
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
             "projection_dim": projection_dim,
+            "hidden_act": hidden_act,
         },
         vision_config={
             **_TINY_TRANSFORMER,
             "image_size": image_size,
             "patch_size": 8,
             "projection_dim": projection_dim,
+            "hidden_act": hidden_act,
         },
         projection_dim=projection_dim,
     )
@@ -213,4 +217,118 @@ def make_tiny_bert(directory: str | Path, *, seed: int = 0) -> Path:
         max_position_embeddings=128,
     )
     BertModel(config).eval().save_pretrained(directory)
+    return directory
+
+
+def open_clip_state_dict(clip) -> dict[str, torch.Tensor]:
+    """A transformers ``CLIPModel``'s weights written in open_clip's layout (what HPSv2's checkpoint holds):
+    fused ``attn.in_proj_*`` (q, k, v stacked), ``[in, out]`` projections, ``visual.``/``transformer.`` names."""
+    state = {key: value.detach().clone() for key, value in clip.state_dict().items()}
+    out = {
+        "visual.conv1.weight": state["vision_model.embeddings.patch_embedding.weight"],
+        "visual.class_embedding": state["vision_model.embeddings.class_embedding"],
+        "visual.positional_embedding": state["vision_model.embeddings.position_embedding.weight"],
+        "visual.ln_pre.weight": state["vision_model.pre_layrnorm.weight"],
+        "visual.ln_pre.bias": state["vision_model.pre_layrnorm.bias"],
+        "visual.ln_post.weight": state["vision_model.post_layernorm.weight"],
+        "visual.ln_post.bias": state["vision_model.post_layernorm.bias"],
+        "visual.proj": state["visual_projection.weight"].t().contiguous(),
+        "token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
+        "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
+        "ln_final.weight": state["text_model.final_layer_norm.weight"],
+        "ln_final.bias": state["text_model.final_layer_norm.bias"],
+        "text_projection": state["text_projection.weight"].t().contiguous(),
+        "logit_scale": state["logit_scale"],
+    }
+    towers = (("visual.", "vision_model", clip.config.vision_config), ("", "text_model", clip.config.text_config))
+    for prefix, tower, config in towers:
+        for i in range(config.num_hidden_layers):
+            ours, theirs = f"{tower}.encoder.layers.{i}", f"{prefix}transformer.resblocks.{i}"
+            for kind in ("weight", "bias"):
+                out[f"{theirs}.attn.in_proj_{kind}"] = torch.cat(
+                    [state[f"{ours}.self_attn.{n}_proj.{kind}"] for n in ("q", "k", "v")]
+                )
+                for src, dst in (("out_proj", "attn.out_proj"), ("fc1", "mlp.c_fc"), ("fc2", "mlp.c_proj")):
+                    module = f"self_attn.{src}" if src == "out_proj" else f"mlp.{src}"
+                    out[f"{theirs}.{dst}.{kind}"] = state[f"{ours}.{module}.{kind}"]
+                out[f"{theirs}.ln_1.{kind}"] = state[f"{ours}.layer_norm1.{kind}"]
+                out[f"{theirs}.ln_2.{kind}"] = state[f"{ours}.layer_norm2.{kind}"]
+    return out
+
+
+def make_tiny_hpsv2(directory: str | Path, *, seed: int = 1) -> Path:
+    """A tiny HPSv2 stand-in: ``base/`` (a transformers CLIP repo with GELU, as ViT-H/14 has: config, tokenizer,
+    image processor) and ``HPS_v2.1_compressed.pt`` (random weights of that CLIP in open_clip's layout under
+    ``"state_dict"``, as ``xswu/HPSv2`` ships them). Returns ``directory``."""
+    from transformers import CLIPModel
+
+    directory = Path(directory)
+    base = make_tiny_clip(directory / "base", hidden_act="gelu", seed=0)
+    torch.manual_seed(seed)
+    clip = CLIPModel.from_pretrained(base)
+    with torch.no_grad():
+        for parameter in clip.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)  # other weights than the base, as fine-tuning gives
+    torch.save({"state_dict": open_clip_state_dict(clip)}, directory / "HPS_v2.1_compressed.pt")
+    return directory
+
+
+def blip_original_state_dict(vision, text, head) -> dict[str, torch.Tensor]:
+    """transformers BLIP vision/text models and an MLP head written in ImageReward's layout
+    (``blip.visual_encoder.*`` as timm's ViT, ``blip.text_encoder.*`` as BLIP's ``med.py``, ``mlp.layers.*``)."""
+    renames = {
+        "embeddings.class_embedding": "cls_token",
+        "embeddings.position_embedding": "pos_embed",
+        "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+        "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
+        "post_layernorm.weight": "norm.weight",
+        "post_layernorm.bias": "norm.bias",
+    }
+    blocks = {"layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.qkv": "attn.qkv",
+              "self_attn.projection": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in vision.state_dict().items():
+        if key in renames:
+            name = renames[key]
+        else:
+            _, _, index, *rest = key.split(".")
+            module, kind = ".".join(rest[:-1]), rest[-1]
+            name = f"blocks.{index}.{blocks[module]}.{kind}"
+        out[f"blip.visual_encoder.{name}"] = value.detach().clone()
+    for key, value in text.state_dict().items():
+        out[f"blip.text_encoder.{key}"] = value.detach().clone()
+    for key, value in head.state_dict().items():
+        out[f"mlp.{key}"] = value.detach().clone()
+    out["blip.vision_proj.weight"] = torch.zeros(4, vision.config.hidden_size)  # unused by scoring, present in the file
+    return out
+
+
+def tiny_blip_modules(vocab: int, *, seed: int = 0):
+    """Random transformers BLIP ViT (128 wide, 2 heads), BLIP text encoder with cross-attention (64 wide) and an
+    ImageReward-layout MLP head; the same ``seed`` gives the same weights."""
+    from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+    from diffrl.rewards.aesthetic import AestheticMLP
+
+    torch.manual_seed(seed)
+    vision = BlipVisionModel(BlipVisionConfig(
+        hidden_size=128, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, patch_size=8, hidden_act="gelu", layer_norm_eps=1e-6,
+    )).eval()
+    text = BlipTextModel(BlipTextConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=1,
+        max_position_embeddings=64, encoder_hidden_size=128, is_decoder=True, bos_token_id=vocab - 2, sep_token_id=3,
+    ), add_pooling_layer=False).eval()
+    return vision, text, AestheticMLP((64, 32, 16, 8, 4, 1)).eval()
+
+
+def make_tiny_imagereward(directory: str | Path, *, seed: int = 0) -> Path:
+    """A tiny ImageReward stand-in: ``tokenizer/`` (a BERT WordPiece tokenizer) and ``ImageReward.pt``
+    (:func:`tiny_blip_modules` in the published layout). Returns ``directory``."""
+    from transformers import BertTokenizer
+
+    directory = Path(directory)
+    make_tiny_bert(directory / "tokenizer")
+    vocab = len(BertTokenizer.from_pretrained(directory / "tokenizer")) + 2  # BLIP adds [DEC] and [ENC]
+    torch.save(blip_original_state_dict(*tiny_blip_modules(vocab, seed=seed)), directory / "ImageReward.pt")
     return directory
