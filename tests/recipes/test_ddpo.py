@@ -249,9 +249,9 @@ def test_trackers_get_fixed_image_keys_evaluation_images_and_reward_components(t
     assert ("eval/samples", 2, (4, 3, 8, 8)) in tracker.images  # at the epoch's global step
     rows = logged_metrics(tmp_path)
     for row in rows:
-        assert row["reward/component/bright"] == pytest.approx(-row["reward/component/dark"], abs=1e-6)
-        assert row["reward/mean"] == pytest.approx(row["reward/component/bright"], abs=1e-5)  # 2 b - b
-        assert row["eval/component/bright"] > 0
+        assert row["reward/bright/mean"] == pytest.approx(-row["reward/dark/mean"], abs=1e-6)
+        assert row["reward/mean"] == pytest.approx(row["reward/bright/mean"], abs=1e-5)  # 2 b - b
+        assert row["eval/bright/mean"] > 0
 
 
 def brightness_reward(sign: float = 1.0):

@@ -10,7 +10,7 @@ numbers:
   reward backpropagation: the sampling chain with gradients), scoring them (waiting for asynchronous scores
   included), and updating (backward passes and optimizer steps); ``perf/epoch_s`` is their sum.
 - ``perf/samples_per_s``: the epoch's samples, all processes together, per second of sampling and scoring.
-- ``reward/component/<key>``: with a combined reward, the mean of each component (unweighted), all processes.
+- ``reward/<key>/mean``: with a combined reward, the mean of each component (unweighted), all processes.
 - every list in ``stats`` (``loss/policy``, ``stats/approx_kl``, ``stats/grad_norm``, ...): the mean over its
   entries, then over processes.
 """
@@ -83,7 +83,7 @@ def epoch_metrics(result: EpochResult, accelerator: Any) -> dict[str, float]:
         mean = torch.stack([torch.as_tensor(v).detach().float() for v in values]).mean()
         metrics[key] = float(accelerator.reduce(mean.to(accelerator.device), "mean"))
     for key, mean in component_means(result.reward_metadata).items():
-        metrics[f"reward/component/{key}"] = float(accelerator.reduce(torch.tensor(mean, device=accelerator.device), "mean"))
+        metrics[f"reward/{key}/mean"] = float(accelerator.reduce(torch.tensor(mean, device=accelerator.device), "mean"))
     metrics.update(result.extra)
     return metrics
 

@@ -16,6 +16,7 @@ import torch
 from diffrl.metrics import diversity, image_statistics
 from diffrl.pipelines.types import DiffusionPolicy
 from diffrl.recipes.epoch import component_means
+from diffrl.recipes.tracker_images import captions
 from diffrl.rewards import score
 from diffrl.seeding import sample_on_seeds
 
@@ -109,7 +110,7 @@ class PeriodicEvaluator:
     policy."""
 
     def __init__(self, config, policy: DiffusionPolicy, reward_fn: Callable, prompt_fn: Callable, run_dir: Path,
-                 accelerator, log_images: Callable[[str, torch.Tensor, int], None] | None = None,
+                 accelerator, log_images: Callable[..., None] | None = None,
                  heldout: Mapping[str, Callable] | None = None) -> None:
         self.config, self.policy, self.reward_fn, self.accelerator = config, policy, reward_fn, accelerator
         self.log_images, self.heldout = log_images, dict(heldout or {})
@@ -138,12 +139,14 @@ class PeriodicEvaluator:
                        "eval/diversity": prompt_diversity(result.images, result.prompts),
                        **{f"eval/{k}": v for k, v in image_statistics(result.images).items()},
                        **metadata_means(result.metadata),
-                       **{f"eval/component/{k}": v for k, v in component_means(result.metadata).items()}}
+                       **{f"eval/{k}/mean": v for k, v in component_means(result.metadata).items()}}
             for name, fn in self.heldout.items():  # the same images, scored by rewards the run does not train on
                 values, _ = score(fn, result.images, result.prompts, [{}] * len(result.prompts))
                 metrics[f"eval/heldout/{name}"] = float(values.float().mean())
             if self.log_images is not None:
-                self.log_images("eval/samples", result.images[:16].float().cpu(), global_step)
+                shown = result.images[:16].float().cpu()
+                self.log_images("eval/samples", shown, global_step, captions(result.prompts[: len(shown)],
+                                                                             result.rewards[: len(shown)]))
             if self.best is not None:
                 metrics["eval/is_best"] = float(self.best.update(self.policy, result.reward_mean, epoch))
         self.accelerator.wait_for_everyone()

@@ -118,11 +118,3 @@ def _pil_images(image: Any) -> list[Image.Image]:
     if array.dtype != np.uint8:
         array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
     return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in array]
-
-
-def last_batch_images(data: Any, limit: int = 16) -> torch.Tensor:
-    """``[N, 3, H, W]`` (at most ``limit``) images of the last sampled batch: DDPO's hook data (a list of
-    ``[images, prompts, prompt_metadata, rewards, reward_metadata]``) or AlignProp's dict. They go to the trackers
-    under one fixed key (``samples/last_batch``), so a dashboard keeps one panel that steps through epochs."""
-    images = data["images"] if isinstance(data, Mapping) else data[-1][0]
-    return images[:limit].detach().float().cpu()

@@ -22,7 +22,8 @@ from diffrl.prompts import PromptSource
 from diffrl.recipes.accelerator import choose_run_name, make_accelerator, process_state, seed_processes
 from diffrl.recipes.evaluation import PeriodicEvaluator
 from diffrl.recipes.guard import DivergenceGuard
-from diffrl.recipes.records import ImageFolderTracker, MetricsLogger, last_batch_images, write_config_record
+from diffrl.recipes.records import ImageFolderTracker, MetricsLogger, write_config_record
+from diffrl.recipes.tracker_images import last_batch, log_captioned_images
 from diffrl.run_folder import CONFIG_FILE
 
 
@@ -104,19 +105,18 @@ class Run:
         """TRL's hook contract: ``hook(data, global_step, tracker)`` with the first tracker, or — when the run has
         none — an :class:`~diffrl.recipes.records.ImageFolderTracker` saving PNGs under accelerate's project
         folder (the run folder unless ``project_kwargs`` names another). Without a hook but with trackers, the
-        last batch's images go to them under ``samples/last_batch``."""
+        last batch's images go to them under ``samples/last_batch``, captioned with prompt and reward."""
         acc = self.accelerator
         tracker = acc.trackers[0] if acc.trackers else None
         if self.image_hook is not None:
             folder = Path(acc.project_dir or ".") / "images"
             self.image_hook(data, global_step, tracker if tracker is not None else ImageFolderTracker(folder))
         else:
-            self.log_images("samples/last_batch", last_batch_images(data), global_step)
+            images, texts = last_batch(data)
+            self.log_images("samples/last_batch", images, global_step, texts)
 
-    def log_images(self, key: str, images: torch.Tensor, global_step: int) -> None:
-        """``images [N, 3, H, W]`` in [0, 1] to every tracker that takes images, under ``key`` (main process)."""
-        if not self.accelerator.is_main_process:
-            return
-        for tracker in self.accelerator.trackers:
-            if hasattr(tracker, "log_images"):
-                tracker.log_images({key: images}, step=global_step)
+    def log_images(self, key: str, images: torch.Tensor, global_step: int, texts: list[str] | None = None) -> None:
+        """``images [N, 3, H, W]`` in [0, 1] to every tracker that takes images, under ``key``, each captioned
+        with ``texts`` where the tracker shows captions (main process only)."""
+        if self.accelerator.is_main_process and self.accelerator.trackers:
+            log_captioned_images(self.accelerator.trackers, key, images, texts or [""] * len(images), global_step)
