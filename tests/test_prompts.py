@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import json
+
 import pytest
 
 from diffrl import prompts
@@ -222,3 +224,52 @@ def test_hf_dataset_reads_a_saved_dataset_and_local_files_offline_and_resumes(tm
     assert _draw(local, 2) == [("p0", {"level": 0}), ("p1", {"level": 1})]
     with pytest.raises(PromptError, match="has no column 'txt' \\(did you mean 'text'\\?\\); its columns: text, tag"):
         load("hf_dataset", path=str(tmp_path / "saved"), column="txt")
+
+
+@pytest.mark.parametrize("origin", ["saved", "json"])
+def test_hf_dataset_streams_row_by_row_sharded_cycling_and_resumable(tmp_path, monkeypatch, origin):
+    """A streamed source draws what the in-memory one draws in cycle order (past the end: from the start
+    again), each process its own rows, and a resumed source reads forward to exactly where it stopped."""
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rows = {"text": [f"a photo of object {i}" for i in range(7)], "tag": list(range(7))}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps({"text": t, "tag": g}) for t, g in zip(*rows.values())))
+    where = ({"path": str(tmp_path / "saved")} if origin == "saved"
+             else {"path": "json", "data_files": str(tmp_path / "rows.jsonl")})
+    options = dict(where, column="text", metadata_columns=["tag"])
+    in_memory = load("hf_dataset", **options, order="cycle")
+    streamed = load("hf_dataset", **options, order="cycle", streaming=True)
+    assert type(streamed).__name__ == "StreamedRecords"
+    assert _draw(streamed, 16) == _draw(in_memory, 16)  # 16 > 7 rows: two passes and a bit
+    assert streamed.pass_length == 7
+    shares = [load("hf_dataset", **options, order="cycle", streaming=True).shard(r, 2) for r in (0, 1)]
+    drawn = [_draw(share, 3) for share in shares]
+    assert [p for p, _ in drawn[0]] == [rows["text"][i] for i in (0, 2, 4)]
+    assert [p for p, _ in drawn[1]] == [rows["text"][i] for i in (1, 3, 5)]
+    # sample order: a seeded buffer shuffle, the same for the same seed, reshuffled each pass; resume is exact
+    shuffled = load("hf_dataset", **options, streaming=True, buffer_size=4, seed=3).shard(1, 2)
+    head, state = _draw(shuffled, 3), shuffled.state_dict()
+    rest = _draw(shuffled, 6)
+    resumed = load("hf_dataset", **options, streaming=True, buffer_size=4, seed=3).shard(1, 2)
+    resumed.load_state_dict(state)
+    assert _draw(resumed, 6) == rest
+    whole = _draw(load("hf_dataset", **options, streaming=True, buffer_size=4, seed=3), 18)
+    assert sorted(p for p, _ in whole[:7]) == sorted(rows["text"]) == sorted(p for p, _ in whole[7:14])
+    assert [p for p, _ in whole[:7]] != rows["text"] and whole[:7] != whole[7:14]
+    assert head + rest == whole[1::2][:9]
+    assert _draw(load("hf_dataset", **options, streaming=True, buffer_size=4, seed=4), 7) != whole[:7]
+
+
+def test_hf_dataset_streaming_checks_columns_and_options_up_front(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    datasets.Dataset.from_dict({"text": ["a", "b"]}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(PromptError, match="has no column 'txt' \\(did you mean 'text'\\?\\)"):
+        load("hf_dataset", path=str(tmp_path / "saved"), column="txt", streaming=True)
+    with pytest.raises(PromptError, match="buffer_size=0 must be a whole number >= 1"):
+        load("hf_dataset", path=str(tmp_path / "saved"), column="text", streaming=True, buffer_size=0)
+    with pytest.raises(PromptError, match="streaming='yes' must be true or false"):
+        load("hf_dataset", path=str(tmp_path / "saved"), column="text", streaming="yes")

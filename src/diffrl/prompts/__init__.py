@@ -19,17 +19,16 @@ like the rewards.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import json
-import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from diffrl.prompts.hub_datasets import hf_dataset
+from diffrl.prompts.source import PromptError, PromptFn, PromptList, PromptRecords, PromptSource
 from diffrl.registry import Registry, positional_parameters
-from diffrl.seeding import Stream, stream_seed
 
 __all__ = [
     "PromptError",
@@ -54,16 +53,11 @@ __all__ = [
     "simple_animals",
 ]
 
-PromptFn = Callable[[], tuple[str, dict[str, Any]]]
-"""A prompt source: each call returns ``(prompt, prompt_metadata)``."""
-
 ACTIVITIES = ("washing dishes", "riding a bike", "playing chess")
 """The DDPO paper's activities for the prompt-alignment task."""
 
 IMAGENET_ANIMALS = 398
 """ImageNet-1k classes 0-397 are animals (tench ... puffer); 398 on are objects and scenes."""
-
-ORDERS = ("sample", "cycle")
 
 _NUMBER_WORDS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
@@ -74,75 +68,6 @@ _IRREGULAR_PLURALS = {
     "mouse": "mice", "goose": "geese", "sheep": "sheep", "deer": "deer", "fish": "fish", "ox": "oxen",
     "wolf": "wolves", "person": "people", "child": "children", "moose": "moose", "bison": "bison",
 }
-
-
-class PromptError(ValueError):
-    """A bad prompt-source configuration; the message names the source, the setting and the fix."""
-
-
-class PromptSource:
-    """A prompt source whose ``i``-th draw is a pure function of its seed and ``i`` (:meth:`draw`).
-
-    Calling it returns the next draw of this process's share of the stream; :meth:`shard` sets the share,
-    :meth:`state_dict` / :meth:`load_state_dict` save and restore the position (what a checkpoint keeps).
-    """
-
-    def __init__(self, seed: int | None = 0) -> None:
-        self.seed = random.SystemRandom().randrange(2**62) if seed is None else int(seed)
-        self._count, self._offset, self._stride = 0, 0, 1
-
-    def draw(self, index: int) -> tuple[str, dict[str, Any]]:
-        """The prompt and metadata at position ``index`` of the whole stream."""
-        raise NotImplementedError
-
-    def rng(self, index: int) -> random.Random:
-        """The random draws of position ``index`` (independent of every other position)."""
-        return random.Random(stream_seed(Stream.PROMPTS, self.seed, index))
-
-    def __call__(self) -> tuple[str, dict[str, Any]]:
-        index = self._offset + self._stride * self._count
-        self._count += 1
-        return self.draw(index)
-
-    def shard(self, process_index: int, num_processes: int) -> "PromptSource":
-        """Make this the share of process ``process_index`` of ``num_processes``: draws ``process_index``,
-        ``process_index + num_processes``, ...; no two processes draw the same position."""
-        if not 0 <= process_index < num_processes:
-            raise ValueError(f"process_index={process_index} is not in [0, num_processes={num_processes})")
-        self._offset, self._stride = process_index, num_processes
-        return self
-
-    def state_dict(self) -> dict[str, int]:
-        """The position in this process's share (the same count on every process of a run)."""
-        return {"count": self._count}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._count = int(state["count"])
-
-
-class PromptList(PromptSource):
-    """Prompts from a list, drawn uniformly at random (``order="sample"``) or in turn (``order="cycle"``)."""
-
-    def __init__(
-        self, prompts: Sequence[str], *, order: str = "sample", seed: int | None = 0, source: str = "fixed"
-    ) -> None:
-        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
-            raise PromptError(f"prompt source '{source}': prompts must be a list of strings, got {prompts!r}")
-        if len(prompts) == 0:
-            raise PromptError(f"prompt source '{source}': the prompt list is empty")
-        for prompt in prompts:
-            if not isinstance(prompt, str):
-                raise PromptError(f"prompt source '{source}': prompts must be strings, got {prompt!r}")
-        if order not in ORDERS:
-            raise PromptError(f"prompt source '{source}': order={order!r} must be one of {list(ORDERS)}")
-        super().__init__(seed)
-        self.prompts = list(prompts)
-        self.order = order
-
-    def draw(self, index: int) -> tuple[str, dict[str, Any]]:
-        if self.order == "cycle":
-            return self.prompts[index % len(self.prompts)], {}
-        return self.rng(index).choice(self.prompts), {}
 
 
 def read_prompt_data(name: str) -> list[str]:
@@ -277,22 +202,6 @@ def from_file(*, path: str | Path, order: str = "sample", seed: int | None = 0) 
     return PromptList(_read_lines(path, "from_file"), order=order, seed=seed, source="from_file")
 
 
-class PromptRecords(PromptList):
-    """Prompts with per-prompt metadata (each record's other fields), drawn as :class:`PromptList` draws."""
-
-    def __init__(self, records: Sequence[tuple[str, dict[str, Any]]], *, order: str = "sample", seed: int | None = 0,
-                 source: str = "jsonl") -> None:
-        super().__init__([prompt for prompt, _ in records], order=order, seed=seed, source=source)
-        self.metadata = [dict(meta) for _, meta in records]
-
-    def draw(self, index: int) -> tuple[str, dict[str, Any]]:
-        if self.order == "cycle":
-            i = index % len(self.prompts)
-        else:
-            i = self.rng(index).randrange(len(self.prompts))
-        return self.prompts[i], dict(self.metadata[i])
-
-
 def jsonl(*, path: str | Path, key: str = "prompt", order: str = "sample", seed: int | None = 0) -> PromptRecords:
     """Prompts from a JSON Lines file: one object per line, its ``key`` field the prompt and every other field
     its metadata (handed to the reward as ``prompt_metadata``: GenEval-style tags, OCR targets, ...)."""
@@ -315,53 +224,6 @@ def jsonl(*, path: str | Path, key: str = "prompt", order: str = "sample", seed:
     if not records:
         raise PromptError(f"prompt source 'jsonl': file {str(file)!r} has no prompts (one JSON object per line)")
     return PromptRecords(records, order=order, seed=seed)
-
-
-def hf_dataset(*, path: str | Path, column: str = "prompt", name: str | None = None, split: str = "train",
-               metadata_columns: Sequence[str] | None = None, revision: str | None = None,
-               data_files: str | Sequence[str] | None = None, order: str = "sample",
-               seed: int | None = 0) -> PromptRecords:
-    """Prompts from a Hugging Face dataset through ``datasets``: a Hub id (``name`` its config, ``revision``), a
-    folder written by ``Dataset.save_to_disk``, or a builder with local files (``path="json"``,
-    ``data_files=...``; offline from the local cache with ``HF_DATASETS_OFFLINE=1``). ``column`` holds the
-    prompts; ``metadata_columns`` (default: none) become each prompt's metadata. The split is read once into
-    memory, so draws shard and resume like every built-in source."""
-    try:
-        import datasets
-    except ImportError as err:  # an optional extra
-        raise PromptError("prompt source 'hf_dataset' needs the datasets package: pip install 'diffrl[datasets]'") \
-            from err
-    where = str(path)
-    try:
-        if Path(where).expanduser().is_dir() and (Path(where).expanduser() / "state.json").is_file():
-            loaded = datasets.load_from_disk(str(Path(where).expanduser()))
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise PromptError(f"prompt source 'hf_dataset': {where} has no split {split!r}; its splits: "
-                                      f"{', '.join(loaded)}")
-                loaded = loaded[split]
-        else:
-            loaded = datasets.load_dataset(where, name, split=split, revision=revision, data_files=data_files)
-    except PromptError:
-        raise
-    except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
-        raise PromptError(f"prompt source 'hf_dataset': cannot load {where!r} (name={name!r}, split={split!r}): "
-                          f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
-    columns = list(loaded.column_names)
-    wanted = [column, *(metadata_columns or [])]
-    for needed in wanted:
-        if needed not in columns:
-            close = difflib.get_close_matches(needed, columns, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise PromptError(f"prompt source 'hf_dataset': {where} has no column {needed!r}{hint}; its columns: "
-                              f"{', '.join(columns)}")
-    texts = loaded[column]
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise PromptError(f"prompt source 'hf_dataset': column {column!r} of {where} must hold strings (one prompt "
-                          "per row) and must not be empty")
-    extra = {c: loaded[c] for c in metadata_columns or []}
-    records = [(text, {c: values[i] for c, values in extra.items()}) for i, text in enumerate(texts)]
-    return PromptRecords(records, order=order, seed=seed, source="hf_dataset")
 
 
 def fixed(*, prompts: Sequence[str], order: str = "cycle", seed: int | None = 0) -> PromptList:
