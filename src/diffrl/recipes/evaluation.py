@@ -22,12 +22,14 @@ from diffrl.seeding import sample_on_seeds
 
 
 class EvalResult(NamedTuple):
-    """``images``: ``[n, 3, H, W]`` in ``[0, 1]`` (CPU); ``rewards``: ``[n]``; ``metadata``: per batch."""
+    """``images``: ``[n, 3, H, W]`` in ``[0, 1]`` (CPU); ``rewards``: ``[n]``; ``metadata``: the reward's, per batch;
+    ``prompt_metadata``: each prompt's (what the reward was given)."""
 
     images: torch.Tensor
     rewards: torch.Tensor
     prompts: list[str]
     metadata: list[Any]
+    prompt_metadata: list[dict]
 
     @property
     def reward_mean(self) -> float:
@@ -37,20 +39,23 @@ class EvalResult(NamedTuple):
 def evaluate(policy: DiffusionPolicy, reward_fn: Callable, prompts: Sequence[str], *, seed: int,
              num_inference_steps: int, guidance_scale: float, eta: float, batch_size: int = 64,
              progress: str | None = "evaluating", height: int | None = None,
-             width: int | None = None) -> EvalResult:
-    """Sample image ``i`` for ``prompts[i]`` from seed ``seed + i`` and score it (with a progress bar);
-    ``height``/``width`` in pixels (``None``: the model's native size)."""
+             width: int | None = None, prompt_metadata: Sequence[dict] | None = None) -> EvalResult:
+    """Sample image ``i`` for ``prompts[i]`` from seed ``seed + i`` and score it with ``prompt_metadata[i]`` (default
+    ``{}``), with a progress bar; ``height``/``width`` in pixels (``None``: the model's native size)."""
     prompts = list(prompts)
+    given = [dict(m) for m in prompt_metadata] if prompt_metadata is not None else [{} for _ in prompts]
+    if len(given) != len(prompts):
+        raise ValueError(f"evaluate: {len(given)} prompt_metadata for {len(prompts)} prompts")
     images, rewards, meta = [], [], []
     for batch in sample_on_seeds(policy, prompts, [seed + i for i in range(len(prompts))],
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
                                  batch_size=batch_size, progress=progress, height=height, width=width):
         chunk = [prompts[i] for i in batch.indices]
-        r, m = score(reward_fn, batch.images, chunk, [{} for _ in chunk])
+        r, m = score(reward_fn, batch.images, chunk, [dict(given[i]) for i in batch.indices])
         images.append(batch.images.cpu())
         rewards.append(r)
         meta.append(m)
-    return EvalResult(torch.cat(images), torch.cat(rewards), prompts, meta)
+    return EvalResult(torch.cat(images), torch.cat(rewards), prompts, meta, given)
 
 
 def prompt_diversity(images: torch.Tensor, prompts: Sequence[str]) -> float:
@@ -116,7 +121,9 @@ class PeriodicEvaluator:
         self.log_images, self.heldout = log_images, dict(heldout or {})
         self.enabled = config.eval_every > 0
         # Drawn once, up front, so every evaluation scores the same prompts with the same noise.
-        self.prompts = [prompt_fn()[0] for _ in range(config.eval_num_samples)] if self.enabled else []
+        drawn = [prompt_fn() for _ in range(config.eval_num_samples)] if self.enabled else []
+        self.prompts = [prompt for prompt, _ in drawn]
+        self.prompt_metadata = [dict(metadata or {}) for _, metadata in drawn]  # what the reward reads (GenEval...)
         self.best = BestKeeper(run_dir) if config.keep_best else None
 
     def run(self) -> EvalResult:
@@ -125,7 +132,7 @@ class PeriodicEvaluator:
                         num_inference_steps=c.eval_num_steps or c.sample_num_steps,
                         guidance_scale=c.sample_guidance_scale, eta=c.sample_eta if c.sample_eta > 0 else 1.0,
                         batch_size=max(getattr(c, "sample_batch_size", c.train_batch_size), 16),
-                        height=c.sample_height, width=c.sample_width)
+                        height=c.sample_height, width=c.sample_width, prompt_metadata=self.prompt_metadata)
 
     def maybe_run(self, epoch: int, global_step: int = 0) -> dict[str, float]:
         """Evaluate when ``epoch`` is due: the metrics, and the first 16 images to the trackers (``eval/samples``,
@@ -141,7 +148,7 @@ class PeriodicEvaluator:
                        **metadata_means(result.metadata),
                        **{f"eval/{k}/mean": v for k, v in component_means(result.metadata).items()}}
             for name, fn in self.heldout.items():  # the same images, scored by rewards the run does not train on
-                values, _ = score(fn, result.images, result.prompts, [{}] * len(result.prompts))
+                values, _ = score(fn, result.images, result.prompts, [dict(m) for m in result.prompt_metadata])
                 metrics[f"eval/heldout/{name}"] = float(values.float().mean())
             if self.log_images is not None:
                 shown = result.images[:16].float().cpu()
