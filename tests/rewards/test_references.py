@@ -40,6 +40,11 @@ def my_prompts(words=("a", "b"), seed=0):
     from diffrl.prompts import PromptList
     return PromptList(list(words), seed=seed, order="cycle")
 
+def recording(images, prompts, prompt_metadata):
+    with open(os.environ["SEEN_PROMPTS"], "a") as f:
+        f.write(json.dumps([list(prompts), list(prompt_metadata)]) + "\\n")
+    return images.mean(dim=(1, 2, 3)), {}
+
 NOT_CALLABLE = 3
 '''
 
@@ -119,3 +124,27 @@ def test_a_bad_reference_is_one_line_and_exit_2_before_any_model_loads(user_modu
     assert main(["train", f"reward={user_module}:brightnes", f"logdir={tmp_path / 'logs'}"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and "did you mean 'brightness'?" in lines[0]
+
+
+def test_diffrl_train_on_a_text_model_with_jsonl_prompts_and_held_out_eval_prompts(user_module, tiny_sd_path, tmp_path,
+                                                                                    monkeypatch):
+    """The issue's command: your reward by reference, JSONL prompts whose metadata reaches it, and a held-out JSONL
+    set that training-time evaluation scores (with its own metadata)."""
+    seen = tmp_path / "seen.jsonl"
+    monkeypatch.setenv("SEEN_PROMPTS", str(seen))
+    train = tmp_path / "prompts.jsonl"
+    train.write_text("\n".join(json.dumps({"prompt": f"a {c} cube", "colour": c}) for c in ("red", "blue")))
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"prompt": "a green sphere", "colour": "green", "tag": "heldout"}))
+    assert main(["train", f"model={tiny_sd_path}", f"reward={user_module}:recording", "prompts=jsonl",
+                 f"prompt_options.path={train}", "eval_prompts=jsonl", f"eval_prompt_options.path={held}",
+                 "num_epochs=1", "sample_num_steps=2", "sample_batch_size=2", "sample_num_batches_per_epoch=1",
+                 "train_batch_size=2", "eval_every=1", "eval_num_samples=2", "eval_num_steps=2", "save_freq=1",
+                 f"logdir={tmp_path / 'logs'}", "run_name=j"]) == 0
+    calls = [json.loads(line) for line in seen.read_text().splitlines()]
+    pairs = [(p, m) for prompts_, metadata in calls for p, m in zip(prompts_, metadata)]
+    trained = [(p, m) for p, m in pairs if "cube" in p]
+    assert trained and all(m == {"colour": p.split()[1]} for p, m in trained)  # each prompt with its own metadata
+    evaluated = [(p, m) for p, m in pairs if "sphere" in p]
+    assert evaluated and all(m == {"colour": "green", "tag": "heldout"} for _, m in evaluated)
+    assert {p for p, _ in pairs} <= {"a red cube", "a blue cube", "a green sphere"}
