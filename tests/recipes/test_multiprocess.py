@@ -1,11 +1,14 @@
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 JOB = Path(__file__).with_name("two_process_job.py")
 
@@ -16,13 +19,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(trainer, model, logdir, *overrides, timeout=400):
+DATA_PARALLEL = ("--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+
+
+def _command(trainer, model, logdir, *overrides, launcher=DATA_PARALLEL):
     # On a machine without GPUs, accelerate's multi-process launcher plus diffrl's gloo fallback (see
     # diffrl.recipes.accelerator.use_cpu_processes_without_gpus) gives two CPU processes.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "2",
            "--main_process_port", str(_free_port()), str(JOB), trainer, model, str(logdir), *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error", CUDA_VISIBLE_DEVICES="")
+    return cmd, env
+
+
+def _start(trainer, model, logdir, *overrides, launcher=DATA_PARALLEL):
+    cmd, env = _command(trainer, model, logdir, *overrides, launcher=launcher)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process under it (torch's launcher starts its workers in their own groups)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    for process in [*root.children(recursive=True), root]:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _launch(trainer, model, logdir, *overrides, timeout=400, launcher=DATA_PARALLEL):
+    cmd, env = _command(trainer, model, logdir, *overrides, launcher=launcher)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     ranks = [json.loads((Path(logdir) / f"weights_{r}.json").read_text()) for r in (0, 1)]
@@ -60,20 +88,84 @@ def test_two_process_grpo_keeps_groups_whole_and_weights_in_sync(tiny_ddpm_path,
     assert len((tmp_path / "logs" / "mp" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def test_an_fsdp_launch_without_gpus_is_refused_not_run_unsharded(tmp_path):
-    """accelerate falls back to plain data parallel (MULTI_CPU) with the FSDP config on a CPU-only machine; a run
-    that asked for sharding stops with one line naming what happened, before any model loads."""
-    root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(root / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2",
-           "--main_process_port", str(_free_port()), "-m", "diffrl", "train", "num_epochs=1",
-           f"logdir={tmp_path / 'logs'}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
-    assert out.returncode != 0
-    lines = [line for line in out.stderr.splitlines() if line.startswith("diffrl train: error:")]
-    assert lines and "asked for FSDP" in lines[0] and "accelerate set up MULTI_CPU" in lines[0]
-    assert not list((tmp_path / "logs").rglob("*.safetensors")) if (tmp_path / "logs").exists() else True
+FSDP = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "fsdp.yaml"
+SHARDED_COMMON = ("sample_num_steps=3", "train_batch_size=1", "train_learning_rate=0.001", "train_clip_range=0.2",
+                  "train_lora=false")
+
+
+def _whole_unet(run_dir: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    weights = load_file(run_dir / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    return torch.cat([weights[k].flatten() for k in sorted(weights)])
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _assert_sharded(ranks) -> None:
+    """Each process holds DTensor shards of the trained UNet (FSDP2), about half of its elements."""
+    for rank in ranks:
+        assert rank["module_class"] == "FSDPUNet2DModel" and rank["param_types"] == ["DTensor"]
+        assert 0.4 < rank["local_numel"] / rank["whole_numel"] < 0.6
+    assert sum(rank["local_numel"] for rank in ranks) >= ranks[0]["whole_numel"]
+
+
+def test_fsdp2_shards_ddpo_on_cpu_processes_and_ends_as_data_parallel(tiny_ddpm_path, tmp_path):
+    """configs/accelerate/fsdp.yaml on two CPU processes: diffrl shards the UNet itself (accelerate would fall back
+    to unsharded MULTI_CPU) and full fine-tuning ends with the data-parallel run's weights."""
+    args = (*SHARDED_COMMON, "num_epochs=2", "sample_batch_size=2", "sample_num_batches_per_epoch=1")
+    _launch("ddpo", tiny_ddpm_path, tmp_path / "dp", *args)
+    ranks, _ = _launch("ddpo", tiny_ddpm_path, tmp_path / "fsdp", *args, launcher=("--config_file", str(FSDP)))
+    _assert_sharded(ranks)
+    dp, fsdp = _whole_unet(tmp_path / "dp"), _whole_unet(tmp_path / "fsdp")
+    base = _whole_unet_from(tiny_ddpm_path)
+    assert (dp - base).abs().max() > 1e-3  # trained
+    assert _relative(fsdp, dp) < 1e-4
+    logged = [(tmp_path / run / "mp" / "metrics.jsonl").read_text().splitlines() for run in ("dp", "fsdp")]
+    assert [json.loads(x)["reward/mean"] for x in logged[0]] == [json.loads(x)["reward/mean"] for x in logged[1]]
+
+
+def _whole_unet_from(model: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    weights = load_file(Path(model) / "unet" / "diffusion_pytorch_model.safetensors")
+    return torch.cat([weights[k].flatten() for k in sorted(weights)])
+
+
+def test_fsdp2_grpo_with_reference_kl_matches_data_parallel_and_resumes_after_a_kill(tiny_ddpm_path, tmp_path):
+    """GRPO's reference (a sharded snapshot swapped in for the KL forward) works through the shards: the same
+    KL and weights as data parallel; a sharded run killed (SIGKILL) after a checkpoint and resumed ends with the
+    uninterrupted run's weights exactly."""
+    args = (*SHARDED_COMMON, "group_size=4", "prompts_per_epoch=1", "sde_window_size=2", "kl_coef=0.5")
+    _launch("grpo", tiny_ddpm_path, tmp_path / "dp", *args, "num_epochs=3")
+    ranks, _ = _launch("grpo", tiny_ddpm_path, tmp_path / "fsdp", *args, "num_epochs=3",
+                       launcher=("--config_file", str(FSDP)))
+    _assert_sharded(ranks)
+    assert _relative(_whole_unet(tmp_path / "fsdp"), _whole_unet(tmp_path / "dp")) < 1e-4
+    rows = [[json.loads(x) for x in (tmp_path / run / "mp" / "metrics.jsonl").read_text().splitlines()]
+            for run in ("dp", "fsdp")]
+    assert [r["stats/kl_ref"] for r in rows[1]] == pytest.approx([r["stats/kl_ref"] for r in rows[0]], rel=1e-4)
+    assert rows[1][-1]["stats/kl_ref"] > 0
+
+    killed = tmp_path / "killed"
+    process = _start("grpo", tiny_ddpm_path, killed, *args, "num_epochs=3", launcher=("--config_file", str(FSDP)))
+    try:
+        deadline = time.monotonic() + 300
+        while not list((killed / "mp" / "checkpoints").glob("checkpoint_*/diffrl_state.json")):
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before a checkpoint"
+            time.sleep(0.05)
+    finally:  # what a preemption does: every process of the run dies at once, the launcher and its workers
+        _kill_tree(process.pid)
+        process.wait()
+    _launch("grpo", tiny_ddpm_path, killed, *args, "num_epochs=3", f"resume_from={killed / 'mp'}",
+            launcher=("--config_file", str(FSDP)))
+    (record,) = (killed / "mp").glob("config.resume-*.yaml")  # it resumed, from this epoch's checkpoint
+    assert int(record.stem.rpartition("-")[2]) < 2, "killed too late to train after the resume; nothing was tested"
+    assert torch.equal(_whole_unet(killed), _whole_unet(tmp_path / "fsdp"))
+    epochs = [json.loads(x)["epoch"] for x in (killed / "mp" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]  # no epoch lost or logged twice
 
 
 def test_the_sharding_check_reads_what_the_launcher_asked_for(monkeypatch):

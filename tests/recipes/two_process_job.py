@@ -27,17 +27,22 @@ def main() -> None:
     config = load_config(None, [f"trainer={trainer_name}", f"logdir={logdir}", "run_name=mp", "mixed_precision=no",
                                 *overrides])
     torch.manual_seed(0)  # the same LoRA init on every process
-    pipe = DefaultDDPODDPMPipeline(model)
+    pipe = DefaultDDPODDPMPipeline(model, use_lora=config.train_lora)
     Trainer = registry.resolve(registry.spec_of(type(config)).trainer)  # the config's own trainer
     prompt_fn = build.build_prompt_fn(config, conditional=False)
     trainer = Trainer(config, brightness, prompt_fn, pipe)
     trainer.train()
     trainer.save_pretrained(str(Path(logdir) / "final"))
-    weights = [p.detach().double().sum().item() for p in trainer.policy.trainable_parameters()]
+    weights = [p.detach().double().sum().item() for p in trainer.policy.trainable_parameters()]  # whole sums
+    params = list(trainer.policy.trainable_parameters())
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
     rank = trainer.accelerator.process_index
     Path(logdir, f"weights_{rank}.json").write_text(json.dumps(
         {"rank": rank, "num_processes": trainer.accelerator.num_processes, "weights": weights,
-         "global_step": trainer.global_step, "scored_prompts": SCORED}))
+         "global_step": trainer.global_step, "scored_prompts": SCORED,
+         "param_types": sorted({type(p).__name__ for p in params}),
+         "module_class": type(trainer.policy.trainable_module).__name__,
+         "local_numel": sum(t.numel() for t in local), "whole_numel": sum(p.numel() for p in params)}))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from diffrl.pipelines.chain import run_chain
 from diffrl.pipelines.loading import load_pipeline
 from diffrl.pipelines.lora import LoraSettings, add_lora, kohya_state_dict, lora_state_dict, merged_unet
 from diffrl.pipelines.saved import plan_load, write_model_info
+from diffrl.pipelines.sharded import is_fully_sharded, local_slice, swapped_shards
 from diffrl.pipelines.types import SampleResult, Trajectory
 from diffrl.samplers import DenoisingSchedule, StepOutput
 
@@ -286,7 +287,10 @@ class TrainableUNetPolicy:
                     where = f" in {source}" if source else ""
                     raise ValueError(f"weight {name!r}{where} has shape {tuple(value.shape)}, this policy's has "
                                      f"{tuple(target.shape)}; use the same model and LoRA rank as the saved run.")
-                target.copy_(value.to(target.device, target.dtype))
+                if hasattr(target, "to_local"):  # an FSDP2 shard: this process's slice of the whole tensor
+                    target.to_local().copy_(local_slice(target, value))
+                else:
+                    target.copy_(value.to(target.device, target.dtype))
 
     def snapshot_reference(self, device: torch.device | str | None = None) -> None:
         """Full fine-tuning: keep a frozen copy of the current trainable weights (on ``device``, default the
@@ -326,6 +330,13 @@ class TrainableUNetPolicy:
         no distributed wrapper syncs them: the old and reference policies are not trained)."""
         if params is None:
             return self.unet
+        if is_fully_sharded(self._unet):  # FSDP2 shards: swap the override's shards in for the call (no gradients)
+
+            def sharded_call(*args: Any, **kwargs: Any) -> Any:
+                with swapped_shards(self._unet, params):
+                    return self._unet(*args, **kwargs)
+
+            return sharded_call
 
         def call(*args: Any, **kwargs: Any) -> Any:
             return torch.func.functional_call(self._unet, dict(params), args, kwargs, strict=False)

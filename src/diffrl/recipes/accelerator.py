@@ -11,6 +11,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 
 from diffrl.config import SharedConfig
+from diffrl.recipes.sharding import FSDPSettings
 
 
 def use_cpu_processes_without_gpus() -> None:
@@ -25,25 +26,28 @@ def use_cpu_processes_without_gpus() -> None:
 
 
 class ShardingUnavailableError(ValueError):
-    """The launch asked for FSDP or DeepSpeed, but accelerate set up something else (nothing would be sharded)."""
+    """The launch asked for DeepSpeed, but accelerate set up something else (nothing would be sharded)."""
 
 
-SHARDING_REQUESTS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
-"""What ``accelerate launch --config_file configs/accelerate/{fsdp,zero2}.yaml`` sets -> the distributed type."""
+SHARDING_REQUESTS = {"ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
+"""What ``accelerate launch --config_file configs/accelerate/zero2.yaml`` sets -> the distributed type. FSDP is not
+here: diffrl applies FSDP2 itself (:mod:`diffrl.recipes.sharding`), on CPU processes as on GPUs."""
 
 
 def check_requested_sharding(distributed_type: object) -> None:
-    """Refuse a run whose launch asked for FSDP or DeepSpeed when accelerate runs another type: without GPUs it
-    silently falls back to data parallel (``MULTI_CPU``), where a user who chose sharding for memory would get
-    every parameter on every process and a run that proves nothing about sharding."""
+    """Refuse a run whose launch asked for DeepSpeed when accelerate runs another type: without GPUs it silently
+    falls back to data parallel (``MULTI_CPU``), where a user who chose sharding for memory would get every
+    parameter on every process and a run that proves nothing about sharding. An FSDP launch is checked here too
+    (its settings must be ones diffrl's own FSDP2 path honours), before any model loads."""
+    FSDPSettings.requested()
     actual = str(getattr(distributed_type, "value", distributed_type))
     for variable, wanted in SHARDING_REQUESTS.items():
         if os.environ.get(variable, "").lower() in ("1", "true", "yes") and actual != wanted:
-            why = "" if torch.cuda.is_available() else " (no GPU is visible: accelerate shards on GPUs only)"
+            why = "" if torch.cuda.is_available() else " (no GPU is visible: DeepSpeed runs on GPUs only)"
             raise ShardingUnavailableError(
                 f"the launch asked for {wanted} ({variable}=true, from the accelerate config), but accelerate set up "
                 f"{actual}{why}, so nothing would be sharded; run on GPUs, or launch without the {wanted} config "
-                "(--multi_gpu: plain data parallel)")
+                "(--multi_gpu: plain data parallel; configs/accelerate/fsdp.yaml shards on CPU processes too)")
 
 
 def process_state() -> PartialState:

@@ -28,10 +28,16 @@ from accelerate.utils import DistributedType, broadcast_object_list, gather_obje
 from safetensors.torch import load_file, save_file
 
 from diffrl import checkpoint as ckpt
+from diffrl.pipelines.sharded import is_fully_sharded
 from diffrl.pipelines.types import DiffusionPolicy
+from diffrl.recipes import sharding
 from diffrl.run_folder import OPTIMIZER_FILE, SCHEDULER_FILE, TRAINABLE_FILE
 
-SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
+SHARDED = (DistributedType.DEEPSPEED,)
+"""Where accelerate itself shards (DeepSpeed). FSDP is diffrl's own (:mod:`diffrl.recipes.sharding`), recognised by
+the trained module (:func:`diffrl.pipelines.sharded.is_fully_sharded`) whatever accelerate's distributed type."""
+FSDP_OPTIMIZER_FILE = "optimizer_full.pt"
+"""A sharded (FSDP) run's optimizer state, gathered whole on the main process (resumes on any process count)."""
 
 
 class CheckpointWriteError(RuntimeError):
@@ -39,7 +45,7 @@ class CheckpointWriteError(RuntimeError):
 
 
 def is_sharded(accelerator: Accelerator) -> bool:
-    """Whether parameters or optimizer state are split over processes (FSDP, DeepSpeed)."""
+    """Whether accelerate splits parameters or optimizer state over processes (DeepSpeed)."""
     return accelerator.distributed_type in SHARDED
 
 
@@ -47,13 +53,15 @@ def full_trainable_state_dict(accelerator: Accelerator, policy: DiffusionPolicy,
                               prepared: torch.nn.Module | None = None) -> dict[str, torch.Tensor] | None:
     """The trained weights as whole CPU tensors by their UNet names; every process must call it.
 
-    Unsharded: :meth:`policy.trainable_state_dict` (each process holds them all). FSDP/DeepSpeed: accelerate's
-    ``get_state_dict`` of the prepared module gathers the full state dict (a collective: every process takes part)
-    and the trained names are kept (``None`` on processes other than the main one, which gets nothing)."""
-    if not is_sharded(accelerator) or prepared is None:
+    Unsharded: :meth:`policy.trainable_state_dict` (each process holds them all). FSDP2 (diffrl's) or DeepSpeed
+    (accelerate's ``get_state_dict`` of the prepared module): the full state dict is gathered (a collective: every
+    process takes part) and the trained names are kept (``None`` on processes other than the main one)."""
+    module = policy.trainable_module
+    fsdp = is_fully_sharded(module)
+    if not fsdp and (not is_sharded(accelerator) or prepared is None):
         return policy.trainable_state_dict()
-    names = {n for n, p in policy.trainable_module.named_parameters() if p.requires_grad}
-    full = accelerator.get_state_dict(prepared)
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    full = sharding.full_state_dict(module) if fsdp else accelerator.get_state_dict(prepared)
     if not accelerator.is_main_process:
         return None
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in full.items() if k in names}
@@ -109,8 +117,9 @@ class CheckpointIO:
     loaded by accelerate; the trained weights go to ``trainable.safetensors`` in either case."""
 
     def __init__(self, accelerator: Accelerator, policy: DiffusionPolicy, lr_scheduler,
-                 prepared: torch.nn.Module | None = None) -> None:
+                 prepared: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.accelerator, self.policy, self.lr_scheduler, self.prepared = accelerator, policy, lr_scheduler, prepared
+        self.optimizer = optimizer  # saved here only under FSDP2 (accelerate saves the optimizers it prepared)
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
         accelerator.register_for_checkpointing(lr_scheduler)
@@ -125,8 +134,12 @@ class CheckpointIO:
             for i in reversed(self._ours(models)):
                 weights.pop(i)
         state = full_trainable_state_dict(self.accelerator, self.policy, self.prepared)
+        module = self.policy.trainable_module
+        optimizer = sharding.optimizer_state(module, self.optimizer) if is_fully_sharded(module) else None
         if self.accelerator.is_main_process:
             save_file(state, Path(output_dir) / TRAINABLE_FILE)
+            if optimizer is not None:
+                torch.save(optimizer, Path(output_dir) / FSDP_OPTIMIZER_FILE)
 
     def _load_hook(self, models: list, input_dir: str) -> None:
         for i in reversed(self._ours(models)):
@@ -196,6 +209,12 @@ class CheckpointIO:
         state = ckpt.read_state(path)
         with _explicit_folders(self.accelerator):
             self.accelerator.load_state(str(path))
+        module = self.policy.trainable_module
+        if is_fully_sharded(module):  # the main process reads the whole state; each process keeps its slice
+            file = path / FSDP_OPTIMIZER_FILE
+            whole = torch.load(file, map_location="cpu", weights_only=True) \
+                if self.accelerator.is_main_process else None
+            sharding.load_optimizer_state(module, optimizer, whole)
         rng_file = path / f"rng_{self.accelerator.process_index}.pt"
         if rng_file.is_file():  # a checkpoint written before accelerate's random states were the only record
             ckpt.load_rng_state(torch.load(rng_file, weights_only=True))

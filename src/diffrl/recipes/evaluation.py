@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import torch
 
 from diffrl.metrics import diversity, image_statistics
+from diffrl.pipelines.sharded import is_fully_sharded
 from diffrl.pipelines.types import DiffusionPolicy
 from diffrl.recipes.epoch import component_means
 from diffrl.recipes.tracker_images import captions
@@ -140,8 +141,10 @@ class PeriodicEvaluator:
         if not self.enabled or (epoch + 1) % self.config.eval_every:
             return {}
         metrics: dict[str, float] = {}
-        if self.accelerator.is_main_process:
+        main = self.accelerator.is_main_process
+        if main or is_fully_sharded(self.policy.trainable_module):  # sharded: every process takes part in sampling
             result = self.run()
+        if main:
             metrics = {"eval/reward_mean": result.reward_mean, "eval/reward_std": float(result.rewards.std()),
                        "eval/diversity": prompt_diversity(result.images, result.prompts),
                        **{f"eval/{k}": v for k, v in image_statistics(result.images).items()},

@@ -98,13 +98,13 @@ class GRPORecipe(RecipeBase):
     def setup(self, run: Run) -> None:
         c = self.config
         self.run = run
-        if c.kl_coef > 0:
-            # Full fine-tuning keeps a frozen copy of the initial weights (LoRA: nothing to do); taken before any
-            # update and before a resume loads trained weights.
-            self.policy.snapshot_reference("cpu" if c.reference_on_cpu else None)
         per_update = c.train_gradient_accumulation_steps * self.window_steps()
         self.update = UpdateLoop(run.accelerator, self.policy, c, run.guard, total_steps=self.total_optimizer_steps(),
                                  backward_calls=per_update)
+        if c.kl_coef > 0:
+            # Full fine-tuning keeps a frozen copy of the initial weights (LoRA: nothing to do); taken before any
+            # update and before a resume loads trained weights, after sharding (so the copy is sharded too).
+            self.policy.snapshot_reference("cpu" if c.reference_on_cpu else None)
 
     def window_steps(self) -> int:
         """The trained steps of every sample: the window's size (all steps without a window)."""

@@ -17,9 +17,21 @@ class DivergenceError(RuntimeError):
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """One boolean tensor (no host sync): every element of every tensor is finite."""
-    flags = [torch.isfinite(t).all() for t in tensors if t is not None and t.is_floating_point()]
-    return torch.stack(flags).all() if flags else torch.tensor(True)
+    """One boolean tensor (no host sync): every element of every tensor is finite. FSDP2 shards are checked
+    where they live and the verdict is agreed by all processes (a collective), so every process stops together."""
+    flags, shards = [], False
+    for t in tensors:
+        if t is None or not t.is_floating_point():
+            continue
+        if hasattr(t, "to_local"):
+            t, shards = t.to_local(), True
+        flags.append(torch.isfinite(t).all())
+    verdict = torch.stack(flags).all() if flags else torch.tensor(True)
+    if shards:
+        agreed = verdict.to(torch.int32)
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+        verdict = agreed.bool()
+    return verdict
 
 
 class DivergenceGuard:

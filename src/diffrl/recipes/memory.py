@@ -59,7 +59,8 @@ class SavedTensorProbe:
     the module's own weights excluded, against the system's available memory (``psutil``)."""
 
     def __init__(self, module: torch.nn.Module) -> None:
-        self.weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        local = (p.to_local() if hasattr(p, "to_local") else p for p in module.parameters())  # FSDP2: own shards
+        self.weights = {t.untyped_storage().data_ptr() for t in local}
         self.seen: set[int] = set()
         self.bytes = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)

@@ -88,10 +88,15 @@ def average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]
         offset += g.numel()
 
 
-def clip_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter], max_grad_norm: float) -> torch.Tensor:
+def clip_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter], max_grad_norm: float, *,
+                   sharded: bool = False) -> torch.Tensor:
     """The total gradient norm before clipping (a tensor, no host sync); clips to ``max_grad_norm`` unless it is
     infinite. The divergence guard reads the norm at the optimizer step. Under DeepSpeed, which clips inside its
-    engine (``gradient_clipping``) and returns no norm here, the engine's global norm of the last step."""
+    engine (``gradient_clipping``) and returns no norm here, the engine's global norm of the last step. ``sharded``
+    (FSDP2 shards): torch's clipping over the shards, whose norm is the whole gradient's (the same everywhere)."""
+    if sharded:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     norm = accelerator.clip_grad_norm_(params, max_grad_norm)
     if norm is None:
         wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)

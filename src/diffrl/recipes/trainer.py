@@ -27,6 +27,7 @@ from diffrl.config import SharedConfig
 from diffrl.pipelines.types import DiffusionPolicy
 from diffrl.prompts import PromptSource
 from diffrl.recipes.accelerator import process_state
+from diffrl.pipelines.sharded import is_fully_sharded
 from diffrl.recipes.checkpoints import CheckpointIO, full_trainable_state_dict, is_sharded, whole_parameters
 from diffrl.recipes.epoch import epoch_metrics
 from diffrl.recipes.optim import apply_optimizer_settings
@@ -96,7 +97,8 @@ class Trainer:
         self.run = Run(config, policy, reward_function, prompt_function, image_samples_hook)
         self.recipe.setup(self.run)
         update = self.recipe.update
-        self.checkpoint_io = CheckpointIO(self.accelerator, policy, update.lr_scheduler, update.module)
+        self.checkpoint_io = CheckpointIO(self.accelerator, policy, update.lr_scheduler, update.module,
+                                          update.optimizer)
         self.first_epoch, self.global_step, self.last_metrics = 0, 0, {}
         self.wall_s, self.reward_queries = 0.0, 0
         if self.run.resume is not None:
@@ -211,9 +213,9 @@ class Trainer:
     # ------------------------------------------------------------------ results
     def _whole_weights(self):
         """A context in which the policy's trained weights are whole tensors, for saving a result: under
-        FSDP/DeepSpeed they are gathered (every process calls this) and, on the main process, stand in for the
+        FSDP2/DeepSpeed they are gathered (every process calls this) and, on the main process, stand in for the
         shards while the policy saves itself; unsharded, nothing changes."""
-        if not is_sharded(self.accelerator):
+        if not is_sharded(self.accelerator) and not is_fully_sharded(self.policy.trainable_module):
             return contextlib.nullcontext()
         full = full_trainable_state_dict(self.accelerator, self.policy, self.recipe.update.module)
         return whole_parameters(self.policy.trainable_module, full)
@@ -224,8 +226,10 @@ class Trainer:
 
     def card_samples(self, count: int = 8) -> Image.Image | None:
         """What the model now generates, for the model card: ``count`` images on fixed seeds (``eval_seed + i``)
-        with the evaluation's prompts (or ``count`` fresh draws of the prompt function); main process only."""
-        if not self.accelerator.is_main_process:
+        with the evaluation's prompts (or ``count`` fresh draws of the prompt function); the main process's image
+        (a sharded model samples on every process, each forward pass being collective; the others get ``None``)."""
+        sharded = is_fully_sharded(self.policy.trainable_module)
+        if not self.accelerator.is_main_process and not sharded:
             return None
         c = self.config
         prompts = list(self.run.evaluator.prompts[:count])
@@ -239,7 +243,7 @@ class Trainer:
             num_inference_steps=c.eval_num_steps or c.sample_num_steps,
             guidance_scale=c.sample_guidance_scale, eta=c.sample_eta, batch_size=count,
             height=c.sample_height, width=c.sample_width)]
-        return sample_grid(torch.cat(images))
+        return sample_grid(torch.cat(images)) if self.accelerator.is_main_process else None
 
     def save_pretrained(self, save_directory: str) -> None:
         """Write the fine-tuned model (LoRA weights or a full pipeline), a grid of samples and a model card; all

@@ -23,6 +23,7 @@ from diffrl.recipes.checkpoints import is_sharded
 from diffrl.recipes.guard import DivergenceGuard
 from diffrl.recipes.optim import (average_gradients, build_lr_scheduler, build_optimizer, clip_gradients,
                                   optimizer_step)
+from diffrl.recipes.sharding import FSDPSettings, ShardingError, fsdp_compute_dtype, shard
 
 Stats = dict[str, list[torch.Tensor]]
 LossFn = Callable[[Any], tuple[torch.Tensor, list[dict[str, torch.Tensor]]]]
@@ -61,23 +62,32 @@ class UpdateLoop:
     ``total_steps``: optimizer steps of the whole run (the schedule's length); ``backward_calls``: backward calls
     per optimizer step (DeepSpeed's accumulation). ``wrap``: hand the trained module to accelerate (DDP); a
     recipe that calls the model several times per backward pass (reward backpropagation) keeps it unwrapped and
-    the gradients are averaged over processes at each step instead. Under FSDP/DeepSpeed the module is always
-    prepared (sharding needs it).
+    the gradients are averaged over processes at each step instead. Under DeepSpeed the module is always prepared
+    (sharding needs it); under FSDP diffrl shards it itself (:mod:`diffrl.recipes.sharding`) and accelerate wraps
+    neither the module nor the optimizer.
     """
 
     def __init__(self, accelerator: Accelerator, policy: DiffusionPolicy, config: SharedConfig,
                  guard: DivergenceGuard, *, total_steps: int, backward_calls: int, wrap: bool = True) -> None:
         self.accelerator, self.policy, self.config, self.guard = accelerator, policy, config, guard
-        optimizer = build_optimizer(config, list(policy.trainable_parameters()))
+        self.fsdp = FSDPSettings.requested()  # the launch asked for FSDP: diffrl shards the trained module itself
+        if self.fsdp is not None:
+            if getattr(config, "keep_best", False):
+                raise ShardingError("keep_best=true with FSDP: keeping the best policy is not implemented for sharded "
+                                    "weights yet; set keep_best=false (checkpoints and final/ are saved whole)")
+            shard(policy.trainable_module, self.fsdp, fsdp_compute_dtype(accelerator.mixed_precision))
+        optimizer = build_optimizer(config, list(policy.trainable_parameters()))  # over the shards, when sharded
         self.lr_scheduler = build_lr_scheduler(config, optimizer, total_steps)
         configure_deepspeed(accelerator, config, backward_calls)
         self.module: torch.nn.Module | None = None  # what accelerate prepared of the trained module
-        if wrap or is_sharded(accelerator):
+        if self.fsdp is not None:  # FSDP2 reduce-scatters the gradients itself; accelerate wraps nothing
+            self.optimizer = optimizer
+        elif wrap or is_sharded(accelerator):
             self.module, self.optimizer = accelerator.prepare(policy.trainable_module, optimizer)
             policy.use_forward_module(self.module)
         else:
             self.optimizer = accelerator.prepare(optimizer)
-        self.average_explicitly = self.module is None and accelerator.num_processes > 1
+        self.average_explicitly = self.module is None and self.fsdp is None and accelerator.num_processes > 1
         # Sharding (FSDP2) replaces the parameters in place: clip and check the ones training really updates.
         self.params = list(policy.trainable_parameters())
 
@@ -102,7 +112,8 @@ class UpdateLoop:
         ones), step the optimizer and the schedule; returns the new global step."""
         if self.average_explicitly:
             average_gradients(self.accelerator, self.params)
-        norm = clip_gradients(self.accelerator, self.params, self.config.train_max_grad_norm)
+        norm = clip_gradients(self.accelerator, self.params, self.config.train_max_grad_norm,
+                              sharded=self.fsdp is not None)
         self.guard.check_gradients(norm, epoch, global_step, self.learning_rate)
         stats.setdefault("stats/grad_norm", []).append(norm.detach())
         optimizer_step(self.optimizer, self.lr_scheduler)
