@@ -5,7 +5,7 @@
 
 The question: does ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` (diffrl's own FSDP2, the same
 path on CPU processes as on GPUs) divide the memory of full fine-tuning by the number of processes, as sharding
-should? Each configuration runs one DDPO epoch of full fine-tuning of a random UNet2DModel (about 7.4M weights)
+should? Each configuration runs one DDPO epoch of full fine-tuning of a random UNet2DModel (17.4M weights)
 through ``DDPOTrainer``; every process records the bytes *it* holds of the trainable parameters, of their
 gradients (read just before the optimizer step) and of AdamW's state (after the step), counting only local shards
 under FSDP2. Data parallel holds all of them on every process. Activation memory (what sampling and the

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from diffrl.algorithms import (EMA_SCHEDULES, NFTStats, advantages_to_optimality, ema_update,
                                gathered_group_advantages, nft_loss, prediction_kl, sample_train_timesteps)
+from diffrl.pipelines.sharded import local_slice
 from diffrl.recipes.epoch import EpochResult, Timer, Timings
 from diffrl.recipes.recipe import RecipeBase
 from diffrl.recipes.run import Run
@@ -116,12 +117,19 @@ class NFTRecipe(RecipeBase):
                              "with the run's model, train_lora and LoRA settings.")
         with torch.no_grad():
             for name, value in saved.items():
-                self.old[name].copy_(value)
+                target = self.old[name]
+                if hasattr(target, "to_local"):  # FSDP2: the old policy is sharded as the weights are
+                    target.to_local().copy_(local_slice(target, value))
+                else:
+                    target.copy_(value)
 
     def save_files(self, folder: Path) -> None:
         """The old policy, ``nft_old_policy.safetensors``, inside the checkpoint's atomic commit."""
+        # FSDP2: the old policy's shards are gathered whole (a collective: every process calls save_files).
+        whole = {n: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
+                 for n, v in self.old.items()}
         if self.run.accelerator.is_main_process:
-            save_file({n: v.detach().cpu().contiguous() for n, v in self.old.items()}, folder / OLD_POLICY_FILE)
+            save_file(whole, folder / OLD_POLICY_FILE)
 
     def old_params(self) -> Params:
         """The old policy as ``params`` for the policy's forward passes (on the accelerator)."""
