@@ -4,7 +4,9 @@
   alpha included, in its metadata, for ``<Pipeline>.load_lora_weights``; full: a pipeline folder);
 * ``kohya``: one LoRA ``.safetensors`` file in kohya's layout with the real alpha, for AUTOMATIC1111, ComfyUI,
   SD.Next and InvokeAI (Stable Diffusion and SDXL);
-* ``merged``: the whole pipeline with the LoRA merged into the weights, a diffusers folder that loads without PEFT.
+* ``merged``: the whole pipeline with the LoRA merged into the weights, a diffusers folder that loads without PEFT;
+* ``single_file``: the same merged model as one original-layout ``.safetensors`` checkpoint, for AUTOMATIC1111,
+  ComfyUI's checkpoint loader and diffusers' ``from_single_file`` (Stable Diffusion 1.x).
 
 This module imports neither torch nor diffusers at import time, so ``--help`` answers at once.
 """
@@ -16,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("diffusers", "kohya", "merged")
+FORMATS = ("diffusers", "kohya", "merged", "single_file")
 
 HELP = """Export a fine-tuned result, or any training checkpoint, in the format another tool loads.
 
@@ -24,6 +26,7 @@ examples:
   diffrl export logs/<run> --format kohya --out my_lora.safetensors          # the run's final/ for A1111/ComfyUI
   diffrl export logs/<run>/checkpoints/checkpoint_7 --format diffusers --out lora_epoch7/
   diffrl export logs/<run>/final --format merged --out merged_pipeline/      # LoRA merged, plain diffusers folder
+  diffrl export logs/<run> --format single_file --out model.safetensors     # one checkpoint file (SD 1.x)
 """
 
 
@@ -31,9 +34,10 @@ def _export(args: argparse.Namespace) -> int:
     from diffrl.evaluate.loading import load_model  # heavy (torch): only when exporting
 
     out = Path(args.out)
-    if args.format == "kohya" and out.suffix != ".safetensors":
-        raise ValueError(f"--out {args.out}: a kohya LoRA is one file; give a path ending in .safetensors")
-    if args.format != "kohya" and out.suffix:
+    single = args.format in ("kohya", "single_file")
+    if single and out.suffix != ".safetensors":
+        raise ValueError(f"--out {args.out}: --format {args.format} writes one file; give a path ending in .safetensors")
+    if not single and out.suffix:
         raise ValueError(f"--out {args.out}: --format {args.format} writes a folder; give a folder path")
     if out.exists() and not args.overwrite and (out.is_file() or any(out.iterdir())):
         raise ValueError(f"--out {args.out} exists and is not empty; choose another path or pass --overwrite")
@@ -43,6 +47,8 @@ def _export(args: argparse.Namespace) -> int:
         policy.save_kohya_lora(out)
     elif args.format == "merged":
         policy.save_merged(out)
+    elif args.format == "single_file":
+        policy.save_single_file(out)
     else:
         policy.save_pretrained(out)
     what = f"LoRA rank {policy.lora.rank}, alpha {policy.lora.alpha:g}" if policy.use_lora else "full weights"

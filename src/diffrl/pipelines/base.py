@@ -194,6 +194,13 @@ class TrainableUNetPolicy:
         finally:
             self.pipeline.unet = original
 
+    def save_single_file(self, path: str | os.PathLike) -> None:
+        """The whole model (any LoRA merged in) as one original-layout ``.safetensors`` checkpoint, for
+        AUTOMATIC1111, ComfyUI's checkpoint loader and diffusers' ``from_single_file``; families that have one say
+        so (Stable Diffusion 1.x)."""
+        raise ValueError(f"{self.description} has no single-file checkpoint export; export it as merged (a diffusers "
+                         "folder) instead")
+
     kohya_base_version: ClassVar[str | None] = None
     """``ss_base_model_version`` of a kohya LoRA file of this family (None: the family has no such format)."""
 

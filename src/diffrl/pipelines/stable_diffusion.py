@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from safetensors.torch import save_file
 
 from diffrl.config import SharedConfig, Violation
 from diffrl.config.shared import SIZE_FIELDS
@@ -16,8 +17,9 @@ from diffrl.pipelines import precision
 from diffrl.pipelines.base import TrainableUNetPolicy
 from diffrl.pipelines.chain import chain_options
 from diffrl.pipelines.loading import load_vae
-from diffrl.pipelines.lora import load_lora_state_dict, lora_state_dict
+from diffrl.pipelines.lora import load_lora_state_dict, lora_state_dict, merged_unet
 from diffrl.pipelines.saved import read_model_info
+from diffrl.pipelines.single_file import sd1_checkpoint
 from diffrl.pipelines.types import SampleResult, TextConditioning
 
 
@@ -42,6 +44,21 @@ class StableDiffusionPolicy(TrainableUNetPolicy):
     kohya_base_version = "sd_v1"
     load_options = ("single_file_config", "vae")
     is_conditional = True
+
+    def save_single_file(self, path: str | os.PathLike) -> None:
+        """SD 1.x as one original-layout checkpoint (``model.diffusion_model.*``, ``first_stage_model.*``,
+        ``cond_stage_model.transformer.*``; :mod:`diffrl.pipelines.single_file`) with any LoRA merged into the
+        UNet: ``StableDiffusionPipeline.from_single_file`` loads it, as AUTOMATIC1111 and ComfyUI do."""
+        text = self.pipeline.text_encoder
+        if getattr(text.config, "hidden_act", "quick_gelu") != "quick_gelu":
+            raise ValueError("single-file export covers Stable Diffusion 1.x (OpenAI CLIP text encoder); this model's "
+                             "text encoder is OpenCLIP (SD 2.x), whose original layout is not written yet: export it "
+                             "as merged (a diffusers folder) instead")
+        unet = merged_unet(self._unet) if self.use_lora else self._unet
+        state = sd1_checkpoint(unet, self.pipeline.vae, text)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(path), metadata={"format": "pt", "modelspec.architecture": "stable-diffusion-v1",
+                                              "modelspec.title": f"diffrl fine-tune of {self.base_model}"})
 
     def loaded_violations(self, config: SharedConfig) -> list[Violation]:
         """Sample sizes that are not a multiple of the VAE's factor (known once it is loaded)."""
