@@ -160,3 +160,31 @@ def test_the_original_layout_names_round_trip_through_diffusers_converter_at_two
     back = convert_ldm_vae_checkpoint({f"first_stage_model.{k}": v for k, v in ldm_vae.items()}, dict(vae.config))
     assert set(back) == set(vae.state_dict())
     assert all(torch.equal(back[k].reshape(v.shape), v) for k, v in vae.state_dict().items())
+
+
+def test_sdxl_single_file_export_loads_back_weight_for_weight(tmp_path):
+    """SDXL's single file: the UNet with the LoRA merged in, the VAE, CLIP-L and OpenCLIP-bigG (in open_clip's own
+    layout: stacked q/k/v, transposed projection) come back through diffusers' loader exactly."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffrl.pipelines import StableDiffusionXLPolicy
+    from diffrl.pipelines.lora import merged_unet
+    from diffrl.testing.sdxl import save_tiny_sdxl
+
+    model = str(save_tiny_sdxl(tmp_path / "sdxl", text_width_2=24))  # bigG is wider than CLIP-L, as in SDXL
+    policy = StableDiffusionXLPolicy.from_pretrained(model, lora=LoraSettings(rank=4, alpha=16))
+    perturb_trainable(policy, scale=0.2)
+    policy.save_pretrained(tmp_path / "final")
+    out = tmp_path / "sdxl.safetensors"
+    assert main(["export", str(tmp_path / "final"), "--format", "single_file", "--out", str(out)]) == 0
+    with safe_open(out, "pt") as f:
+        assert f.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+        assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in set(f.keys())
+    back = StableDiffusionXLPipeline.from_single_file(str(out), config=model)
+    expected = {"unet": merged_unet(policy.trainable_module).state_dict(), "vae": policy.pipeline.vae.state_dict(),
+                "text_encoder": policy.pipeline.text_encoder.state_dict(),
+                "text_encoder_2": policy.pipeline.text_encoder_2.state_dict()}
+    for name, state in expected.items():
+        loaded = getattr(back, name).state_dict()
+        assert set(loaded) == set(state), name
+        assert all(torch.equal(loaded[k].reshape(v.shape), v) for k, v in state.items()), name

@@ -6,7 +6,7 @@
   SD.Next and InvokeAI (Stable Diffusion and SDXL);
 * ``merged``: the whole pipeline with the LoRA merged into the weights, a diffusers folder that loads without PEFT;
 * ``single_file``: the same merged model as one original-layout ``.safetensors`` checkpoint, for AUTOMATIC1111,
-  ComfyUI's checkpoint loader and diffusers' ``from_single_file`` (Stable Diffusion 1.x).
+  ComfyUI's checkpoint loader and diffusers' ``from_single_file`` (Stable Diffusion 1.x and SDXL).
 
 This module imports neither torch nor diffusers at import time, so ``--help`` answers at once.
 """
@@ -26,7 +26,7 @@ examples:
   diffrl export logs/<run> --format kohya --out my_lora.safetensors          # the run's final/ for A1111/ComfyUI
   diffrl export logs/<run>/checkpoints/checkpoint_7 --format diffusers --out lora_epoch7/
   diffrl export logs/<run>/final --format merged --out merged_pipeline/      # LoRA merged, plain diffusers folder
-  diffrl export logs/<run> --format single_file --out model.safetensors     # one checkpoint file (SD 1.x)
+  diffrl export logs/<run> --format single_file --out model.safetensors     # one checkpoint file (SD 1.x, SDXL)
 """
 
 

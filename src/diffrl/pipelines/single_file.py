@@ -1,11 +1,13 @@
-"""A Stable Diffusion 1.x pipeline as one original-layout (LDM) checkpoint file, the single ``.safetensors`` that
+"""A Stable Diffusion 1.x or SDXL pipeline as one original-layout checkpoint file, the single ``.safetensors`` that
 AUTOMATIC1111, ComfyUI's checkpoint loader and diffusers' ``from_single_file`` read.
 
 diffusers converts that layout into its own when loading (``diffusers.loaders.single_file_utils``) but ships no
 converter back, so the inverse renaming is written here, as pure functions of state dicts and the models' configs
 (the layout is CompVis' ``ldm`` code: ``model.diffusion_model.*`` for the UNet, ``first_stage_model.*`` for the VAE,
-``cond_stage_model.transformer.*`` for SD 1.x's CLIP text encoder). Tensors are unchanged except the VAE's
-attention projections, which LDM stores as 1x1 convolutions.
+``cond_stage_model.transformer.*`` for SD 1.x's CLIP text encoder; Stability's ``sgm`` code for SDXL:
+``conditioner.embedders.0.transformer.*`` for CLIP-L and ``conditioner.embedders.1.model.*`` for OpenCLIP-bigG in
+open_clip's own layout). Tensors are unchanged except the VAE's attention projections, which LDM stores as 1x1
+convolutions, and OpenCLIP's attention input projection (q, k, v stacked) and text projection (transposed).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["unet_to_ldm", "vae_to_ldm", "sd1_checkpoint"]
+__all__ = ["open_clip_text_to_ldm", "unet_to_ldm", "vae_to_ldm", "sd1_checkpoint", "sdxl_checkpoint"]
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -108,14 +110,58 @@ def vae_to_ldm(state: Tensors, *, num_blocks: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def sd1_checkpoint(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole SD 1.x checkpoint (UNet, VAE, CLIP text encoder) under the original single-file names."""
+def _text_model_keys(state: Tensors) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text encoder's state dict with the ``text_model.`` prefix the original files use
+    (transformers 5 saves ``CLIPTextModel`` without it)."""
+    return {k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v for k, v in state.items()}
+
+
+def open_clip_text_to_ldm(state: Tensors) -> dict[str, torch.Tensor]:
+    """A transformers ``CLIPTextModelWithProjection`` state dict in open_clip's text-tower layout (``transformer.
+    resblocks.{i}.attn.in_proj_weight`` with q, k, v stacked, ``text_projection`` as ``[width, embed]``)."""
+    state = _text_model_keys(state)
+    out: dict[str, torch.Tensor] = {
+        "token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
+        "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
+        "ln_final.weight": state["text_model.final_layer_norm.weight"],
+        "ln_final.bias": state["text_model.final_layer_norm.bias"],
+    }
+    if "text_projection.weight" in state:
+        out["text_projection"] = state["text_projection.weight"].t().contiguous()
+    layers = {int(m[1]) for k in state if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))}
+    for i in sorted(layers):
+        ours, theirs = f"text_model.encoder.layers.{i}", f"transformer.resblocks.{i}"
+        for kind in ("weight", "bias"):
+            out[f"{theirs}.attn.in_proj_{kind}"] = torch.cat(
+                [state[f"{ours}.self_attn.{n}_proj.{kind}"] for n in ("q", "k", "v")])
+            for src, dst in (("self_attn.out_proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"),
+                             ("mlp.fc2", "mlp.c_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2")):
+                out[f"{theirs}.{dst}.{kind}"] = state[f"{ours}.{src}.{kind}"]
+    return out
+
+
+def _unet_and_vae(unet: torch.nn.Module, vae: torch.nn.Module) -> dict[str, torch.Tensor]:
     ldm_unet = unet_to_ldm(unet.state_dict(), layers_per_block=int(unet.config.layers_per_block),
                            up_block_types=list(unet.config.up_block_types))
     ldm_vae = vae_to_ldm(vae.state_dict(), num_blocks=len(vae.config.block_out_channels))
     out = {f"model.diffusion_model.{k}": v for k, v in ldm_unet.items()}
     out.update({f"first_stage_model.{k}": v for k, v in ldm_vae.items()})
-    # The original files name the text encoder's weights as transformers 4 did (``text_model.`` first).
-    out.update({f"cond_stage_model.transformer.{k if k.startswith('text_model.') else 'text_model.' + k}": v
-                for k, v in text_encoder.state_dict().items()})
+    return out
+
+
+def sdxl_checkpoint(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
+                    text_encoder_2: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole SDXL base checkpoint (UNet, VAE, CLIP-L, OpenCLIP-bigG) under the original single-file names."""
+    out = _unet_and_vae(unet, vae)
+    out.update({f"conditioner.embedders.0.transformer.{k}": v
+                for k, v in _text_model_keys(text_encoder.state_dict()).items()})
+    out.update({f"conditioner.embedders.1.model.{k}": v
+                for k, v in open_clip_text_to_ldm(text_encoder_2.state_dict()).items()})
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def sd1_checkpoint(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole SD 1.x checkpoint (UNet, VAE, CLIP text encoder) under the original single-file names."""
+    out = _unet_and_vae(unet, vae)
+    out.update({f"cond_stage_model.transformer.{k}": v for k, v in _text_model_keys(text_encoder.state_dict()).items()})
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}

@@ -45,20 +45,26 @@ class StableDiffusionPolicy(TrainableUNetPolicy):
     load_options = ("single_file_config", "vae")
     is_conditional = True
 
+    single_file_architecture = "stable-diffusion-v1"
+    """``modelspec.architecture`` of the single-file export (the name A1111/ComfyUI-era tools read)."""
+
     def save_single_file(self, path: str | os.PathLike) -> None:
-        """SD 1.x as one original-layout checkpoint (``model.diffusion_model.*``, ``first_stage_model.*``,
-        ``cond_stage_model.transformer.*``; :mod:`diffrl.pipelines.single_file`) with any LoRA merged into the
-        UNet: ``StableDiffusionPipeline.from_single_file`` loads it, as AUTOMATIC1111 and ComfyUI do."""
+        """The model as one original-layout checkpoint (:mod:`diffrl.pipelines.single_file`) with any LoRA merged
+        into the UNet: ``<Pipeline>.from_single_file`` loads it, as AUTOMATIC1111 and ComfyUI do."""
+        unet = merged_unet(self._unet) if self.use_lora else self._unet
+        state = self._single_file_state(unet)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(path), metadata={"format": "pt", "modelspec.architecture": self.single_file_architecture,
+                                              "modelspec.title": f"diffrl fine-tune of {self.base_model}"})
+
+    def _single_file_state(self, unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """SD 1.x: UNet, VAE and the OpenAI CLIP text encoder (``cond_stage_model.transformer.*``)."""
         text = self.pipeline.text_encoder
         if getattr(text.config, "hidden_act", "quick_gelu") != "quick_gelu":
-            raise ValueError("single-file export covers Stable Diffusion 1.x (OpenAI CLIP text encoder); this model's "
-                             "text encoder is OpenCLIP (SD 2.x), whose original layout is not written yet: export it "
-                             "as merged (a diffusers folder) instead")
-        unet = merged_unet(self._unet) if self.use_lora else self._unet
-        state = sd1_checkpoint(unet, self.pipeline.vae, text)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(path), metadata={"format": "pt", "modelspec.architecture": "stable-diffusion-v1",
-                                              "modelspec.title": f"diffrl fine-tune of {self.base_model}"})
+            raise ValueError("single-file export covers Stable Diffusion 1.x and SDXL; this model's text encoder is "
+                             "OpenCLIP-H (SD 2.x), whose original layout is not written yet: export it as merged (a "
+                             "diffusers folder) instead")
+        return sd1_checkpoint(unet, self.pipeline.vae, text)
 
     def loaded_violations(self, config: SharedConfig) -> list[Violation]:
         """Sample sizes that are not a multiple of the VAE's factor (known once it is loaded)."""

@@ -18,6 +18,7 @@ from diffusers import StableDiffusionXLPipeline
 from diffrl.config import SharedConfig, Violation
 from diffrl.pipelines import precision
 from diffrl.pipelines.saved import read_model_info
+from diffrl.pipelines.single_file import sdxl_checkpoint
 from diffrl.pipelines.stable_diffusion import StableDiffusionPolicy, per_prompt_negatives
 from diffrl.pipelines.types import SampleResult
 
@@ -98,6 +99,13 @@ class StableDiffusionXLPolicy(StableDiffusionPolicy):
     pipeline_class = StableDiffusionXLPipeline
     pipeline_class_names = frozenset({"StableDiffusionXLPipeline"})
     kohya_base_version = "sdxl_base_v1-0"
+    single_file_architecture = "stable-diffusion-xl-v1-base"
+
+    def _single_file_state(self, unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """SDXL: UNet, VAE, CLIP-L (``conditioner.embedders.0``) and OpenCLIP-bigG in open_clip's layout
+        (``conditioner.embedders.1.model``)."""
+        p = self.pipeline
+        return sdxl_checkpoint(unet, p.vae, p.text_encoder, p.text_encoder_2)
     model_options = {
         "original_size": "[height, width] of the add_time_ids size conditioning (null: the sampled size)",
         "target_size": "[height, width] of add_time_ids (null: the sampled size)",

@@ -57,12 +57,14 @@ def build_tiny_vae(**overrides) -> AutoencoderKL:
 
 
 def tiny_clip_text_config(tokenizer, max_length: int, **overrides) -> CLIPTextConfig:
-    """A 2-layer, 16-wide CLIP text encoder config for ``tokenizer`` (its vocabulary and special tokens)."""
-    return CLIPTextConfig(
+    """A 2-layer, 16-wide CLIP text encoder config for ``tokenizer`` (its vocabulary and special tokens);
+    ``overrides`` replace any setting."""
+    settings = dict(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **overrides,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
+    return CLIPTextConfig(**(settings | overrides))
 
 
 def build_tiny_stable_diffusion(seed: int = 0, *, max_length: int = 16, version: int = 1) -> StableDiffusionPipeline:

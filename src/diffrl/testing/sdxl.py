@@ -24,8 +24,11 @@ PROJECTION_DIM = 16  # width of the pooled embedding of the second encoder
 TIME_EMBED_DIM = 8  # per-number width of the six add_time_ids
 
 
-def build_tiny_sdxl(seed: int = 0, *, max_length: int = 16, force_upcast: bool = True) -> StableDiffusionXLPipeline:
-    """An SDXL-shaped pipeline: 16x16 images, 8x8x4 latents, two 2-layer CLIP text encoders."""
+def build_tiny_sdxl(seed: int = 0, *, max_length: int = 16, force_upcast: bool = True,
+                    text_width_2: int = TEXT_WIDTH) -> StableDiffusionXLPipeline:
+    """An SDXL-shaped pipeline: 16x16 images, 8x8x4 latents, two 2-layer CLIP text encoders. ``text_width_2``:
+    the second encoder's width (real SDXL: 768 and 1280; tools that tell the two apart by width, such as
+    diffusers' single-file loader, need them to differ)."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         **TINY_LATENT_UNET,
@@ -34,7 +37,7 @@ def build_tiny_sdxl(seed: int = 0, *, max_length: int = 16, force_upcast: bool =
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         transformer_layers_per_block=(1, 2),
-        cross_attention_dim=2 * TEXT_WIDTH,
+        cross_attention_dim=TEXT_WIDTH + text_width_2,
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + PROJECTION_DIM,
@@ -44,8 +47,9 @@ def build_tiny_sdxl(seed: int = 0, *, max_length: int = 16, force_upcast: bool =
         tokenizer = make_clip_tokenizer(Path(tmp) / "1", model_max_length=max_length)
         tokenizer_2 = make_clip_tokenizer(Path(tmp) / "2", model_max_length=max_length)
     text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer, max_length, projection_dim=PROJECTION_DIM))
-    text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_text_config(tokenizer_2, max_length,
-                                                                       projection_dim=PROJECTION_DIM))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_text_config(
+        tokenizer_2, max_length, projection_dim=PROJECTION_DIM, hidden_size=text_width_2,
+        intermediate_size=2 * text_width_2))
     # SDXL base 1.0 ships this Euler config; diffrl samples with DDIM built from it.
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
