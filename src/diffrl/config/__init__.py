@@ -19,6 +19,7 @@ from diffrl.config._errors import ConfigError, Violation
 from diffrl.config.accelerate_settings import Precision
 from diffrl.config.alignprop import AlignPropConfig
 from diffrl.config.ddpo import DDPOConfig
+from diffrl.config.awm import AWMConfig
 from diffrl.config.grpo import GRPOConfig
 from diffrl.config.loading import load_config, read_config_file, trainer_from_overrides
 from diffrl.config.nft import NFTConfig
@@ -34,6 +35,7 @@ __all__ = [
     "DDPOConfig",
     "FieldInfo",
     "GRPOConfig",
+    "AWMConfig",
     "KeyValueError",
     "LRSchedule",
     "NFTConfig",

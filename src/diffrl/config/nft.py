@@ -15,15 +15,16 @@ from diffrl.config.resume import MODEL, OBJECTIVE, SHAPES
 from diffrl.config.sections import GroupSection, TimestepEpochSection
 from diffrl.config.shared import SharedConfig
 
-__all__ = ["NFTConfig", "NFTSampler"]
+__all__ = ["ForwardProcessConfig", "NFTConfig", "NFTSampler"]
 
 NFTSampler = Literal["ddim", "dpmsolver++", "ddpm"]
 EMAScheduleName = Literal["none", "linear", "warm_start"]
 
 
 @dataclasses.dataclass
-class NFTConfig(GroupSection, TimestepEpochSection, SharedConfig):
-    """Configuration of ``NFTTrainer``.
+class ForwardProcessConfig(GroupSection, TimestepEpochSection, SharedConfig):
+    """What the forward-process trainers share (DiffusionNFT, AWM): clean samples from the old (EMA) policy by
+    ``nft_sampler``, trained at freshly noised timesteps of the sampling schedule, no log-probabilities.
 
     One epoch: ``sample_num_batches_per_epoch`` batches of ``sample_batch_size`` samples per process,
     drawn with the old (EMA) policy by ``nft_sampler``; then ``train_num_inner_epochs`` passes over them in
@@ -66,8 +67,6 @@ class NFTConfig(GroupSection, TimestepEpochSection, SharedConfig):
                                           "deterministic), 'dpmsolver++' (diffusers' multistep DPM-Solver++, "
                                           "deterministic) or 'ddpm' (ancestral).")
     nft_dpm_solver_order: int = option(2, trl=False, resume=OBJECTIVE, help="Order of DPM-Solver++ (1, 2 or 3).")
-    nft_beta: float = option(1.0, trl=False, resume=OBJECTIVE,
-                             help="beta of the implicit policies x0_pm (the paper: 1; 0.1 for OCR).")
     nft_kl_coef: float = option(0.0, trl=False, resume=OBJECTIVE,
                                 help="Weight of ||eps_theta - eps_ref||^2 to the reference model "
                                      "(NVlabs: 1e-4 on some tasks; 0 skips the reference pass).")
@@ -87,7 +86,6 @@ class NFTConfig(GroupSection, TimestepEpochSection, SharedConfig):
     def _check(self, c: Checks, num_processes: int, check_environment: bool) -> None:
         super()._check(c, num_processes, check_environment)
         c.at_least("group_size", 1)
-        c.positive("nft_beta", "set nft_beta > 0 (the paper uses 1.0)")
         c.at_least("nft_kl_coef", 0.0)
         c.positive("train_adv_clip_max")
         c.unchanged_unless(self.nft_sampler == "dpmsolver++", "nft_dpm_solver_order",
@@ -121,3 +119,24 @@ class NFTConfig(GroupSection, TimestepEpochSection, SharedConfig):
         if self.model is not None and self.sample_batch_size % self.group_size:  # null: the unconditional digits
             c.add("group_size", f"does not divide sample_batch_size={self.sample_batch_size} (a batch holds whole "
                   "groups of one prompt)", f"set sample_batch_size to a multiple of {self.group_size}")
+
+
+@dataclasses.dataclass
+class NFTConfig(ForwardProcessConfig):
+    """Configuration of ``NFTTrainer``.
+
+    One epoch: ``sample_num_batches_per_epoch`` batches of ``sample_batch_size`` samples per process,
+    drawn with the old (EMA) policy by ``nft_sampler``; then ``train_num_inner_epochs`` passes over them in
+    minibatches of ``train_batch_size``, each sample trained at ``int(sample_num_steps *
+    train_timestep_fraction)`` timesteps of the sampling schedule; one optimizer step per
+    ``train_gradient_accumulation_steps`` minibatches (all their timesteps accumulated); then one EMA update of
+    the old policy. Text models sample ``group_size`` images per prompt (the group of the advantages);
+    for an unconditional model all the samples of an epoch are one group.
+    """
+
+    nft_beta: float = option(1.0, trl=False, resume=OBJECTIVE,
+                             help="beta of the implicit policies x0_pm (the paper: 1; 0.1 for OCR).")
+
+    def _check(self, c: Checks, num_processes: int, check_environment: bool) -> None:
+        super()._check(c, num_processes, check_environment)
+        c.positive("nft_beta", "set nft_beta > 0 (the paper uses 1.0)")

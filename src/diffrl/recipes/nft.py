@@ -150,9 +150,13 @@ class NFTRecipe(RecipeBase):
             global_step = self.train_inner(samples, epoch, inner, global_step, stats)
         decay = self.ema_schedule.decay(global_step)
         ema_update(self.old, self.trained(), decay)  # NVlabs: once per epoch, decay by optimizer steps
-        extra = {"stats/optimality_mean": float(samples.r.mean()), "stats/ema_decay": decay}
+        extra = {**self.signal_stats(samples), "stats/ema_decay": decay}
         return EpochResult(global_step, all_rewards, Timings(sampling_s, reward_s, timer.lap()), stats, extra,
                            tuple(b.reward_metadata for b in batches))
+
+    def signal_stats(self, samples: NFTSamples) -> dict[str, float]:
+        """The epoch's summary of the per-sample training signal: NFT's mean optimality ``r``."""
+        return {"stats/optimality_mean": float(samples.r.mean())}
 
     # ------------------------------------------------------------------ sampling and rewards
     def sample_epoch(self, epoch: int, global_step: int) -> tuple[list[ScoredBatch], float, float]:

@@ -12,17 +12,19 @@ import torch
 
 from diffrl.algorithms import ppo_clip_loss
 from diffrl.config import AlignPropConfig, DDPOConfig, GRPOConfig
+from diffrl.config.awm import AWMConfig
 from diffrl.config.nft import NFTConfig
 from diffrl.pipelines.types import TextConditioning
 from diffrl.recipes.alignprop import AlignPropRecipe
 from diffrl.recipes.ddpo import DDPORecipe
 from diffrl.recipes.grpo import GRPORecipe
+from diffrl.recipes.awm import AWMRecipe
 from diffrl.recipes.nft import NFTRecipe
 from diffrl.recipes.trainer import Trainer
 from diffrl.rewards import score
 from diffrl.seeding import Stream, generator_for
 
-__all__ = ["AlignPropTrainer", "DDPOTrainer", "GRPOTrainer", "NFTTrainer"]
+__all__ = ["AlignPropTrainer", "AWMTrainer", "DDPOTrainer", "GRPOTrainer", "NFTTrainer"]
 
 
 class DDPOTrainer(Trainer):
@@ -179,3 +181,12 @@ class NFTTrainer(Trainer):
     trainer_name = "NFT"
     config_class = NFTConfig
     recipe_class = NFTRecipe
+
+
+class AWMTrainer(Trainer):
+    """``AWMTrainer(config, reward_function, prompt_function, sd_pipeline, image_samples_hook=None)``: Advantage
+    Weighted Matching (:mod:`diffrl.recipes.awm`)."""
+
+    trainer_name = "AWM"
+    config_class = AWMConfig
+    recipe_class = AWMRecipe
