@@ -51,6 +51,7 @@ METHODS: dict[str, Method] = {
     "alignprop": Method("AlignProp (DRaFT-2)", "quickstart_alignprop"),
     "grpo": Method("GRPO (window 4, sliding)", "quickstart_grpo"),
     "nft": Method("DiffusionNFT (DDIM)", "quickstart_nft"),
+    "awm": Method("AWM (DDIM, on-policy)", "quickstart_awm"),
 }
 KEYS = ("epoch", "perf/reward_queries", "perf/wall_s", "eval/target_share", "eval/diversity", "eval/reward_mean")
 

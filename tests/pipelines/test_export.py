@@ -120,16 +120,18 @@ def test_single_file_export_loads_with_from_single_file_and_samples_the_same_ima
                          generator=torch.Generator().manual_seed(3)).trajectory.images
     theirs = pipe(prompts, num_inference_steps=4, guidance_scale=5.0, eta=1.0, output_type="pt",
                   generator=torch.Generator().manual_seed(3)).images
-    # Exactly what diffrl samples with the merged weights; within float32 rounding of the merge W + s B A of what
-    # it samples with the adapter (measured 1.7e-4 after 4 steps and the VAE, with this large perturbation).
+    # Exactly what diffrl samples with the merged weights; the merged UNet computes what the adapter does up to
+    # float32 rounding of W + s B A (compared on one forward pass: four stochastic steps and the VAE amplify the
+    # rounding to 1.7e-4 .. 1.7e-3 in the images, depending on the random perturbation).
     merged = StableDiffusionPolicy.from_pretrained(tiny_sd_path, use_lora=False)
     merged.trainable_module.load_state_dict(pipe.unet.state_dict())
     same_weights = merged.sample(prompts, num_inference_steps=4, guidance_scale=5.0, eta=1.0,
                                  generator=torch.Generator().manual_seed(3)).trajectory.images
     torch.testing.assert_close(theirs, same_weights, rtol=0, atol=1e-6)
-    torch.testing.assert_close(theirs, ours, rtol=0, atol=5e-4)
     base = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
     dim = base.text_encoder.config.hidden_size
+    torch.testing.assert_close(_unet_out(pipe.unet, dim), _unet_out(policy.trainable_module, dim), rtol=0, atol=1e-5)
+    assert (theirs - ours).abs().max() < 1e-2
     assert (_unet_out(pipe.unet, dim) - _unet_out(base.unet, dim)).abs().max() > 1e-3  # the LoRA is merged in
     assert main(["export", str(folder), "--format", "single_file", "--out", str(tmp_path / "folder")]) == 2
     assert "writes one file" in capsys.readouterr().err

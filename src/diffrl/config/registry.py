@@ -56,7 +56,7 @@ TRAINERS: Mapping[str, TrainerSpec] = MappingProxyType({s.name: s for s in (
           {"alignprop": {}, "draft_k": {"truncation": "draft_k"}, "draft_lv": {"truncation": "draft_lv"},
            "refl": {"truncation": "refl"}}, "quickstart_alignprop"),
     _spec("nft", "diffrl.config.nft:NFTConfig", "diffrl.recipes.trainers:NFTTrainer", {"nft": {}}, "quickstart_nft"),
-    _spec("awm", "diffrl.config.awm:AWMConfig", "diffrl.recipes.trainers:AWMTrainer", {"awm": {}}),
+    _spec("awm", "diffrl.config.awm:AWMConfig", "diffrl.recipes.trainers:AWMTrainer", {"awm": {}}, "quickstart_awm"),
     _spec("grpo", "diffrl.config.grpo:GRPOConfig", "diffrl.recipes.trainers:GRPOTrainer", {"grpo": {"algorithm": "grpo"}},
           "quickstart_grpo"),
 )})
