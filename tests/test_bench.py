@@ -39,3 +39,13 @@ def test_alignprop_memory_bench_compares_checkpointing(tmp_path):
                   out=tmp_path / "alignprop_memory.json")
     assert [(r["impl"], r["checkpointing"]) for r in record["results"]] == [("diffrl", "on"), ("diffrl", "off")]
     assert all(r["epoch_s_median"] > 0 and r["peak_rss_mb"] > 0 for r in record["results"])
+
+
+def test_digits_optimum_bench_draws_the_frontier_and_places_the_trainers(tmp_path):
+    record = _run("digits_optimum.py", "--samples", "64", "--batch", "64", out=tmp_path / "optimum.json")
+    frontier = record["frontier"]
+    assert [p["beta"] for p in frontier] == sorted((p["beta"] for p in frontier), reverse=True)
+    rewards = [p["reward"] for p in frontier]
+    assert rewards == sorted(rewards)  # a smaller beta (less KL weight) never lowers the optimum's reward
+    assert all(p["kl"] >= -1e-9 and 1 <= p["ess"] <= 64 for p in frontier)
+    assert record["placed"] and all(0 <= p["share"] <= 1 for p in record["placed"])
