@@ -222,3 +222,23 @@ def test_two_processes_stop_together_when_a_guard_fires(tiny_ddpm_path, tmp_path
     assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], rel=0, abs=1e-9)
     assert len((tmp_path / "logs" / "mp" / "metrics.jsonl").read_text().splitlines()) == 1
     assert "stopped after epoch 0: eval/diversity=" in out.stdout
+
+
+def test_the_main_job_runs_sharded_with_the_fsdp_config(tmp_path):
+    """The README's main job launched with configs/accelerate/fsdp.yaml on two CPU processes: evaluations before
+    and after training sample on both processes (a sharded forward is collective), the checkpoint holds the
+    gathered optimizer state that only a sharded run writes, and the result loads in plain diffusers."""
+    from diffusers import DDPMPipeline
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP), "--num_processes", "2",
+           "--main_process_port", str(_free_port()), "-m", "diffrl", "train", "num_epochs=1", "eval_num_samples=32",
+           f"logdir={tmp_path}", "run_name=sharded"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error", CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    run = tmp_path / "sharded"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval_samples"] == 32 and summary["reward_before"] < 0
+    assert (run / "checkpoints" / "checkpoint_0" / "optimizer_full.pt").is_file()  # written by the FSDP2 path only
+    assert (run / "report.html").is_file()
+    DDPMPipeline.from_pretrained(run / "final")

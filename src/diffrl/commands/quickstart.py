@@ -21,7 +21,9 @@ from diffrl.checkpoint import write_text_atomically
 from diffrl.commands.train import make_trainer
 from diffrl.config import load_config
 from diffrl.digits import digit_shares
+from diffrl.evaluate.loading import load_model
 from diffrl.evaluate.plots import image_grid, reward_curve
+from diffrl.pipelines.sharded import is_fully_sharded
 from diffrl.evaluate.report import write_report
 from diffrl.evaluate.runs import compare_run
 from diffrl.presets import quickstart_preset
@@ -45,18 +47,23 @@ def run_quickstart(overrides: Sequence[str] = ()) -> int:
                         num_inference_steps=config.sample_num_steps, guidance_scale=1.0, eta=eta, batch_size=128)
 
     resumed = trainer.first_epoch > 0
+    # A sharded policy (FSDP2) samples on every process (each forward is collective); an unsharded one on the main
+    # process alone. "Before" is always the base model: after a resume, a fresh unsharded copy on the main process.
+    sharded = is_fully_sharded(policy.trainable_module)
     before = None
-    if acc.is_main_process:  # the base model, also after a resume (the trainer's policy then holds trained weights)
-        before = measure(build.build_policy(config, device=acc.device) if resumed else policy)
+    if resumed and acc.is_main_process:
+        before = measure(build.build_policy(config, device=acc.device))
+    elif not resumed and (acc.is_main_process or sharded):
+        before = measure(policy)
     trainer.train()
     acc.wait_for_everyone()
     run_dir = Path(trainer.run_dir)
     trainer.save_pretrained(str(run_dir / "final"))
+    after = measure(policy) if acc.is_main_process or sharded else None
     if not acc.is_main_process:
         return 0
-    after = measure(policy)
-    if build.uses_lora(config):
-        policy.save_merged(run_dir / "final_merged")
+    if build.uses_lora(config):  # from the saved (whole) result, which a sharded policy is not
+        load_model(str(run_dir / "final"), strict_base=False).policy.save_merged(run_dir / "final_merged")
     image_grid([before.images[:16], after.images[:16]], run_dir / "grid_before_after.png", labels=["base", "tuned"])
     reward_curve(run_dir / "metrics.jsonl", run_dir / "reward_curve.png")
     # The report scores the summary's seeds (eval_num_samples of them, from eval_seed) and shows the first 8.
