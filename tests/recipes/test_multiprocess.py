@@ -242,3 +242,29 @@ def test_the_main_job_runs_sharded_with_the_fsdp_config(tmp_path):
     assert (run / "checkpoints" / "checkpoint_0" / "optimizer_full.pt").is_file()  # written by the FSDP2 path only
     assert (run / "report.html").is_file()
     DDPMPipeline.from_pretrained(run / "final")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer,extra", [
+    ("nft", ("sample_batch_size=2", "sample_num_batches_per_epoch=1", "nft_kl_coef=0.1")),
+    ("awm", ("sample_batch_size=2", "sample_num_batches_per_epoch=1", "group_size=2", "awm_clip_range=0.01",
+             "awm_kl_old_coef=1.0")),
+    ("alignprop", ("train_batch_size=2", "truncated_backprop_rand=false", "truncated_backprop_timestep=1")),
+    ("ddpo", ("sample_batch_size=2", "sample_num_batches_per_epoch=1", "train_clip_range=0.2", "train_lora=true")),
+])
+def test_every_trainer_under_fsdp2_ends_as_data_parallel(tiny_ddpm_path, tmp_path, trainer, extra):
+    """The other trainers (and LoRA) through the same sharded path, against data parallel (opt-in: -m slow)."""
+    args = ("num_epochs=2", "sample_num_steps=3", "train_batch_size=1", "train_learning_rate=0.001",
+            "train_lora=false", *extra)
+    _launch(trainer, tiny_ddpm_path, tmp_path / "dp", *args)
+    ranks, _ = _launch(trainer, tiny_ddpm_path, tmp_path / "fsdp", *args, launcher=("--config_file", str(FSDP)))
+    assert all(rank["param_types"] == ["DTensor"] for rank in ranks)
+    lora = "train_lora=true" in extra
+    if lora:
+        from safetensors.torch import load_file
+
+        a, b = (load_file(tmp_path / run / "final" / "adapter_model.safetensors") for run in ("dp", "fsdp"))
+        dp, fsdp = (torch.cat([x[k].flatten() for k in sorted(x)]) for x in (a, b))
+    else:
+        dp, fsdp = _whole_unet(tmp_path / "dp"), _whole_unet(tmp_path / "fsdp")
+    assert _relative(fsdp, dp) < 1e-4
