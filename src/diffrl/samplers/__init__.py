@@ -3,7 +3,8 @@
 The step functions (``ddim.py``, ``ddpm.py``) map tensors to tensors; :mod:`~diffrl.samplers.rules` names each
 sampler's step; :class:`~diffrl.samplers.denoising.DenoisingSchedule` holds a model's noise schedule and runs the
 rule per step (no models: the policies in :mod:`diffrl.pipelines` call it once per denoising step);
-:class:`~diffrl.samplers.dpm_solver.DPMSolverSchedule` draws clean samples without log-probabilities.
+:class:`~diffrl.samplers.dpm_solver.DPMSolverSchedule` draws clean samples without log-probabilities; ``flow.py`` holds
+the flow-matching steps (Flow-GRPO's SDE, CPS, the Euler ODE) for the SD3/FLUX families to come.
 :func:`sampling_schedule` is the one place a sampler name becomes a schedule.
 """
 
@@ -15,6 +16,7 @@ from diffrl.samplers.ddim import ddim_step, ddim_variance
 from diffrl.samplers.ddpm import ddpm_step
 from diffrl.samplers.denoising import DenoisingSchedule, Predict, SamplerName
 from diffrl.samplers.dpm_solver import DPMSolverSchedule
+from diffrl.samplers.flow import cps_step, euler_step, flow_sde_step
 from diffrl.samplers.gaussian import DeterministicStepError, gaussian_log_prob, reduce_per_sample
 from diffrl.samplers.prediction import PredictionConfig, predict_x0_and_eps
 from diffrl.samplers.rules import STEP_RULES, StepRule
@@ -23,6 +25,9 @@ from diffrl.samplers.types import StepOutput
 
 __all__ = [
     "STEP_RULES",
+    "cps_step",
+    "euler_step",
+    "flow_sde_step",
     "DPMSolverSchedule",
     "DenoisingSchedule",
     "DeterministicStepError",
