@@ -110,13 +110,18 @@ def _train(words: list[str]) -> int:
     # its model trains it from the trainer's defaults; one that does not is the offline digits quickstart.
     quickstart = path is None and load_config(None, overrides).model is None
     load_config(quickstart_preset(overrides) if quickstart else path, overrides)
+    from diffrl.recipes.accelerator import close_processes  # heavy (torch): only when training
+
     if quickstart:
-        from diffrl.commands.quickstart import run_quickstart  # heavy (torch): only when training
+        from diffrl.commands.quickstart import run_quickstart
 
-        return run_quickstart(overrides)
-    from diffrl.commands.train import train_from_config  # heavy (torch): only when training
+        status = run_quickstart(overrides)
+    else:
+        from diffrl.commands.train import train_from_config
 
-    return train_from_config(path, overrides)
+        status = train_from_config(path, overrides)
+    close_processes()  # every process leaves the group together (a finished run, not a failed one)
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,3 +47,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from diffrl.recipes.accelerator import close_processes
+
+    close_processes()

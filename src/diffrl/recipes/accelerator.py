@@ -50,6 +50,18 @@ def check_requested_sharding(distributed_type: object) -> None:
                 "(--multi_gpu: plain data parallel; configs/accelerate/fsdp.yaml shards on CPU processes too)")
 
 
+def close_processes() -> None:
+    """Leave the process group together at the end of a successful run: a barrier (no process exits while another
+    still talks to it), then ``destroy_process_group``. Without it the first process to exit could tear down its
+    gloo threads while another still used the group: rank 1 was seen aborting at exit ("terminate called without
+    an active exception", SIGABRT) after a finished run, failing the launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def process_state() -> PartialState:
     """accelerate's process group, before the accelerator: CPU processes over gloo when there are no GPUs
     (``PartialState`` must be told ``cpu=True`` for that; the ``Accelerator`` reads the same flag)."""
