@@ -123,16 +123,8 @@ class ForwardProcessConfig(GroupSection, TimestepEpochSection, SharedConfig):
 
 @dataclasses.dataclass
 class NFTConfig(ForwardProcessConfig):
-    """Configuration of ``NFTTrainer``.
-
-    One epoch: ``sample_num_batches_per_epoch`` batches of ``sample_batch_size`` samples per process,
-    drawn with the old (EMA) policy by ``nft_sampler``; then ``train_num_inner_epochs`` passes over them in
-    minibatches of ``train_batch_size``, each sample trained at ``int(sample_num_steps *
-    train_timestep_fraction)`` timesteps of the sampling schedule; one optimizer step per
-    ``train_gradient_accumulation_steps`` minibatches (all their timesteps accumulated); then one EMA update of
-    the old policy. Text models sample ``group_size`` images per prompt (the group of the advantages);
-    for an unconditional model all the samples of an epoch are one group.
-    """
+    """Configuration of ``NFTTrainer``: the epoch of :class:`ForwardProcessConfig`, trained with DiffusionNFT's loss
+    (its implicit policies' ``nft_beta``)."""
 
     nft_beta: float = option(1.0, trl=False, resume=OBJECTIVE,
                              help="beta of the implicit policies x0_pm (the paper: 1; 0.1 for OCR).")

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from diffrl.algorithms import gathered_group_advantages, prediction_kl
+from diffrl.algorithms import prediction_kl
 from diffrl.algorithms.awm import AWMStats, awm_loss, matching_loss, weighted_matching
 from diffrl.recipes.nft import NFTRecipe, NFTSamples
-from diffrl.recipes.samples import ScoredBatch, gather_rewards
 
 __all__ = ["AWMRecipe"]
 
@@ -24,18 +23,9 @@ __all__ = ["AWMRecipe"]
 class AWMRecipe(NFTRecipe):
     """AWM on any policy (see the module docstring). ``NFTSamples.r`` holds each sample's clipped advantage."""
 
-    def optimality(self, batches: list[ScoredBatch]) -> tuple[NFTSamples, torch.Tensor]:
-        """This process's samples with their group advantages (not NFT's optimality), and every process's rewards."""
-        c, acc = self.config, self.run.accelerator
-        all_rewards = gather_rewards(acc, [b.rewards for b in batches])
-        local = sum(len(b.rewards) for b in batches)
-        group = c.group_size if self.policy.is_conditional else None
-        group_ids = self.group_ids(local, group, acc.num_processes)
-        adv = gathered_group_advantages(all_rewards, group_ids, acc.process_index, acc.num_processes,
-                                        std=c.adv_std, clip=c.train_adv_clip_max).to(acc.device)
-        conds = [b.samples[1] for b in batches]
-        cond = None if conds[0] is None else type(conds[0]).concat(conds)
-        return NFTSamples(torch.cat([b.samples[0] for b in batches]), cond, adv), all_rewards
+    def signal(self, advantages: torch.Tensor) -> torch.Tensor:
+        """AWM weights each sample by its clipped group advantage itself (not NFT's optimality)."""
+        return advantages
 
     def signal_stats(self, samples: NFTSamples) -> dict[str, float]:
         """The epoch's mean absolute advantage (the advantages of a group average to 0)."""

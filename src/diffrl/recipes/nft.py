@@ -154,6 +154,10 @@ class NFTRecipe(RecipeBase):
         return EpochResult(global_step, all_rewards, Timings(sampling_s, reward_s, timer.lap()), stats, extra,
                            tuple(b.reward_metadata for b in batches))
 
+    def signal(self, advantages: torch.Tensor) -> torch.Tensor:
+        """The per-sample training signal from the clipped group advantages: NFT's optimality ``r`` in [0, 1]."""
+        return advantages_to_optimality(advantages, self.config.train_adv_clip_max)
+
     def signal_stats(self, samples: NFTSamples) -> dict[str, float]:
         """The epoch's summary of the per-sample training signal: NFT's mean optimality ``r``."""
         return {"stats/optimality_mean": float(samples.r.mean())}
@@ -184,7 +188,8 @@ class NFTRecipe(RecipeBase):
         return batches, sampling_s, reward_s
 
     def optimality(self, batches: list[ScoredBatch]) -> tuple[NFTSamples, torch.Tensor]:
-        """This process's samples with their optimality ``r``, and every process's rewards."""
+        """This process's samples with their training signal (:meth:`signal` of the group advantages), and every
+        process's rewards."""
         c, acc = self.config, self.run.accelerator
         all_rewards = gather_rewards(acc, [b.rewards for b in batches])
         local = sum(len(b.rewards) for b in batches)
@@ -192,7 +197,7 @@ class NFTRecipe(RecipeBase):
         group_ids = self.group_ids(local, group, acc.num_processes)
         adv = gathered_group_advantages(all_rewards, group_ids, acc.process_index, acc.num_processes,
                                         std=c.adv_std, clip=c.train_adv_clip_max)
-        r = advantages_to_optimality(adv, c.train_adv_clip_max).to(acc.device)
+        r = self.signal(adv).to(acc.device)
         conds = [b.samples[1] for b in batches]
         cond = None if conds[0] is None else type(conds[0]).concat(conds)
         return NFTSamples(torch.cat([b.samples[0] for b in batches]), cond, r), all_rewards
