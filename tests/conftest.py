@@ -34,3 +34,10 @@ def tiny_sdxl_path(tmp_path_factory):
     from diffrl.testing.sdxl import save_tiny_sdxl
 
     return str(save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl")))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory):
+    from diffrl.testing.flow import save_tiny_sd3
+
+    return str(save_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3")))

@@ -19,6 +19,7 @@ _EXPORTS = {
     "ModelLoadError": "diffrl.pipelines",
     "StableDiffusionPolicy": "diffrl.pipelines",
     "StableDiffusionXLPolicy": "diffrl.pipelines",
+    "StableDiffusion3Policy": "diffrl.pipelines",
     "SDXLConditioning": "diffrl.pipelines",
     "TextConditioning": "diffrl.pipelines",
     "Trajectory": "diffrl.pipelines",

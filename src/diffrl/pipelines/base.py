@@ -51,6 +51,8 @@ class TrainableUNetPolicy:
     """The ``kind`` recorded in ``diffrl_model.json`` ("stable_diffusion", "ddpm")."""
     pipeline_class: ClassVar[type]
     """The diffusers pipeline class the policy loads."""
+    denoiser_name: ClassVar[str] = "unet"
+    """The pipeline attribute holding the trained network ("unet"; "transformer" for the flow families)."""
     load_options: ClassVar[tuple[str, ...]] = ()
     """``from_pretrained`` keyword arguments that go to :func:`~diffrl.pipelines.loading.load_pipeline`; the
     other extra keywords go to ``__init__``."""
@@ -91,7 +93,7 @@ class TrainableUNetPolicy:
         self.schedule = self._make_schedule(pipeline)
         self.num_train_timesteps = self.schedule.num_train_timesteps
         self._reference: dict[str, torch.Tensor] | None = None
-        unet = pipeline.unet.eval()
+        unet = getattr(pipeline, self.denoiser_name).eval()
         if use_lora:
             add_lora(unet, self.lora)
         else:
@@ -187,12 +189,12 @@ class TrainableUNetPolicy:
     def save_merged(self, directory: str | os.PathLike) -> None:
         """The whole pipeline as a diffusers folder with any LoRA update merged into the weights: it loads with
         diffusers alone (``<Pipeline>.from_pretrained``; ComfyUI's diffusers loader), no PEFT and no diffrl."""
-        original = self.pipeline.unet
-        self.pipeline.unet = merged_unet(self._unet) if self.use_lora else self._unet
+        original = getattr(self.pipeline, self.denoiser_name)
+        setattr(self.pipeline, self.denoiser_name, merged_unet(self._unet) if self.use_lora else self._unet)
         try:
             self.pipeline.save_pretrained(directory, safe_serialization=True)
         finally:
-            self.pipeline.unet = original
+            setattr(self.pipeline, self.denoiser_name, original)
 
     def save_single_file(self, path: str | os.PathLike) -> None:
         """The whole model (any LoRA merged in) as one original-layout ``.safetensors`` checkpoint, for

@@ -52,8 +52,9 @@ def run_chain(
     if len(flags) < n_steps:
         raise ValueError(f"grad_steps has {len(grad_steps or [])} flags for {n_steps} steps.")
     compute_log_prob = schedule.is_stochastic(eta)
-    stochastic = [compute_log_prob] * n_steps if sde_steps is None else [bool(f) for f in sde_steps[:n_steps]]
-    if len(stochastic) < n_steps:
+    can_draw = schedule.stochastic_steps(len(timesteps), eta)[:n_steps]  # e.g. CPS's last step has no noise
+    stochastic = can_draw if sde_steps is None else [bool(f) and d for f, d in zip(sde_steps[:n_steps], can_draw)]
+    if sde_steps is not None and len(sde_steps) < n_steps:
         raise ValueError(f"sde_steps has {len(sde_steps or [])} flags for {n_steps} steps; give one per step.")
     if sde_steps is not None and any(stochastic) and not compute_log_prob:
         raise ValueError(f"sde_steps marks stochastic steps but eta={eta}: a DDIM step with eta = 0 has no noise "

@@ -209,15 +209,19 @@ class StableDiffusionPolicy(TrainableUNetPolicy):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.use_lora:
-            layers = convert_state_dict_to_diffusers(lora_state_dict(self._unet))
-            # The adapter's config (rank, alpha, targets) in the file's metadata, where diffusers' load_lora_weights
-            # reads it: without it diffusers assumes alpha = rank and loads any other alpha at the wrong scale.
-            self.pipeline_class.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True,
-                                                  unet_lora_adapter_metadata=self.lora.peft_config().to_dict())
+            self._save_lora(directory)
         else:
-            self.pipeline.unet = self._unet
+            setattr(self.pipeline, self.denoiser_name, self._unet)
             self.pipeline.save_pretrained(directory, safe_serialization=True)
         self._write_model_info(directory)
+
+    def _save_lora(self, directory: Path) -> None:
+        """The adapter as ``pytorch_lora_weights.safetensors``, with its config (rank, alpha, targets) in the file's
+        metadata, where diffusers' ``load_lora_weights`` reads it: without it diffusers assumes alpha = rank and
+        loads any other alpha at the wrong scale."""
+        layers = convert_state_dict_to_diffusers(lora_state_dict(self._unet))
+        self.pipeline_class.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True,
+                                              unet_lora_adapter_metadata=self.lora.peft_config().to_dict())
 
     def _model_info_extra(self) -> dict[str, Any]:
         """The replaced VAE's source (``None``: the base model's), which a LoRA result loads again."""

@@ -49,6 +49,39 @@ class TextConditioning(NamedTuple):
         return self._replace(negative_prompt_embeds=None)
 
 
+class PooledTextConditioning(NamedTuple):
+    """What a text-conditioned transformer with a pooled text embedding needs (SD3, FLUX.1): ``L`` tokens, ``D``
+    states' width, ``P`` pooled width.
+
+    Attributes:
+        prompt_embeds: ``[B, L, D]`` the prompts' token states (SD3: both CLIPs' padded to T5's width, then T5's).
+        negative_prompt_embeds: ``[B, L, D]`` the negative (or empty) prompts' states for classifier-free guidance;
+            ``None`` when sampled without guidance.
+        pooled_prompt_embeds: ``[B, P]`` the pooled text embedding.
+        negative_pooled_prompt_embeds: ``[B, P]`` or ``None``, as ``negative_prompt_embeds``.
+    """
+
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+    pooled_prompt_embeds: torch.Tensor
+    negative_pooled_prompt_embeds: torch.Tensor | None
+
+    def index(self, idx: torch.Tensor | slice) -> "PooledTextConditioning":
+        """The rows ``idx`` of every field."""
+        return PooledTextConditioning(*(None if x is None else x[idx] for x in self))
+
+    @classmethod
+    def concat(cls, items: Sequence["PooledTextConditioning"]) -> "PooledTextConditioning":
+        """Stack batches along the batch axis; negatives are kept only when every item has them."""
+        if not items:
+            raise ValueError("PooledTextConditioning.concat needs at least one item.")
+        return cls(*(None if any(v is None for v in values) else torch.cat(list(values)) for values in zip(*items)))
+
+    def without_guidance(self) -> "PooledTextConditioning":
+        """The same prompts with the negative states dropped: the policy then predicts without guidance."""
+        return self._replace(negative_prompt_embeds=None, negative_pooled_prompt_embeds=None)
+
+
 class Trajectory(NamedTuple):
     """One sampled batch with everything needed to recompute its log-probabilities.
 

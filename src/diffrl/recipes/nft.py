@@ -94,7 +94,7 @@ class NFTRecipe(RecipeBase):
     def make_sampling_schedule(self) -> DenoisingSchedule | DPMSolverSchedule:
         """``nft_sampler`` on the model's own noise schedule."""
         c = self.config
-        return sampling_schedule(c.nft_sampler, self.policy.schedule.scheduler.config,
+        return sampling_schedule(c.nft_sampler, self.policy.schedule,
                                  dpm_solver_order=c.nft_dpm_solver_order)
 
     def train_timesteps(self) -> int:

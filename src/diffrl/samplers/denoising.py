@@ -58,6 +58,10 @@ class DenoisingSchedule:
         """Whether this sampler's steps draw noise (and have a log-probability) at ``eta``."""
         return self.rule.is_stochastic(eta)
 
+    def stochastic_steps(self, num_inference_steps: int, eta: float) -> list[bool]:
+        """Which steps of a chain at ``eta`` draw noise (all or none for these samplers)."""
+        return [self.is_stochastic(eta)] * num_inference_steps
+
     @property
     def num_train_timesteps(self) -> int:
         return int(self.scheduler.config.num_train_timesteps)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from diffrl.samplers.gaussian import Reduction, gaussian_log_prob
 from diffrl.samplers.types import StepOutput
@@ -38,14 +39,22 @@ def _times(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def _finish(mean: torch.Tensor, std: torch.Tensor, x0: torch.Tensor, *, generator: torch.Generator | None,
-            prev_sample: torch.Tensor | None, compute_log_prob: bool, reduction: Reduction,
-            dtype: torch.dtype) -> StepOutput:
+def _finish(mean: torch.Tensor, std: torch.Tensor, x0: torch.Tensor, *,
+            generator: torch.Generator | list[torch.Generator] | None, prev_sample: torch.Tensor | None,
+            compute_log_prob: bool, reduction: Reduction, dtype: torch.dtype) -> StepOutput:
+    """Draw (or take) ``x'`` and its log-probability. A row whose std is 0 (CPS landing on ``t' = 0``) is
+    deterministic: its log-probability is 0, as the chain records for every deterministic step (so a ratio there
+    is exactly 1 and carries no gradient)."""
+    std = std.expand(mean.shape[0], *std.shape[1:])
+    noisy = std > 0
     if prev_sample is None:
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float64) \
-            if bool((std > 0).any()) else torch.zeros_like(mean)
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float64) \
+            if bool(noisy.any()) else torch.zeros_like(mean)
         prev_sample = (mean + std * noise).to(dtype)
-    log_prob = gaussian_log_prob(prev_sample.double(), mean, std, reduction) if compute_log_prob else None
+    log_prob = None
+    if compute_log_prob:  # computed in float64, returned in the sample's precision (at least float32)
+        log_prob = gaussian_log_prob(prev_sample.detach().double(), mean, torch.where(noisy, std, 1.0), reduction)
+        log_prob = torch.where(noisy.flatten(), log_prob, 0.0).to(torch.promote_types(dtype, torch.float32))
     return StepOutput(prev_sample, mean.to(dtype), std.to(dtype), log_prob, x0.to(dtype))
 
 
@@ -59,29 +68,33 @@ def euler_step(velocity: torch.Tensor, sample: torch.Tensor, t: torch.Tensor | f
                       (x - tt * v).to(sample.dtype))
 
 
-def flow_sde_std(t: torch.Tensor, noise_level: float, t_max: float | None = None) -> torch.Tensor:
-    """``s_t = a sqrt(t / (1 - t))``; at ``t = 1`` (where it diverges) Flow-GRPO uses ``t_max``, the schedule's
-    largest ``t`` below 1."""
+def flow_sde_std(t: torch.Tensor, noise_level: float, t_max: torch.Tensor | float | None = None) -> torch.Tensor:
+    """``s_t = a sqrt(t / (1 - t))``. At ``t = 1``, where it diverges, the denominator takes ``t_max`` instead (as
+    Flow-GRPO does with the schedule's second sigma: ``sqrt(1 / (1 - t_max))``)."""
     t = t.double()
+    below = t
     if t_max is not None:
-        t = torch.where(t >= 1.0, torch.as_tensor(t_max, dtype=t.dtype, device=t.device), t)
-    if bool((t >= 1.0).any()):
+        below = torch.where(t >= 1.0, torch.as_tensor(t_max, dtype=t.dtype, device=t.device), t)
+    if bool((below >= 1.0).any()):
         raise ValueError("flow_sde_std at t = 1 is infinite: give t_max (the largest t of the schedule below 1)")
-    return noise_level * torch.sqrt(t / (1.0 - t))
+    return noise_level * torch.sqrt(t / (1.0 - below))
 
 
 def flow_sde_step(velocity: torch.Tensor, sample: torch.Tensor, t: torch.Tensor | float,
                   t_next: torch.Tensor | float, *, noise_level: float = 0.7, t_max: float | None = None,
-                  generator: torch.Generator | None = None, prev_sample: torch.Tensor | None = None,
+                  generator: torch.Generator | list[torch.Generator] | None = None, prev_sample: torch.Tensor | None = None,
                   compute_log_prob: bool = True, reduction: Reduction = "mean") -> StepOutput:
     """Flow-GRPO's SDE step from ``t`` to ``t_next`` (see the module docstring); ``noise_level = 0`` is
-    :func:`euler_step`. Given ``prev_sample``, its log-probability under the step (the ratio's numerator)."""
+    :func:`euler_step`. Given ``prev_sample``, its log-probability under the step (the ratio's numerator).
+    ``t_max`` (default: ``t_next``, the schedule's second value when ``t = 1`` is its first) stands in for ``t``
+    in the std's denominator at ``t = 1``."""
     if noise_level < 0:
         raise ValueError(f"noise_level={noise_level} must be >= 0")
     tt, tn = _times(t, sample), _times(t_next, sample)
     v, x = velocity.double(), sample.double()
     dt = tn - tt
-    s = flow_sde_std(tt, noise_level, t_max) if noise_level > 0 else torch.zeros_like(tt)
+    bound = tn if t_max is None else t_max
+    s = flow_sde_std(tt, noise_level, bound) if noise_level > 0 else torch.zeros_like(tt)
     mean = x + (v + s ** 2 / (2 * tt) * (x + (1 - tt) * v)) * dt
     std = s * torch.sqrt(-dt)
     return _finish(mean, std, x - tt * v, generator=generator, prev_sample=prev_sample,
@@ -89,7 +102,7 @@ def flow_sde_step(velocity: torch.Tensor, sample: torch.Tensor, t: torch.Tensor 
 
 
 def cps_step(velocity: torch.Tensor, sample: torch.Tensor, t: torch.Tensor | float, t_next: torch.Tensor | float,
-             *, noise_level: float = 0.7, generator: torch.Generator | None = None,
+             *, noise_level: float = 0.7, generator: torch.Generator | list[torch.Generator] | None = None,
              prev_sample: torch.Tensor | None = None, compute_log_prob: bool = True,
              reduction: Reduction = "mean") -> StepOutput:
     """Coefficients-preserving sampling from ``t`` to ``t_next``: std ``t' sin(a pi / 2)``, ``a`` in ``[0, 1]``
@@ -102,5 +115,5 @@ def cps_step(velocity: torch.Tensor, sample: torch.Tensor, t: torch.Tensor | flo
     std = tn * math.sin(noise_level * math.pi / 2)
     mean = (1 - tn) * x0 + torch.sqrt(torch.clamp(tn ** 2 - std ** 2, min=0.0)) * eps
     return _finish(mean, std, x0, generator=generator, prev_sample=prev_sample,
-                   compute_log_prob=compute_log_prob and noise_level > 0 and bool((tn > 0).all()),
+                   compute_log_prob=compute_log_prob and noise_level > 0,
                    reduction=reduction, dtype=sample.dtype)

@@ -43,7 +43,7 @@ TINY_LATENT_UNET = dict(sample_size=8, in_channels=4, out_channels=4, **TINY_UNE
 def build_tiny_vae(**overrides) -> AutoencoderKL:
     """The tiny ``AutoencoderKL`` of the latent models: 16x16x3 images, 8x8x4 latents (``overrides``: other
     config values, e.g. SDXL's scaling factor)."""
-    return AutoencoderKL(
+    settings = dict(
         in_channels=3,
         out_channels=3,
         block_out_channels=(8, 16),
@@ -52,8 +52,8 @@ def build_tiny_vae(**overrides) -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=4,
         sample_size=16,
-        **overrides,
     )
+    return AutoencoderKL(**(settings | overrides))
 
 
 def tiny_clip_text_config(tokenizer, max_length: int, **overrides) -> CLIPTextConfig:
