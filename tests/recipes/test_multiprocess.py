@@ -88,6 +88,20 @@ def test_two_process_grpo_keeps_groups_whole_and_weights_in_sync(tiny_ddpm_path,
     assert len((tmp_path / "logs" / "mp" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_two_process_grpo_on_the_flow_model_keeps_weights_identical(tiny_sd3_path, tmp_path):
+    """GRPO with the reference KL on the tiny SD3 (a flow-matching transformer, Flow-GRPO's SDE): two processes,
+    each its own prompts and noise, end with identical adapters and one metrics line per epoch."""
+    ranks, _ = _launch("grpo", tiny_sd3_path, tmp_path / "logs", "num_epochs=2", "sample_num_steps=3",
+                       "group_size=2", "prompts_per_epoch=2", "train_batch_size=1", "kl_coef=0.1",
+                       "train_learning_rate=0.01", "sample_eta=0.7", "prompts=simple_animals")
+    assert ranks[0]["num_processes"] == 2 and ranks[0]["module_class"] == "SD3Transformer2DModel"
+    assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], rel=0, abs=1e-9)
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] > 0
+    assert ranks[0]["scored_prompts"] != ranks[1]["scored_prompts"]  # each process its own share of the prompts
+    assert len((tmp_path / "logs" / "mp" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (tmp_path / "logs" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
 FSDP = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "fsdp.yaml"
 SHARDED_COMMON = ("sample_num_steps=3", "train_batch_size=1", "train_learning_rate=0.001", "train_clip_range=0.2",
                   "train_lora=false")

@@ -13,6 +13,7 @@ import torch
 
 from diffrl import DefaultDDPODDPMPipeline, build
 from diffrl.config import load_config, registry
+from diffrl.pipelines.auto import load_policy, model_kind
 
 SCORED: list[str] = []
 
@@ -27,9 +28,11 @@ def main() -> None:
     config = load_config(None, [f"trainer={trainer_name}", f"logdir={logdir}", "run_name=mp", "mixed_precision=no",
                                 *overrides])
     torch.manual_seed(0)  # the same LoRA init on every process
-    pipe = DefaultDDPODDPMPipeline(model, use_lora=config.train_lora)
+    conditional = model_kind(model) != "ddpm"  # a text model (the flow family's tiny SD3) loads by its family
+    pipe = load_policy(model, use_lora=config.train_lora) if conditional else \
+        DefaultDDPODDPMPipeline(model, use_lora=config.train_lora)
     Trainer = registry.resolve(registry.spec_of(type(config)).trainer)  # the config's own trainer
-    prompt_fn = build.build_prompt_fn(config, conditional=False)
+    prompt_fn = build.build_prompt_fn(config, conditional=conditional)
     trainer = Trainer(config, brightness, prompt_fn, pipe)
     trainer.train()
     trainer.save_pretrained(str(Path(logdir) / "final"))

@@ -15,6 +15,7 @@ from diffrl import checkpoint as ckpt
 from diffrl.config import SharedConfig, load_config, registry
 from diffrl.evaluate.report import write_report
 from diffrl.recipes.accelerator import process_state
+from diffrl.run_folder import CONFIG_FILE
 
 
 class PreflightError(ValueError):
@@ -26,9 +27,10 @@ def preflight(config: SharedConfig) -> None:
     checked by their registries when :func:`make_trainer` builds them, also before the model loads)."""
     if config.resume_from:
         try:
-            ckpt.find_latest(config.resume_from)
+            found = ckpt.find_latest(config.resume_from)
         except ckpt.NoCheckpointError as err:
             raise PreflightError(f"resume_from={config.resume_from!r}: {err}") from None
+        _check_resumed_model(config, found)
     logdir = Path(config.logdir)
     try:
         logdir.mkdir(parents=True, exist_ok=True)
@@ -37,6 +39,30 @@ def preflight(config: SharedConfig) -> None:
     except OSError as err:
         raise PreflightError(f"logdir={config.logdir!r} is not writable ({err.strerror}); set logdir to a folder "
                              "you can write to") from None
+
+
+def _check_resumed_model(config: SharedConfig, checkpoint: Path) -> None:
+    """The checkpoint's weights belong to the model its run trained (the run folder's ``config.yaml`` two levels
+    up): another model, above all one of another family (a UNet's weights resumed into a flow transformer), is
+    refused here, naming both, before any weights load. A run folder's own record is also checked field by field
+    once the run starts."""
+    record = checkpoint.parent.parent / CONFIG_FILE
+    if not record.is_file():
+        return
+    recorded = load_config(record, recorded=True)
+    ours, theirs = build.base_model(config), build.base_model(recorded)
+    if ours == theirs:
+        return
+    words = {}
+    for name, source in (("ours", config), ("theirs", recorded)):
+        try:
+            words[name] = build.model_family(source).description
+        except Exception:  # noqa: BLE001 - a model that cannot be read: named by its path alone
+            words[name] = "a model"
+    raise PreflightError(f"resume_from={config.resume_from!r}: the checkpoint trained {theirs!r} "
+                         f"({words['theirs']}), but model={ours!r} ({words['ours']}); its weights fit only the model "
+                         f"they were trained on. Fix: set model={theirs!r} to resume, or start a new run without "
+                         "resume_from")
 
 
 def make_trainer(config: SharedConfig, image_samples_hook=None):

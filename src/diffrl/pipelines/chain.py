@@ -56,7 +56,7 @@ def run_chain(
     stochastic = can_draw if sde_steps is None else [bool(f) and d for f, d in zip(sde_steps[:n_steps], can_draw)]
     if sde_steps is not None and len(sde_steps) < n_steps:
         raise ValueError(f"sde_steps has {len(sde_steps or [])} flags for {n_steps} steps; give one per step.")
-    if sde_steps is not None and any(stochastic) and not compute_log_prob:
+    if sde_steps is not None and any(sde_steps[:n_steps]) and not compute_log_prob:
         raise ValueError(f"sde_steps marks stochastic steps but eta={eta}: a DDIM step with eta = 0 has no noise "
                          "and no log-probability. Use eta > 0 (1.0 is DDPM's variance) with sde_steps.")
     batch = x_T.shape[0]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 
 from diffrl.config import SharedConfig
 from diffrl.recipes.sharding import FSDPSettings
@@ -76,8 +77,17 @@ def make_accelerator(config: SharedConfig, mixed_precision: str, run_dir: Path) 
     checkpoints and tracker event files) inside the run folder unless ``project_kwargs`` names others."""
     use_cpu_processes_without_gpus()
     project = ProjectConfiguration(**config.project_configuration_kwargs(run_dir))
+    kwargs = dict(config.accelerator_kwargs)
+    handlers = list(kwargs.pop("kwargs_handlers", None) or [])
+    if not any(isinstance(h, DistributedDataParallelKwargs) for h in handlers):
+        # No buffer broadcast at every forward: a diffusion network's buffers are constants (a transformer's
+        # positional tables), and the broadcast is a collective that hangs any forward run on the main process
+        # alone (the model card's samples, evaluation). A user's own DistributedDataParallelKwargs is kept.
+        handlers.append(DistributedDataParallelKwargs(broadcast_buffers=False))
+        # torch 2.13 renames it forward_sync_buffers, which accelerate's DistributedDataParallelKwargs cannot pass yet
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     accelerator = Accelerator(log_with=config.log_with, mixed_precision=mixed_precision, project_config=project,
-                              **config.accelerator_kwargs)
+                              kwargs_handlers=handlers, **kwargs)
     check_requested_sharding(accelerator.distributed_type)
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
