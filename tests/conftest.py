@@ -41,3 +41,10 @@ def tiny_sd3_path(tmp_path_factory):
     from diffrl.testing.flow import save_tiny_sd3
 
     return str(save_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3")))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_path(tmp_path_factory):
+    from diffrl.testing.flow import save_tiny_flux
+
+    return str(save_tiny_flux(tmp_path_factory.mktemp("tiny-flux")))

@@ -20,6 +20,7 @@ _EXPORTS = {
     "StableDiffusionPolicy": "diffrl.pipelines",
     "StableDiffusionXLPolicy": "diffrl.pipelines",
     "StableDiffusion3Policy": "diffrl.pipelines",
+    "FluxPolicy": "diffrl.pipelines",
     "SDXLConditioning": "diffrl.pipelines",
     "TextConditioning": "diffrl.pipelines",
     "Trajectory": "diffrl.pipelines",

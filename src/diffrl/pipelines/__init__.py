@@ -3,6 +3,7 @@
 from diffrl.pipelines.base import TrainableUNetPolicy
 from diffrl.pipelines.ddpm import DDPMPolicy
 from diffrl.pipelines.loading import ModelLoadError, load_pipeline
+from diffrl.pipelines.flux import FluxPolicy
 from diffrl.pipelines.lora import LoraSettings
 from diffrl.pipelines.stable_diffusion import StableDiffusionPolicy
 from diffrl.pipelines.stable_diffusion_3 import StableDiffusion3Policy
@@ -16,6 +17,7 @@ __all__ = [
     "DenoisingSchedule",
     "DiffusionPolicy",
     "FlowMatchSchedule",
+    "FluxPolicy",
     "LoraSettings",
     "ModelLoadError",
     "PooledTextConditioning",

@@ -10,11 +10,13 @@ from typing import Any
 from diffrl.pipelines.ddpm import DDPMPolicy
 from diffrl.pipelines.loading import SINGLE_FILE_SUFFIXES, ModelLoadError, read_model_index
 from diffrl.pipelines.saved import read_model_info
+from diffrl.pipelines.flux import FluxPolicy
 from diffrl.pipelines.stable_diffusion import StableDiffusionPolicy
 from diffrl.pipelines.stable_diffusion_3 import StableDiffusion3Policy
 from diffrl.pipelines.stable_diffusion_xl import StableDiffusionXLPolicy, is_sdxl_single_file
 
-FAMILIES: tuple[type, ...] = (DDPMPolicy, StableDiffusionXLPolicy, StableDiffusion3Policy, StableDiffusionPolicy)
+FAMILIES: tuple[type, ...] = (DDPMPolicy, StableDiffusionXLPolicy, StableDiffusion3Policy, FluxPolicy,
+                               StableDiffusionPolicy)
 """Every model family; the first whose ``pipeline_class_names`` holds a model's pipeline class loads it, Stable
 Diffusion is the fallback (diffusers' own SD-compatible pipelines)."""
 

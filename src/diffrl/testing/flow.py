@@ -1,10 +1,14 @@
-"""Tiny random-weight flow-matching pipelines (Stable Diffusion 3), built offline and saved in diffusers' layout.
+"""Tiny random-weight flow-matching pipelines (Stable Diffusion 3, FLUX.1), built offline and saved in diffusers'
+layout.
 
-The real architecture at a few tens of thousands of parameters: an ``SD3Transformer2DModel`` (MMDiT, patch 2), two
+SD3 at a few tens of thousands of parameters: an ``SD3Transformer2DModel`` (MMDiT, patch 2), two
 ``CLIPTextModelWithProjection`` encoders (their pooled embeddings concatenated), an optional T5 encoder with a T5
 tokenizer built in memory (a character-level Unigram model in the ``tokenizers`` library), the 16-channel
 ``AutoencoderKL`` with SD3's ``shift_factor``/``scaling_factor``, and ``FlowMatchEulerDiscreteScheduler`` with
-SD3's shift 3. Shapes follow diffusers' SD3 fast tests, shrunk to 16x16 images.
+SD3's shift 3. FLUX.1: a ``FluxTransformer2DModel`` (one double- and one single-stream block, rotary axes, the
+guidance embedding of FLUX.1-dev or none as FLUX.1-schnell), one CLIP (pooled) and T5, a VAE with FLUX's shift and
+scale, and the dynamically shifted scheduler config FLUX ships. Shapes follow diffusers' fast tests, shrunk to 16x16
+images.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import (FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
 
 from diffrl.testing.models import build_tiny_vae, tiny_clip_text_config
 from diffrl.testing.tokenizer import make_clip_tokenizer
@@ -26,6 +31,13 @@ T5_WIDTH = 32  # = the transformer's joint_attention_dim (CLIP states are padded
 # SD3's VAE: 16 latent channels, shifted and scaled (stabilityai/stable-diffusion-3-medium's config values).
 SD3_VAE = dict(latent_channels=16, shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False,
                use_post_quant_conv=False)
+
+
+# FLUX.1's VAE scaling (black-forest-labs/FLUX.1-dev's config values) on the tiny 4-channel VAE (packed: 16).
+FLUX_VAE = dict(shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
+# FLUX.1-dev's scheduler config: resolution-dependent shift between base_shift and max_shift.
+FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                      max_image_seq_len=4096)
 
 
 def make_t5_tokenizer() -> T5TokenizerFast:
@@ -71,4 +83,30 @@ def save_tiny_sd3(directory: str | Path, seed: int = 0, *, with_t5: bool = True)
     """Build and ``save_pretrained`` a tiny SD3 pipeline; returns the folder."""
     directory = Path(directory)
     build_tiny_sd3(seed, with_t5=with_t5).save_pretrained(directory)
+    return directory
+
+
+def build_tiny_flux(seed: int = 0, *, max_length: int = 16, guidance_embeds: bool = True) -> FluxPipeline:
+    """A FLUX.1-shaped pipeline: 16x16 images, 8x8x4 latents packed into 16 tokens of 16 channels.
+    ``guidance_embeds=False``: no guidance embedding, as FLUX.1-schnell."""
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=T5_WIDTH, pooled_projection_dim=CLIP_WIDTH, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4))
+    vae = build_tiny_vae(**FLUX_VAE)
+    with tempfile.TemporaryDirectory() as tmp:
+        clip_tokenizer = make_clip_tokenizer(tmp, model_max_length=max_length)
+    clip = CLIPTextModel(tiny_clip_text_config(clip_tokenizer, max_length))
+    t5_tokenizer = make_t5_tokenizer()
+    return FluxPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
+        text_encoder=clip, tokenizer=clip_tokenizer, text_encoder_2=build_tiny_t5(t5_tokenizer),
+        tokenizer_2=t5_tokenizer)
+
+
+def save_tiny_flux(directory: str | Path, seed: int = 0, *, guidance_embeds: bool = True) -> Path:
+    """Build and ``save_pretrained`` a tiny FLUX.1 pipeline; returns the folder."""
+    directory = Path(directory)
+    build_tiny_flux(seed, guidance_embeds=guidance_embeds).save_pretrained(directory)
     return directory
