@@ -42,8 +42,10 @@ def build_policy(config: SharedConfig, **kwargs: Any):
     family's settings of the config applied (``policy.configure``: a VAE, size conditioning; the trainer turns on
     gradient checkpointing); settings the loaded model cannot take are a :class:`ConfigError`
     (:func:`check_policy_settings`)."""
+    family = model_family(config)
+    at_load = {k: v for k, v in config.model_options.items() if k in family.load_time_options}
     policy = load_policy(base_model(config), revision=config.model_revision, use_lora=uses_lora(config),
-                         lora=lora_settings(config), **kwargs)
+                         lora=lora_settings(config), **at_load, **kwargs)
     check_policy_settings(config, policy)
     policy.configure(config)
     return policy

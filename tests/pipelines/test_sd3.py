@@ -202,3 +202,42 @@ def test_exports_refuse_the_unet_formats(tiny_sd3_path, tmp_path):
         policy.save_single_file(tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="sde_type"):
         StableDiffusion3Policy.from_pretrained(tiny_sd3_path, sde_type="ode")
+
+
+def test_bf16_weights_keep_float32_latents_and_an_exact_ratio(tiny_sd3_path, tiny_flux_path):
+    """Flow-GRPO's FAQ: bf16 breaks ratio = 1 when the step runs in bf16. Here the weights are bf16, the latents
+    and log-probabilities float32 (the step itself float64), and a recomputation equals the record exactly."""
+    from diffrl.pipelines import FluxPolicy
+
+    for cls, path in ((StableDiffusion3Policy, tiny_sd3_path), (FluxPolicy, tiny_flux_path)):
+        policy = cls.from_pretrained(path, mixed_precision="bf16")
+        assert policy.pipeline.text_encoder.dtype == torch.bfloat16
+        assert next(policy.trainable_module.parameters()).dtype == torch.bfloat16
+        assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())  # the LoRA weights
+        with torch.no_grad():
+            traj = policy.sample(["a cat", "a dog"], num_inference_steps=4, guidance_scale=1.0, height=16, width=16,
+                                 generator=torch.Generator().manual_seed(0)).trajectory
+            recomputed = recompute_log_probs(policy, traj, eta=0.7, guidance_scale=1.0, chunk=2)
+        assert traj.latents.dtype == traj.log_probs.dtype == torch.float32
+        assert torch.equal(recomputed, traj.log_probs), cls.__name__
+
+
+def test_text_encoders_on_cpu_and_without_t5_from_a_runs_options(tiny_sd3_path, tmp_path):
+    """``model_options.text_encoders_on_cpu`` and ``use_t5`` decide how the weights load: the run passes them to
+    ``from_pretrained`` (no encoder reaches the accelerator, T5 is never loaded); the states equal on-device ones."""
+    from diffrl import GRPOConfig, build
+
+    config = GRPOConfig(model=tiny_sd3_path, model_options={"text_encoders_on_cpu": True, "use_t5": False},
+                        logdir=str(tmp_path))
+    policy = build.build_policy(config)
+    assert policy.text_encoders_on_cpu and policy.pipeline.text_encoder_3 is None
+    assert policy.pipeline.text_encoder.device.type == "cpu"
+    reference = StableDiffusion3Policy.from_pretrained(tiny_sd3_path, use_t5=False)
+    a, b = policy.encode_prompts(["a cat"]), reference.encode_prompts(["a cat"])
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+    bad = GRPOConfig(model=tiny_sd3_path, model_options={"use_t5": "no"}, logdir=str(tmp_path))
+    from diffrl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model_options.use_t5='no': must be true or false"):
+        build.check_model_settings(bad)

@@ -63,6 +63,9 @@ class TrainableUNetPolicy:
     """The ``_class_name`` values of ``model_index.json`` that this family loads (:mod:`diffrl.pipelines.auto`)."""
     fixed_size: ClassVar[bool] = False
     """Whether the image size is fixed by the network (pixel DDPMs: no sample sizes, no VAE)."""
+    load_time_options: ClassVar[tuple[str, ...]] = ()
+    """Those of :attr:`model_options` that decide how the weights load (where, which modules): the run passes them
+    to ``from_pretrained``; the others are applied by :meth:`configure`."""
     model_options: ClassVar[Mapping[str, str]] = {}
     """The family's own settings (``model_options.NAME`` of the config) -> what each sets; the family checks them
     (:meth:`option_violations`) and applies them (:meth:`configure`)."""

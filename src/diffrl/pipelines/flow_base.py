@@ -33,7 +33,28 @@ class FlowPolicyMixin:
     flow_options: ClassVar[dict[str, str]] = {
         "sde_type": "the stochastic step: 'sde' (Flow-GRPO's SDE, default) or 'cps' (coefficients-preserving)",
         "max_sequence_length": "T5 tokens per prompt (default 256; at most 512)",
+        "text_encoders_on_cpu": "keep the text encoders (T5 included) on the CPU and encode there, the states moved "
+                                "to the accelerator (default false)",
     }
+    load_time_options: ClassVar[tuple[str, ...]] = ("text_encoders_on_cpu",)
+    text_encoders_on_cpu: bool = False
+
+    def _text_encoders(self) -> list[torch.nn.Module]:
+        p = self.pipeline  # type: ignore[attr-defined]
+        return [m for m in (getattr(p, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+                if m is not None]
+
+    def to(self, device: torch.device | str | None = None, mixed_precision: str | None = None):
+        """As every policy; with ``text_encoders_on_cpu`` the text encoders stay on the CPU (in the run's precision)."""
+        super().to(device, mixed_precision)  # type: ignore[misc]
+        if self.text_encoders_on_cpu:
+            for module in self._text_encoders():
+                module.to("cpu")
+        return self
+
+    def _encoding_device(self) -> torch.device:
+        """Where the text encoders run: the policy's device, or the CPU with ``text_encoders_on_cpu``."""
+        return torch.device("cpu") if self.text_encoders_on_cpu else self.device  # type: ignore[attr-defined]
 
     @classmethod
     def option_violations(cls, options: Mapping[str, Any]) -> list[Violation]:
@@ -42,6 +63,10 @@ class FlowPolicyMixin:
         if sde not in FLOW_SDE_TYPES:
             violations.append(Violation("model_options.sde_type", sde, "is not a flow SDE",
                                         f"use one of {', '.join(FLOW_SDE_TYPES)}"))
+        offload = options.get("text_encoders_on_cpu", False)
+        if not isinstance(offload, bool):
+            violations.append(Violation("model_options.text_encoders_on_cpu", offload, "must be true or false",
+                                        "set it to true or false"))
         length = options.get("max_sequence_length", 256)
         if isinstance(length, bool) or not isinstance(length, int) or not 1 <= length <= _MAX_T5_TOKENS:
             violations.append(Violation("model_options.max_sequence_length", length,
@@ -64,12 +89,14 @@ class FlowPolicyMixin:
         return FlowMatchSchedule.from_scheduler_config(pipeline.scheduler.config, self.sde_type,
                                                        linear_sigmas=self.linear_sigmas)
 
-    def _init_flow(self, sde_type: str, max_sequence_length: int) -> None:
-        problems = self.option_violations({"sde_type": sde_type, "max_sequence_length": max_sequence_length})
+    def _init_flow(self, sde_type: str, max_sequence_length: int, text_encoders_on_cpu: bool = False) -> None:
+        problems = self.option_violations({"sde_type": sde_type, "max_sequence_length": max_sequence_length,
+                                           "text_encoders_on_cpu": text_encoders_on_cpu})
         if problems:
             raise ValueError(str(problems[0]))
         self.sde_type = sde_type
         self.max_sequence_length = max_sequence_length
+        self.text_encoders_on_cpu = text_encoders_on_cpu
 
     def configure(self, config: SharedConfig) -> None:
         """The run's VAE and the family's ``model_options`` (``sde_type``, ``max_sequence_length``)."""
@@ -126,5 +153,4 @@ class FlowPolicyMixin:
         TrainableUNetPolicy.save_single_file(self, path)
 
     def _model_info_extra(self) -> dict[str, Any]:
-        return {"vae": self.vae_source, "sde_type": self.sde_type, "max_sequence_length": self.max_sequence_length,
-                "use_t5": getattr(self.pipeline, "text_encoder_3", None) is not None}
+        return {"vae": self.vae_source, "sde_type": self.sde_type, "max_sequence_length": self.max_sequence_length}

@@ -46,11 +46,11 @@ class FluxPolicy(FlowPolicyMixin, StableDiffusionPolicy):
                                  "one, such as FLUX.1-schnell)"}
 
     def __init__(self, pipeline: FluxPipeline, *, guidance: float | None = None, sde_type: str = "sde",
-                 max_sequence_length: int = 512, **settings: Any) -> None:
+                 max_sequence_length: int = 512, text_encoders_on_cpu: bool = False, **settings: Any) -> None:
         """``guidance``: the guidance embedding of FLUX.1-dev (None: 3.5 where the transformer has one);
         ``sde_type``, ``max_sequence_length``: as for SD3; ``settings``: as for
         :class:`~diffrl.pipelines.StableDiffusionPolicy`."""
-        self._init_flow(sde_type, max_sequence_length)
+        self._init_flow(sde_type, max_sequence_length, text_encoders_on_cpu)
         embeds = bool(pipeline.transformer.config.guidance_embeds)
         if guidance is not None and not embeds:
             raise ValueError(f"guidance={guidance}: this FLUX.1 transformer has no guidance embedding (FLUX.1-schnell "
@@ -149,9 +149,9 @@ class FluxPolicy(FlowPolicyMixin, StableDiffusionPolicy):
         if negative_prompts:
             raise ValueError("FLUX.1 is guidance-distilled and takes no negative prompts; remove them")
         with torch.no_grad(), self.autocast():
-            states, pooled, _ = self.pipeline.encode_prompt(list(prompts), None, device=self.device,
+            states, pooled, _ = self.pipeline.encode_prompt(list(prompts), None, device=self._encoding_device(),
                                                             max_sequence_length=self.max_sequence_length)
-        return PooledTextConditioning(states, None, pooled, None)
+        return PooledTextConditioning(states.to(self.device), None, pooled.to(self.device), None)
 
     def sample(self, prompts: Sequence[str] | None = None, **kwargs: Any):
         """As :meth:`StableDiffusionPolicy.sample`, without classifier-free guidance (``guidance_scale`` 1)."""

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from diffusers import StableDiffusion3Pipeline
 
+from diffrl.config import Violation
 from diffrl.pipelines import precision
 from diffrl.pipelines.flow_base import FlowPolicyMixin
 from diffrl.pipelines.saved import read_model_info
@@ -48,8 +49,11 @@ class StableDiffusion3Policy(FlowPolicyMixin, StableDiffusionPolicy):
     pipeline_class = StableDiffusion3Pipeline
     pipeline_class_names = frozenset({"StableDiffusion3Pipeline"})
     kohya_base_version = None
-    model_options = FlowPolicyMixin.flow_options
     load_options = ("single_file_config", "vae", "use_t5")
+    load_time_options = ("text_encoders_on_cpu", "use_t5")
+    model_options = {**FlowPolicyMixin.flow_options,
+                     "use_t5": "load the T5 encoder (default true; false: its states are zeros, as diffusers' "
+                               "text_encoder_3=None)"}
 
     @classmethod
     def _split_options(cls, name_or_path: str | os.PathLike, revision: str,
@@ -65,11 +69,23 @@ class StableDiffusion3Policy(FlowPolicyMixin, StableDiffusionPolicy):
         return load_kwargs, init_kwargs
 
     def __init__(self, pipeline: StableDiffusion3Pipeline, *, sde_type: str = "sde", max_sequence_length: int = 256,
-                 **settings: Any) -> None:
-        """``sde_type``: "sde" or "cps"; ``max_sequence_length``: T5 tokens per prompt; ``settings``: as for
+                 text_encoders_on_cpu: bool = False, **settings: Any) -> None:
+        """``sde_type``: "sde" or "cps"; ``max_sequence_length``: T5 tokens per prompt; ``text_encoders_on_cpu``:
+        encode on the CPU (the encoders never reach the accelerator); ``settings``: as for
         :class:`~diffrl.pipelines.StableDiffusionPolicy`."""
-        self._init_flow(sde_type, max_sequence_length)
+        self._init_flow(sde_type, max_sequence_length, text_encoders_on_cpu)
         super().__init__(pipeline, **settings)
+
+    @classmethod
+    def option_violations(cls, options: Mapping[str, Any]) -> list[Violation]:
+        violations = super().option_violations(options)
+        if not isinstance(options.get("use_t5", True), bool):
+            violations.append(Violation("model_options.use_t5", options["use_t5"], "must be true or false",
+                                        "set it to true or false"))
+        return violations
+
+    def _model_info_extra(self) -> dict[str, Any]:
+        return {**super()._model_info_extra(), "use_t5": self.pipeline.text_encoder_3 is not None}
 
     def _frozen_modules(self) -> list[torch.nn.Module]:
         p = self.pipeline
@@ -83,11 +99,11 @@ class StableDiffusion3Policy(FlowPolicyMixin, StableDiffusionPolicy):
         negative_prompts = per_prompt_negatives(prompts, negative_prompts)
         with torch.no_grad(), self.autocast():
             pos, neg, pooled, neg_pooled = self.pipeline.encode_prompt(
-                list(prompts), None, None, device=self.device, do_classifier_free_guidance=guidance,
+                list(prompts), None, None, device=self._encoding_device(), do_classifier_free_guidance=guidance,
                 negative_prompt=negative_prompts, max_sequence_length=self.max_sequence_length)
         if not guidance:
             neg = neg_pooled = None
-        return PooledTextConditioning(pos, neg, pooled, neg_pooled)
+        return PooledTextConditioning(*(None if x is None else x.to(self.device) for x in (pos, neg, pooled, neg_pooled)))
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, conditioning: PooledTextConditioning | None,
                 guidance_scale: float, *, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
