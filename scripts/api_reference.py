@@ -21,7 +21,8 @@ PAGE = ROOT / "docs" / "api.md"
 GROUPS = (
     ("Trainers", ("DDPOTrainer", "AlignPropTrainer", "GRPOTrainer", "NFTTrainer")),
     ("Configs", ("DDPOConfig", "AlignPropConfig", "GRPOConfig", "NFTConfig")),
-    ("Policies", ("StableDiffusionPolicy", "StableDiffusionXLPolicy", "DDPMPolicy", "LoraSettings", "Trajectory")),
+    ("Policies", ("StableDiffusionPolicy", "StableDiffusionXLPolicy", "StableDiffusion3Policy", "FluxPolicy", "DDPMPolicy",
+                  "LoraSettings", "Trajectory")),
     ("TRL's pipeline classes", ("DefaultDDPOStableDiffusionPipeline", "DefaultDDPOStableDiffusionXLPipeline",
                                 "DefaultDDPODDPMPipeline", "DDPOStableDiffusionPipeline")),
 )

@@ -7,7 +7,7 @@ from typing import Any, Iterator, Mapping, NamedTuple, Protocol, Sequence, runti
 import torch
 
 from diffrl.algorithms.truncation import GradientPlan
-from diffrl.samplers import DenoisingSchedule
+from diffrl.samplers import DenoisingSchedule, FlowMatchSchedule
 from diffrl.samplers import StepOutput
 
 
@@ -141,7 +141,7 @@ class DiffusionPolicy(Protocol):
     unet: torch.nn.Module
     """What forward passes call: :attr:`trainable_module`, or the wrapper given to :meth:`use_forward_module`."""
     num_train_timesteps: int
-    schedule: DenoisingSchedule
+    schedule: DenoisingSchedule | FlowMatchSchedule
 
     @property
     def device(self) -> torch.device: ...
