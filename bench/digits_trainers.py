@@ -52,6 +52,7 @@ METHODS: dict[str, Method] = {
     "grpo": Method("GRPO (window 4, sliding)", "quickstart_grpo"),
     "nft": Method("DiffusionNFT (DDIM)", "quickstart_nft"),
     "awm": Method("AWM (DDIM, on-policy)", "quickstart_awm"),
+    "dgpo": Method("DGPO (DDIM, on-policy)", "quickstart_dgpo"),
 }
 KEYS = ("epoch", "perf/reward_queries", "perf/wall_s", "eval/target_share", "eval/diversity", "eval/reward_mean")
 

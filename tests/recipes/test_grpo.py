@@ -202,9 +202,10 @@ def test_impossible_settings_are_refused_with_the_fix():
     GRPOConfig(mixed_precision="no", prompts_per_epoch=3, group_size=4, sample_batch_size=6,
                train_batch_size=3).validate(num_processes=2)  # groups may straddle processes
     with pytest.raises(ConfigError) as err:  # DDPO's speed settings, which GRPO's loop would silently ignore
-        GRPOConfig.from_dict({"train_timestep_chunk": 2, "sample_batch_chunk": 1, "compile_model": True})
-    assert [v.field for v in err.value.violations] == ["train_timestep_chunk", "sample_batch_chunk", "compile_model"]
-    assert all("one model call per micro-batch" in v.problem for v in err.value.violations)
+        GRPOConfig.from_dict({"sample_batch_chunk": 1, "compile_model": True})
+    assert [v.field for v in err.value.violations] == ["sample_batch_chunk", "compile_model"]
+    assert all("samples its batches one chain at a time" in v.problem for v in err.value.violations)
+    assert GRPOConfig.from_dict({"train_timestep_chunk": 2}).train_timestep_chunk == 2  # GRPO's fused calls
 
 
 def test_diffrl_train_algorithm_grpo_runs_the_digits_preset(tmp_path, capsys):
@@ -217,3 +218,85 @@ def test_diffrl_train_algorithm_grpo_runs_the_digits_preset(tmp_path, capsys):
     assert (run / "summary.json").is_file() and (run / "final").is_dir()
     assert "GRPOTrainer" in (run / "summary.json").read_text()
     assert "trainer: grpo" in (run / "config.yaml").read_text()
+
+
+def test_kl_trust_region_is_zero_on_policy_then_bounds_the_updates(tiny_ddpm_path, tmp_path, monkeypatch):
+    """trust_region=kl_penalty: the sampling means are recorded with the trajectory; at the first update the exact
+    step KL to them is 0 and the ratio 1; later updates see KL > 0; no ratio clipping is applied."""
+    from diffrl.algorithms import trust_region as tr_math
+
+    seen = []
+    real = grpo_module.trust_region_loss
+
+    def recording(log_prob, old, adv, kl_old, mode, **kw):
+        seen.append(((log_prob - old).detach().exp(), kl_old.detach().clone(), mode, kw))
+        return real(log_prob, old, adv, kl_old, mode, **kw)
+
+    monkeypatch.setattr(grpo_module, "trust_region_loss", recording)
+    cfg = _config(tmp_path, trust_region="kl_penalty", trust_region_coef=10.0, sde_window_size=2,
+                  sde_window_start=1, kl_coef=0.1, train_clip_range=1e-4,  # the default: no clipping to set
+                  train_num_inner_epochs=2)  # the second pass sees weights moved by the first
+    trainer = GRPOTrainer(cfg, brightness, lambda: ("", {}), DefaultDDPODDPMPipeline(tiny_ddpm_path))
+    trainer.train()
+    ratio, kl_old, mode, kw = seen[0]
+    assert mode == "kl_penalty" and kw["coef"] == 10.0
+    assert torch.equal(kl_old, torch.zeros(4)) and torch.equal(ratio, torch.ones(4))
+    assert any(bool((k > 0).all()) for _, k, _, _ in seen[2:])
+    rows = logged_metrics(tmp_path)
+    assert rows[-1]["stats/kl_old"] > 0 and "stats/clipfrac" not in rows[-1] and rows[-1]["stats/kl_ref"] > 0
+    assert tr_math.TRUST_REGIONS == ("clip", "kl_penalty", "kl_mask")
+
+
+def test_kl_mask_runs_and_logs_the_masked_fraction(tiny_ddpm_path, tmp_path):
+    cfg = _config(tmp_path, trust_region="kl_mask", trust_region_max_kl=1e-9, num_epochs=2, train_clip_range=1e-4,
+                  train_num_inner_epochs=2)
+    trainer = GRPOTrainer(cfg, brightness, lambda: ("", {}), DefaultDDPODDPMPipeline(tiny_ddpm_path))
+    trainer.train()
+    rows = logged_metrics(tmp_path)
+    assert rows[0]["stats/masked"] >= 0 and rows[-1]["stats/masked"] > 0  # a tiny bound: later steps hit it
+
+
+def test_fused_window_steps_train_as_one_call_per_step(tiny_ddpm_path, tmp_path, monkeypatch):
+    """train_timestep_chunk=2 runs two window steps in one model call of 2B rows; the loss is the mean of the
+    step-by-step losses, so the gradient of the first optimizer step equals the one-call-per-step run's."""
+    calls, grads = {}, {}
+    step = update_module.optimizer_step
+    for chunk in (1, 2):
+        seen = []
+
+        def captured(optimizer, scheduler):
+            seen.append([p.grad.detach().clone() for group in optimizer.param_groups for p in group["params"]])
+            step(optimizer, scheduler)
+
+        monkeypatch.setattr(update_module, "optimizer_step", captured)
+        cfg = _config(tmp_path, run_name=f"chunk{chunk}", train_timestep_chunk=chunk, sde_window_size=2,
+                      sde_window_start=1, kl_coef=0.1, train_lora=False, num_epochs=1, train_batch_size=2)
+        trainer = GRPOTrainer(cfg, brightness, lambda: ("", {}),
+                              DefaultDDPODDPMPipeline(tiny_ddpm_path, use_lora=False))
+        shapes = []
+        trainer.policy.trainable_module.register_forward_hook(
+            lambda module, args, output: shapes.append((torch.is_grad_enabled(), args[0].shape[0])))
+        trainer.train()
+        calls[chunk] = [n for grad, n in shapes if grad]
+        grads[chunk] = seen[0]
+    assert set(calls[1]) == {2} and set(calls[2]) == {4}  # a micro-batch of 2 at 1 step, or at both steps at once
+    assert len(calls[2]) * 2 == len(calls[1])
+    for a, b in zip(grads[1], grads[2]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+    m1, m2 = logged_metrics(tmp_path, "chunk1"), logged_metrics(tmp_path, "chunk2")
+    for key in ("loss/policy", "stats/ratio", "stats/kl_ref"):
+        assert m2[0][key] == pytest.approx(m1[0][key], rel=1e-4, abs=1e-7), key
+
+
+@pytest.mark.parametrize("override,needle", [
+    ({"trust_region": "kl_penalty", "train_clip_range": 0.2}, "train_clip_range=0.2: has no effect with "
+                                                              "trust_region='kl_penalty'"),
+    ({"trust_region_coef": 5.0}, "trust_region_coef=5.0: has no effect with trust_region='clip'"),
+    ({"trust_region": "kl_mask", "trust_region_max_kl": 0.0}, "trust_region_max_kl=0.0"),
+    ({"train_timestep_chunk": 0}, "train_timestep_chunk=0"),
+])
+def test_bad_trust_region_settings_are_named(tmp_path, override, needle):
+    base = dict(mixed_precision="no", prompts_per_epoch=1, group_size=4, sample_batch_size=4, train_batch_size=4)
+    with pytest.raises(ConfigError) as err:
+        GRPOConfig(**{**base, **override}).validate()
+    assert needle in str(err.value)

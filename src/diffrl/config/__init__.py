@@ -20,6 +20,7 @@ from diffrl.config.accelerate_settings import Precision
 from diffrl.config.alignprop import AlignPropConfig
 from diffrl.config.ddpo import DDPOConfig
 from diffrl.config.awm import AWMConfig
+from diffrl.config.dgpo import DGPOConfig
 from diffrl.config.grpo import GRPOConfig
 from diffrl.config.loading import load_config, read_config_file, trainer_from_overrides
 from diffrl.config.nft import NFTConfig
@@ -36,6 +37,7 @@ __all__ = [
     "FieldInfo",
     "GRPOConfig",
     "AWMConfig",
+    "DGPOConfig",
     "KeyValueError",
     "LRSchedule",
     "NFTConfig",

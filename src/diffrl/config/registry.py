@@ -57,6 +57,8 @@ TRAINERS: Mapping[str, TrainerSpec] = MappingProxyType({s.name: s for s in (
            "refl": {"truncation": "refl"}}, "quickstart_alignprop"),
     _spec("nft", "diffrl.config.nft:NFTConfig", "diffrl.recipes.trainers:NFTTrainer", {"nft": {}}, "quickstart_nft"),
     _spec("awm", "diffrl.config.awm:AWMConfig", "diffrl.recipes.trainers:AWMTrainer", {"awm": {}}, "quickstart_awm"),
+    _spec("dgpo", "diffrl.config.dgpo:DGPOConfig", "diffrl.recipes.trainers:DGPOTrainer", {"dgpo": {}},
+          "quickstart_dgpo"),
     _spec("grpo", "diffrl.config.grpo:GRPOConfig", "diffrl.recipes.trainers:GRPOTrainer", {"grpo": {"algorithm": "grpo"}},
           "quickstart_grpo"),
 )})

@@ -27,6 +27,7 @@ def run_chain(
     stop_after_step: int | None = None,
     progress: bool = False,
     sde_steps: Sequence[bool] | None = None,
+    record_means: bool = False,
 ) -> SampleResult:
     """Run the reverse chain from ``x_T`` and record it.
 
@@ -41,6 +42,8 @@ def run_chain(
         sde_steps: one flag per step; flagged steps are stochastic (the sampler's step with ``eta``, exact
             log-probability), the others the deterministic DDIM step (``eta = 0``, log-probability recorded
             as 0): the stochastic window of MixGRPO / Flow-GRPO-Fast. ``None``: every step as the sampler says.
+        record_means: keep each transition's mean (``Trajectory.means``, the size of the latents again): what an
+            exact KL trust region around the sampling policy needs.
     """
     schedule = policy.schedule
     device = x_T.device
@@ -61,7 +64,7 @@ def run_chain(
                          "and no log-probability. Use eta > 0 (1.0 is DDPM's variance) with sde_steps.")
     batch = x_T.shape[0]
     x = x_T
-    latents, log_probs, ts, prev_ts = [x_T.detach()], [], [], []
+    latents, log_probs, ts, prev_ts, means = [x_T.detach()], [], [], [], []
     step = None
     for i in tqdm(range(n_steps), desc="sampling", disable=not progress, leave=False):
         t = timesteps[i].expand(batch)
@@ -79,6 +82,8 @@ def run_chain(
                 step = schedule.step(out, x, t, t_prev, eta=eta, generator=generator, compute_log_prob=False)
         x = step.prev_sample
         latents.append(x.detach())
+        if record_means:
+            means.append(step.mean.detach().to(x.dtype))
         log_probs.append(step.log_prob.detach() if step.log_prob is not None else torch.zeros(batch, device=device))
         ts.append(t)
         prev_ts.append(t_prev)
@@ -95,6 +100,7 @@ def run_chain(
         conditioning=conditioning,
         prompts=prompts,
         stochastic=torch.tensor(stochastic, device=device).expand(batch, n_steps).clone(),
+        means=torch.stack(means, dim=1) if record_means else None,
     )
     return SampleResult(trajectory, images if any_grad else None)
 

@@ -99,6 +99,8 @@ class Trajectory(NamedTuple):
         stochastic: ``[B, N]`` bool, whether each transition was stochastic (drawn with noise, exact
             log-probability) or deterministic (``eta = 0``, log-probability recorded as 0); see ``sde_steps``
             of :meth:`DiffusionPolicy.sample`. ``None`` in trajectories built without it (every step as sampled).
+        means: ``[B, N, C, h, w]`` the mean of each transition's Gaussian under the sampling weights (sampled with
+            ``record_means=True``, for a trust region around the sampling policy); ``None`` otherwise.
     """
 
     images: torch.Tensor
@@ -109,13 +111,15 @@ class Trajectory(NamedTuple):
     conditioning: TextConditioning | None
     prompts: list[str]
     stochastic: torch.Tensor | None = None
+    means: torch.Tensor | None = None
 
     def rows(self, idx: slice) -> "Trajectory":
         """The samples ``idx`` of this batch, every field cut the same way."""
         cond = None if self.conditioning is None else self.conditioning.index(idx)
         return Trajectory(self.images[idx], self.latents[idx], self.timesteps[idx], self.prev_timesteps[idx],
                           self.log_probs[idx], cond, list(self.prompts[idx]),
-                          None if self.stochastic is None else self.stochastic[idx])
+                          None if self.stochastic is None else self.stochastic[idx],
+                          None if self.means is None else self.means[idx])
 
 
 class SampleResult(NamedTuple):

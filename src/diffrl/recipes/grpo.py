@@ -30,6 +30,8 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from diffrl.algorithms import gathered_group_advantages, gaussian_mean_kl, grpo_loss, sde_window
+from diffrl.algorithms.grpo import add_kl_term
+from diffrl.algorithms.trust_region import trust_region_loss
 from diffrl.config import GRPOConfig
 from diffrl.recipes.epoch import EpochResult, Timer, Timings
 from diffrl.recipes.recipe import RecipeBase
@@ -173,7 +175,7 @@ class GRPORecipe(RecipeBase):
                     height=c.sample_height, width=c.sample_width,
                     guidance_scale=c.sample_guidance_scale, eta=c.sample_eta, generator=steps, latents=x_T,
                     negative_prompts=cycled_negatives(c.negative_prompt_list, len(ids)),
-                    sde_steps=window).trajectory
+                    sde_steps=window, record_means=c.trust_region != "clip").trajectory
             self.run.check_samples({"images": traj.images, "latents": traj.latents,
                                     "log-probabilities": traj.log_probs}, epoch, global_step)
             # Keep only the window: its K + 1 latents, K timesteps and log-probabilities (the deterministic
@@ -182,7 +184,8 @@ class GRPORecipe(RecipeBase):
                                         timesteps=traj.timesteps[:, start:start + size],
                                         prev_timesteps=traj.prev_timesteps[:, start:start + size],
                                         log_probs=traj.log_probs[:, start:start + size],
-                                        stochastic=None)
+                                        stochastic=None,
+                                        means=None if traj.means is None else traj.means[:, start:start + size])
             sampling_s += timer.lap()
             rewards, reward_meta = score(self.reward_fn, traj.images, names, meta)
             reward_s += timer.lap()
@@ -205,27 +208,39 @@ class GRPORecipe(RecipeBase):
     # ------------------------------------------------------------------ training
     def train_inner(self, samples: EpochSamples, advantages: torch.Tensor, epoch: int, inner: int,
                     global_step: int, stats: dict[str, list[torch.Tensor]]) -> int:
-        """One pass over the shuffled samples, one window step of one micro-batch per call."""
+        """One pass over the shuffled samples: each micro-batch's window steps ``train_timestep_chunk`` at a time in
+        one model call (a micro-step of that size; one call per step by default)."""
         c = self.config
         generator = generator_for(Stream.SHUFFLE, c.seed, epoch, inner, self.run.accelerator.process_index)
         shuffled, perm = samples.shuffled(generator)
         advantages = advantages[perm.to(advantages.device)]
         steps = shuffled.timesteps.shape[1]
+        chunk = min(c.train_timestep_chunk, steps)
 
         def calls() -> Iterator[MicroStep]:
             for start in range(0, shuffled.size, c.train_batch_size):
-                for j in range(steps):
-                    yield MicroStep(1, (slice(start, start + c.train_batch_size), j))
+                for first in range(0, steps, chunk):
+                    window = range(first, min(first + chunk, steps))
+                    yield MicroStep(len(window), (slice(start, start + c.train_batch_size), window))
 
         return self.update.run(calls(), lambda batch: self.loss(shuffled, advantages, *batch),
                                per_update=c.train_gradient_accumulation_steps * steps, epoch=epoch,
                                global_step=global_step, stats=stats, desc=f"epoch {epoch}.{inner}: training")
 
-    def loss(self, s: EpochSamples, advantages: torch.Tensor, idx: slice, j: int):
-        """The GRPO loss of window step ``j`` of the samples ``idx``, and its stats."""
-        c, policy = self.config, self.policy
+    def loss(self, s: EpochSamples, advantages: torch.Tensor, idx: slice, steps: range):
+        """The GRPO loss of window steps ``steps`` (``K`` of them) of the samples ``idx`` in one model call of
+        ``K * B`` rows, step-major: the mean over the rows (the mean of the step-by-step losses), and each step's
+        stats (means over its ``B`` rows, as one step alone gives)."""
+        c, policy, k = self.config, self.policy, len(steps)
+        batch = s.timesteps[idx].shape[0]
+
+        def rows(x: torch.Tensor) -> torch.Tensor:  # [B, N, ...] -> [K * B, ...], step-major
+            return x[idx, steps.start:steps.stop].transpose(0, 1).reshape(k * batch, *x.shape[2:])
+
         cond, guidance = training_conditioning(s, idx, c.train_cfg, c.sample_guidance_scale)
-        args = (s.latents[idx, j], s.timesteps[idx, j], s.prev_timesteps[idx, j], s.next_latents[idx, j], cond)
+        if cond is not None and k > 1:
+            cond = cond.index(torch.arange(batch, device=cond.prompt_embeds.device).repeat(k))
+        args = (rows(s.latents), rows(s.timesteps), rows(s.prev_timesteps), rows(s.next_latents), cond)
         step = policy.step_log_prob(*args, eta=c.sample_eta, guidance_scale=guidance)
         kl = None
         if c.kl_coef > 0:
@@ -233,10 +248,45 @@ class GRPORecipe(RecipeBase):
                 ref = policy.step_log_prob(*args, eta=c.sample_eta, guidance_scale=guidance,
                                            params=policy.reference_params())
             kl = gaussian_mean_kl(step.mean, ref.mean, step.std)
-        loss, st = grpo_loss(step.log_prob, s.log_probs[idx, j], advantages[idx], c.train_clip_range, kl, c.kl_coef)
-        info = {"loss/policy": st.policy_loss, "loss/total": loss.detach(), "stats/approx_kl": st.approx_kl,
-                "stats/clipfrac": st.clipfrac, "stats/ratio": st.ratio,
-                "stats/adv_abs_mean": advantages[idx].abs().mean()}
-        if kl is not None:
-            info["stats/kl_ref"] = st.kl_ref
-        return loss, [info]
+        adv, old = advantages[idx].repeat(k), rows(s.log_probs)
+        kl_old = None if c.trust_region == "clip" else gaussian_mean_kl(step.mean, rows(s.means), step.std)
+        loss, whole = self.policy_loss(step.log_prob, old, adv, kl, kl_old)
+        infos = []
+        with torch.no_grad():
+            parts = [x.chunk(k) if x is not None else [None] * k for x in (step.log_prob.detach(), old, adv, kl, kl_old)]
+            for lp, o, a, kr, ko in zip(*parts):
+                st = whole if k == 1 else self.policy_loss(lp, o, a, kr, ko)[1]
+                info = {"loss/policy": st.policy_loss, "stats/approx_kl": st.approx_kl, "stats/ratio": st.ratio,
+                        "stats/adv_abs_mean": a.abs().mean()}
+                info["loss/total"] = st.policy_loss + (c.kl_coef * st.kl_ref if kr is not None else 0.0) + \
+                    (c.trust_region_coef * st.kl_old if c.trust_region == "kl_penalty" else 0.0)
+                if c.trust_region == "clip":
+                    info["stats/clipfrac"] = st.clipfrac
+                else:
+                    info.update({"stats/kl_old": st.kl_old, "stats/masked": st.masked})
+                if kr is not None:
+                    info["stats/kl_ref"] = st.kl_ref
+                infos.append(info)
+        return loss, infos
+
+    def policy_loss(self, log_prob: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, kl: torch.Tensor | None,
+                    kl_old: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+        """PPO's clipped loss (:func:`grpo_loss`) or the KL trust region's, plus the reference KL."""
+        c = self.config
+        if c.trust_region == "clip":
+            return grpo_loss(log_prob, old, adv, c.train_clip_range, kl, c.kl_coef)
+        policy, st = trust_region_loss(log_prob, old, adv, kl_old, c.trust_region, coef=c.trust_region_coef,
+                                       max_kl=c.trust_region_max_kl)
+        loss, kl_mean = add_kl_term(policy, kl, c.kl_coef)
+        return loss, RegionStats(st.approx_kl, st.ratio, st.policy_loss, st.kl_old, st.masked, kl_mean.detach())
+
+
+class RegionStats(NamedTuple):
+    """A trust-region step's stats with the reference KL beside them."""
+
+    approx_kl: torch.Tensor
+    ratio: torch.Tensor
+    policy_loss: torch.Tensor
+    kl_old: torch.Tensor
+    masked: torch.Tensor
+    kl_ref: torch.Tensor

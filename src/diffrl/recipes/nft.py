@@ -82,10 +82,14 @@ class NFTRecipe(RecipeBase):
         self.update = UpdateLoop(run.accelerator, self.policy, c, run.guard, total_steps=total,
                                  backward_calls=c.train_gradient_accumulation_steps * self.train_timesteps())
         store = torch.device("cpu") if c.nft_old_policy_on_cpu else run.accelerator.device
-        if c.nft_kl_coef > 0:
+        if self.uses_reference():
             self.policy.snapshot_reference(store)  # a no-op for LoRA (adapters off is the reference)
         self.old = {n: p.detach().to(store, copy=True) for n, p in self.trained().items()}
         self.sampling_schedule = self.make_sampling_schedule()
+
+    def uses_reference(self) -> bool:
+        """Whether the loss reads the frozen reference model (NFT: for its KL term)."""
+        return self.config.nft_kl_coef > 0
 
     def trained(self) -> Params:
         """The trained parameters by name (the keys of ``trainable_state_dict``), not copies."""

@@ -51,6 +51,7 @@ class EpochSamples(NamedTuple):
         timesteps, prev_timesteps: ``[B, N]``.
         log_probs: ``[B, N]`` log-probabilities under the sampling weights.
         conditioning: text states (``[B, L, D]`` each) or ``None`` for unconditional models.
+        means: ``[B, N, *S]`` each transition's mean under the sampling weights, when recorded; else ``None``.
     """
 
     latents: torch.Tensor
@@ -60,6 +61,7 @@ class EpochSamples(NamedTuple):
     prev_timesteps: torch.Tensor
     log_probs: torch.Tensor
     conditioning: TextConditioning | None
+    means: torch.Tensor | None = None
 
     @classmethod
     def from_trajectories(cls, trajectories: list[Trajectory]) -> "EpochSamples":
@@ -67,9 +69,10 @@ class EpochSamples(NamedTuple):
         cond = None
         if trajectories[0].conditioning is not None:
             cond = type(trajectories[0].conditioning).concat([t.conditioning for t in trajectories])
+        means = None if any(t.means is None for t in trajectories) else torch.cat([t.means for t in trajectories])
         return cls(lat[:, :-1], lat[:, 1:], lat[:, -1], torch.cat([t.timesteps for t in trajectories]),
                    torch.cat([t.prev_timesteps for t in trajectories]), torch.cat([t.log_probs for t in trajectories]),
-                   cond)
+                   cond, means)
 
     @property
     def size(self) -> int:
@@ -89,7 +92,8 @@ class EpochSamples(NamedTuple):
 
         cond = self.conditioning.index(perm.to(self.conditioning.prompt_embeds.device)) if self.conditioning else None
         out = EpochSamples(per_step(self.latents), per_step(self.next_latents), self.final[perm.to(self.final.device)],
-                           per_step(self.timesteps), per_step(self.prev_timesteps), per_step(self.log_probs), cond)
+                           per_step(self.timesteps), per_step(self.prev_timesteps), per_step(self.log_probs), cond,
+                           None if self.means is None else per_step(self.means))
         return out, perm
 
 

@@ -13,18 +13,20 @@ import torch
 from diffrl.algorithms import ppo_clip_loss
 from diffrl.config import AlignPropConfig, DDPOConfig, GRPOConfig
 from diffrl.config.awm import AWMConfig
+from diffrl.config.dgpo import DGPOConfig
 from diffrl.config.nft import NFTConfig
 from diffrl.pipelines.types import TextConditioning
 from diffrl.recipes.alignprop import AlignPropRecipe
 from diffrl.recipes.ddpo import DDPORecipe
 from diffrl.recipes.grpo import GRPORecipe
 from diffrl.recipes.awm import AWMRecipe
+from diffrl.recipes.dgpo import DGPORecipe
 from diffrl.recipes.nft import NFTRecipe
 from diffrl.recipes.trainer import Trainer
 from diffrl.rewards import score
 from diffrl.seeding import Stream, generator_for
 
-__all__ = ["AlignPropTrainer", "AWMTrainer", "DDPOTrainer", "GRPOTrainer", "NFTTrainer"]
+__all__ = ["AlignPropTrainer", "AWMTrainer", "DDPOTrainer", "DGPOTrainer", "GRPOTrainer", "NFTTrainer"]
 
 
 class DDPOTrainer(Trainer):
@@ -190,3 +192,12 @@ class AWMTrainer(Trainer):
     trainer_name = "AWM"
     config_class = AWMConfig
     recipe_class = AWMRecipe
+
+
+class DGPOTrainer(Trainer):
+    """``DGPOTrainer(config, reward_function, prompt_function, sd_pipeline, image_samples_hook=None)``: Direct Group
+    Preference Optimization (:mod:`diffrl.recipes.dgpo`)."""
+
+    trainer_name = "DGPO"
+    config_class = DGPOConfig
+    recipe_class = DGPORecipe
