@@ -53,6 +53,8 @@ METHODS: dict[str, Method] = {
     "nft": Method("DiffusionNFT (DDIM)", "quickstart_nft"),
     "awm": Method("AWM (DDIM, on-policy)", "quickstart_awm"),
     "dgpo": Method("DGPO (DDIM, on-policy)", "quickstart_dgpo"),
+    "grpo_kl": Method("GRPO, KL trust region (mask 1e-3)", "quickstart_grpo",
+                      ("trust_region=kl_mask", "trust_region_max_kl=1e-3")),
 }
 KEYS = ("epoch", "perf/reward_queries", "perf/wall_s", "eval/target_share", "eval/diversity", "eval/reward_mean")
 

@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "api.md"
 GROUPS = (
-    ("Trainers", ("DDPOTrainer", "AlignPropTrainer", "GRPOTrainer", "NFTTrainer")),
-    ("Configs", ("DDPOConfig", "AlignPropConfig", "GRPOConfig", "NFTConfig")),
+    ("Trainers", ("DDPOTrainer", "AlignPropTrainer", "GRPOTrainer", "NFTTrainer", "AWMTrainer", "DGPOTrainer")),
+    ("Configs", ("DDPOConfig", "AlignPropConfig", "GRPOConfig", "NFTConfig", "AWMConfig", "DGPOConfig")),
     ("Policies", ("StableDiffusionPolicy", "StableDiffusionXLPolicy", "StableDiffusion3Policy", "FluxPolicy", "DDPMPolicy",
                   "LoraSettings", "Trajectory")),
     ("TRL's pipeline classes", ("DefaultDDPOStableDiffusionPipeline", "DefaultDDPOStableDiffusionXLPipeline",

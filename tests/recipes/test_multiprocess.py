@@ -102,6 +102,18 @@ def test_two_process_grpo_on_the_flow_model_keeps_weights_identical(tiny_sd3_pat
     assert (tmp_path / "logs" / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_two_process_dgpo_keeps_weights_identical(tiny_ddpm_path, tmp_path):
+    """DGPO on two processes: each its own samples and groups (whole groups never straddle processes), the frozen
+    reference and the KL term, identical weights at the end."""
+    ranks, _ = _launch("dgpo", tiny_ddpm_path, tmp_path / "logs", "num_epochs=2", "sample_num_steps=3",
+                       "sample_batch_size=4", "sample_num_batches_per_epoch=1", "group_size=2", "train_batch_size=2",
+                       "train_lora=false", "nft_kl_coef=0.1", "dgpo_beta=10", "train_learning_rate=0.001")
+    assert ranks[0]["num_processes"] == 2
+    assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], rel=0, abs=1e-9)
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] > 0
+    assert len((tmp_path / "logs" / "mp" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 FSDP = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "fsdp.yaml"
 SHARDED_COMMON = ("sample_num_steps=3", "train_batch_size=1", "train_learning_rate=0.001", "train_clip_range=0.2",
                   "train_lora=false")
@@ -263,6 +275,8 @@ def test_the_main_job_runs_sharded_with_the_fsdp_config(tmp_path):
     ("nft", ("sample_batch_size=2", "sample_num_batches_per_epoch=1", "nft_kl_coef=0.1")),
     ("awm", ("sample_batch_size=2", "sample_num_batches_per_epoch=1", "group_size=2", "awm_clip_range=0.01",
              "awm_kl_old_coef=1.0")),
+    ("dgpo", ("sample_batch_size=2", "sample_num_batches_per_epoch=1", "group_size=2", "train_batch_size=2",
+              "nft_kl_coef=0.1", "dgpo_beta=10")),
     ("alignprop", ("train_batch_size=2", "truncated_backprop_rand=false", "truncated_backprop_timestep=1")),
     ("ddpo", ("sample_batch_size=2", "sample_num_batches_per_epoch=1", "train_clip_range=0.2", "train_lora=true")),
 ])
