@@ -298,3 +298,30 @@ def test_eval_rewards_score_the_evaluation_images_held_out(tiny_ddpm_path, tmp_p
                  f"logdir={tmp_path / 'cli'}"]) == 2
     line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("diffrl train: error:")][0]
     assert "did you mean 'jpeg_compressibility'" in line
+
+
+def test_ddpo_is_with_the_kl_trust_region(tiny_ddpm_path, tmp_path, monkeypatch):
+    """trust_region=kl_mask on DDPO-IS (fused timesteps): the first update is at KL 0 and ratio 1 exactly, later
+    passes see the KL to the recorded sampling means grow; the mask and the KL are logged, no clip fraction."""
+    from diffrl.recipes import ddpo as ddpo_recipe
+
+    seen = []
+    real = ddpo_recipe.trust_region_loss
+
+    def recording(log_prob, old, adv, kl_old, mode, **kw):
+        seen.append(((log_prob - old).detach().exp(), kl_old.detach().clone(), mode))
+        return real(log_prob, old, adv, kl_old, mode, **kw)
+
+    monkeypatch.setattr(ddpo_recipe, "trust_region_loss", recording)
+    cfg = _config(tmp_path, trust_region="kl_mask", trust_region_max_kl=1e-6, train_num_inner_epochs=2,
+                  train_timestep_chunk=2, train_clip_range=1e-4)
+    trainer = DDPOTrainer(cfg, brightness, lambda: ("", {}), DefaultDDPODDPMPipeline(tiny_ddpm_path))
+    trainer.train()
+    ratio, kl_old, mode = seen[0]
+    assert mode == "kl_mask" and torch.equal(kl_old, torch.zeros_like(kl_old)) and torch.equal(ratio, torch.ones_like(ratio))
+    assert any(bool((k > 0).any()) for _, k, _ in seen[1:])
+    row = logged_metrics(tmp_path)[-1]
+    assert row["stats/kl_old"] > 0 and "stats/masked" in row and "stats/clipfrac" not in row
+    with pytest.raises(ConfigError, match="trust_region='kl_penalty': bounds importance-weighted updates, which "
+                                          "ddpo_sf does not make"):
+        _config(tmp_path, algorithm="ddpo_sf", trust_region="kl_penalty", train_clip_range=1e-4).validate()

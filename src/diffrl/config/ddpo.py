@@ -82,6 +82,9 @@ class DDPOConfig(PPOSection, TimestepEpochSection, SharedConfig):
             c.add("sample_eta", f"{self.algorithm} needs the log-probability of each DDIM step, and with eta=0 the "
                                 "step is deterministic (sigma_t = 0: the Gaussian log-density divides by zero)",
                   "set sample_eta > 0 (1.0 as in the paper), or use algorithm=rwr, which needs no log-probability")
+        if c.ok("algorithm", "trust_region") and self.trust_region != "clip" and self.algorithm != "ddpo_is":
+            c.add("trust_region", f"bounds importance-weighted updates, which {self.algorithm} does not make",
+                  "use algorithm=ddpo_is, or remove trust_region")
         if c.ok("algorithm", "train_num_inner_epochs") and self.algorithm == "ddpo_sf" \
                 and self.train_num_inner_epochs > 1:
             c.add("train_num_inner_epochs", "ddpo_sf is on-policy REINFORCE (one update per batch); reusing samples "

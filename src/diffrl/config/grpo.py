@@ -13,7 +13,6 @@ from diffrl.config.shared import SharedConfig
 __all__ = ["GRPOConfig"]
 
 WindowScheduleName = Literal["fixed", "sliding", "random"]
-TrustRegionName = Literal["clip", "kl_penalty", "kl_mask"]
 _ONE_CALL = "GRPO samples its batches one chain at a time and does not compile the model; DDPO's options for that are not wired into it"
 
 
@@ -69,16 +68,6 @@ class GRPOConfig(GroupSection, PPOSection, BatchSection, SharedConfig):
                                         "fixed schedule, and the sliding schedule's start.")
     sde_window_shift_every: int = option(1, trl=False, resume=OBJECTIVE,
                                          help="Epochs between two moves of the sliding window.")
-    trust_region: TrustRegionName = option(
-        "clip", trl=False, resume=OBJECTIVE,
-        help="How updates stay near the sampling policy: 'clip' (PPO's ratio clipping, train_clip_range), "
-             "'kl_penalty' (Flow-DPPO: + trust_region_coef x the exact per-step Gaussian KL to the sampling "
-             "policy) or 'kl_mask' (that KL above trust_region_max_kl stops the step's gradient when the ratio has "
-             "moved the advantage's way). The KL modes store each step's sampling mean (memory: the latents again).")
-    trust_region_coef: float = option(1.0, trl=False, resume=OBJECTIVE,
-                                      help="Weight of the KL to the sampling policy with trust_region=kl_penalty.")
-    trust_region_max_kl: float = option(1e-3, trl=False, resume=OBJECTIVE,
-                                        help="KL bound per step (mean over pixels) with trust_region=kl_mask.")
     train_timestep_chunk: int = option(
         1, trl=False, resume=APPLY,
         help="Window steps of a training micro-batch run in one model call (the same loss and gradient as one call "
@@ -129,12 +118,6 @@ class GRPOConfig(GroupSection, PPOSection, BatchSection, SharedConfig):
                   "set sample_guidance_scale=1 for CFG-free training, or train_cfg=true")
         self._check_window(c)
         c.at_least("train_timestep_chunk", 1)
-        c.positive("trust_region_coef")
-        c.positive("trust_region_max_kl")
-        region = self.trust_region
-        c.unchanged_unless(region == "clip", "train_clip_range", f"with trust_region={region!r} (no ratio clipping)")
-        c.unchanged_unless(region == "kl_penalty", "trust_region_coef", f"with trust_region={region!r}")
-        c.unchanged_unless(region == "kl_mask", "trust_region_max_kl", f"with trust_region={region!r}")
 
     def _check_window(self, c: Checks) -> None:
         steps, size = self.sample_num_steps, self.sde_window_size

@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 
 from diffrl.algorithms import (PerPromptStatTracker, batch_advantages, denoising_loss, ppo_clip_loss,
                                reinforce_loss, rwr_sparse_weights, rwr_weights)
+from diffrl.algorithms.grpo import gaussian_mean_kl
+from diffrl.algorithms.trust_region import trust_region_loss
 from diffrl.recipes.epoch import EpochResult, Timer, Timings
 from diffrl.recipes.memory import probe_for
 from diffrl.recipes.recipe import RecipeBase
@@ -125,7 +127,7 @@ class DDPORecipe(RecipeBase):
                                           eta=c.sample_eta, generator=generators, height=c.sample_height,
                                           width=c.sample_width,
                                           negative_prompts=cycled_negatives(c.negative_prompt_list, size, len(group)),
-                                          ).trajectory
+                                          record_means=c.trust_region != "clip").trajectory
             self.run.check_samples({"images": traj.images, "latents": traj.latents,
                                     "log-probabilities": traj.log_probs}, epoch, global_step)
             sampling_s += timer.lap()
@@ -242,8 +244,19 @@ class DDPORecipe(RecipeBase):
             return loss, infos
         step = self.policy.step_log_prob(rows(s.latents), t, rows(s.prev_timesteps), rows(s.next_latents), cond,
                                          eta=c.sample_eta, guidance_scale=guidance)
-        loss_fn = ppo_clip_loss if c.algorithm == "ddpo_is" else reinforce_loss
         old = rows(s.log_probs)
+        if c.trust_region != "clip":  # the exact KL to the sampling policy's recorded means bounds the update
+            kl_old = gaussian_mean_kl(step.mean, rows(s.means), step.std)
+            region = dict(coef=c.trust_region_coef, max_kl=c.trust_region_max_kl)
+            loss, _ = trust_region_loss(step.log_prob, old, w, kl_old, c.trust_region, **region)
+            infos = []
+            with torch.no_grad():
+                for lp, o, wb, ko in zip(step.log_prob.detach().chunk(k), old.chunk(k), w.chunk(k), kl_old.chunk(k)):
+                    part, st = trust_region_loss(lp, o, wb, ko, c.trust_region, **region)
+                    infos.append({"loss/policy": st.policy_loss, "loss/total": part, "stats/approx_kl": st.approx_kl,
+                                  "stats/ratio": st.ratio, "stats/kl_old": st.kl_old, "stats/masked": st.masked})
+            return loss, infos
+        loss_fn = ppo_clip_loss if c.algorithm == "ddpo_is" else reinforce_loss
         loss, _ = loss_fn(step.log_prob, old, w, c.train_clip_range)
         infos = []
         with torch.no_grad():

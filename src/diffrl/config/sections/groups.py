@@ -56,6 +56,9 @@ class TimestepEpochSection(BatchSection):
                   f"set train_timestep_fraction >= {1 / self.sample_num_steps:.4g}")
 
 
+TrustRegionName = Literal["clip", "kl_penalty", "kl_mask"]
+
+
 @dataclasses.dataclass
 class PPOSection(ConfigBase):
     """Updates with PPO's clipped importance ratio on clipped advantages (TRL's DDPO fields)."""
@@ -64,11 +67,27 @@ class PPOSection(ConfigBase):
     train_adv_clip_max: float = option(5.0, resume=APPLY, infinite=True,
                                        help="Clip advantages to [-train_adv_clip_max, train_adv_clip_max].")
     train_clip_range: float = option(1e-4, resume=APPLY, help="PPO clip range.")
+    trust_region: TrustRegionName = option(
+        "clip", trl=False, resume=OBJECTIVE,
+        help="How updates stay near the sampling policy: 'clip' (PPO's ratio clipping, train_clip_range), "
+             "'kl_penalty' (Flow-DPPO: + trust_region_coef x the exact per-step Gaussian KL to the sampling "
+             "policy) or 'kl_mask' (that KL above trust_region_max_kl stops the step's gradient when the ratio has "
+             "moved the advantage's way). The KL modes store each step's sampling mean (memory: the latents again).")
+    trust_region_coef: float = option(1.0, trl=False, resume=OBJECTIVE,
+                                      help="Weight of the KL to the sampling policy with trust_region=kl_penalty.")
+    trust_region_max_kl: float = option(1e-3, trl=False, resume=OBJECTIVE,
+                                        help="KL bound per step (mean over pixels) with trust_region=kl_mask.")
 
     def _check(self, c: Checks, num_processes: int, check_environment: bool) -> None:
         super()._check(c, num_processes, check_environment)
         c.positive("train_adv_clip_max")
         c.positive("train_clip_range", "set train_clip_range > 0 (the paper uses 1e-4)")
+        c.positive("trust_region_coef")
+        c.positive("trust_region_max_kl")
+        region = self.trust_region
+        c.unchanged_unless(region == "clip", "train_clip_range", f"with trust_region={region!r} (no ratio clipping)")
+        c.unchanged_unless(region == "kl_penalty", "trust_region_coef", f"with trust_region={region!r}")
+        c.unchanged_unless(region == "kl_mask", "trust_region_max_kl", f"with trust_region={region!r}")
 
 
 @dataclasses.dataclass
