@@ -49,3 +49,14 @@ def test_digits_optimum_bench_draws_the_frontier_and_places_the_trainers(tmp_pat
     assert rewards == sorted(rewards)  # a smaller beta (less KL weight) never lowers the optimum's reward
     assert all(p["kl"] >= -1e-9 and 1 <= p["ess"] <= 64 for p in frontier)
     assert record["placed"] and all(0 <= p["share"] <= 1 for p in record["placed"])
+
+
+def test_flow_gpu_bench_runs_its_cpu_setting(tmp_path):
+    """``bench/gpu_flow.py`` (SD3.5 Medium's architecture on a GPU) keeps running: its --tiny CPU setting, the same
+    policy, trainer and timing loop at the smallest size."""
+    record = _run("gpu_flow.py", "--device", "cpu", "--tiny", "--epochs", "1", "--prompts", "1", "--group", "2",
+                  out=tmp_path / "gpu_flow.json")
+    result = record["result"]
+    assert record["settings"]["tiny"] is True and result["samples_per_epoch"] == 2
+    assert len(result["epoch_s_all"]) == 1 and result["epoch_s"] > 0 and result["peak_memory_gib"] is None
+    assert 0 < result["trainable_params"] < result["transformer_params"]
