@@ -31,7 +31,7 @@ def test_penalty_and_mask_against_hand_computed_values():
     kl_old = torch.tensor([0.01, 0.002, 0.03], requires_grad=True)
     ratio = torch.exp(log_prob.detach())
     loss, st = trust_region_loss(log_prob, old, adv, kl_old, "kl_penalty", coef=2.0)
-    assert float(loss) == pytest.approx(float((-adv * ratio).mean() + 2.0 * kl_old.mean()), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float((-adv * ratio).mean() + 2.0 * kl_old.detach().mean()), rel=1e-6)
     assert float(st.masked) == 0.0
     # the mask: sample 0 has KL 0.01 > 0.005 and its ratio moved the advantage's way (A > 0, ratio > 1): stopped;
     # sample 1 is inside the region; sample 2 is outside but moved against its advantage (A < 0, ratio > 1): kept
@@ -39,7 +39,7 @@ def test_penalty_and_mask_against_hand_computed_values():
     (grad,) = torch.autograd.grad(loss, log_prob)
     assert grad[0] == 0 and grad[1] == pytest.approx(-float(ratio[1]) / 3) and grad[2] == pytest.approx(2 * float(ratio[2]) / 3)
     assert float(st.masked) == pytest.approx(1 / 3)
-    assert float(loss) == pytest.approx(float((-adv * ratio).mean()), rel=1e-6)  # the value is never altered
+    assert float(loss.detach()) == pytest.approx(float((-adv * ratio).mean()), rel=1e-6)  # the value is never altered
 
 
 def test_on_policy_the_ratio_is_one_and_the_gradient_the_policy_gradient():
