@@ -141,12 +141,22 @@ def _diffrl(*args, cwd):
     ("model_options.guidance=-1", "model_options.guidance=-1: must be a positive number"),
     ("model_options.sampler=ddpm", "model_options.sampler='ddpm': is not an option of"),
 ])
-def test_bad_flux_settings_are_one_line_errors_before_loading(tiny_flux_path, tmp_path, setting, words):
+def test_bad_flux_settings_are_refused_before_loading(tiny_flux_path, tmp_path, setting, words):
+    from diffrl import build
+    from diffrl.config import ConfigError, load_config
+
+    config = load_config(None, [f"model={tiny_flux_path}", "prompts=simple_animals", "sample_guidance_scale=1",
+                                setting, f"logdir={tmp_path}"])
+    with pytest.raises(ConfigError) as err:
+        build.check_model_settings(config)  # reads model_index.json only
+    assert words in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_the_cli_refuses_cfg_on_flux_in_one_line(tiny_flux_path, tmp_path):
     out = _diffrl("train", f"model={tiny_flux_path}", "reward=aesthetic", "prompts=simple_animals",
-                  "sample_guidance_scale=1", setting, f"logdir={tmp_path}", cwd=tmp_path)
+                  "sample_guidance_scale=4.5", f"logdir={tmp_path}", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert words in out.stderr, out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1 and "Fix:" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "a FLUX.1 model (guidance-distilled)" in out.stderr
 
 
 def test_diffrl_train_grpo_with_a_flux_lora(tiny_flux_path, tmp_path):
