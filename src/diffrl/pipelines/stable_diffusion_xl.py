@@ -20,7 +20,7 @@ from diffrl.pipelines import precision
 from diffrl.pipelines.saved import read_model_info
 from diffrl.pipelines.single_file import sdxl_checkpoint
 from diffrl.pipelines.stable_diffusion import StableDiffusionPolicy, per_prompt_negatives
-from diffrl.pipelines.types import SampleResult
+from diffrl.pipelines.types import SampleResult, concat_fields, rows_of_fields
 
 Size = tuple[int, int]
 
@@ -49,15 +49,12 @@ class SDXLConditioning(NamedTuple):
 
     def index(self, idx: torch.Tensor | slice) -> "SDXLConditioning":
         """The rows ``idx`` of every tensor."""
-        return SDXLConditioning(*(None if x is None else x[idx] for x in self))
+        return rows_of_fields(self, idx)
 
     @classmethod
     def concat(cls, items: Sequence["SDXLConditioning"]) -> "SDXLConditioning":
         """Stack batches along the batch axis; negatives are kept only when every item has them."""
-        fields = []
-        for values in zip(*items):
-            fields.append(None if any(v is None for v in values) else torch.cat(list(values)))
-        return cls(*fields)
+        return concat_fields(cls, items)
 
     def without_guidance(self) -> "SDXLConditioning":
         """The same batch with the negative (unconditional) states dropped."""

@@ -49,6 +49,19 @@ class TextConditioning(NamedTuple):
         return self._replace(negative_prompt_embeds=None)
 
 
+def rows_of_fields(conditioning: Any, idx: torch.Tensor | slice) -> Any:
+    """The rows ``idx`` of every tensor field of a conditioning NamedTuple (``None`` fields stay ``None``)."""
+    return type(conditioning)(*(None if x is None else x[idx] for x in conditioning))
+
+
+def concat_fields(cls: type, items: Sequence[Any]) -> Any:
+    """A conditioning NamedTuple ``cls`` stacking ``items`` along the batch axis, field by field; a field is kept
+    only when every item has it (negatives of batches sampled without guidance are ``None``)."""
+    if not items:
+        raise ValueError(f"{cls.__name__}.concat needs at least one item.")
+    return cls(*(None if any(v is None for v in values) else torch.cat(list(values)) for values in zip(*items)))
+
+
 class PooledTextConditioning(NamedTuple):
     """What a text-conditioned transformer with a pooled text embedding needs (SD3, FLUX.1): ``L`` tokens, ``D``
     states' width, ``P`` pooled width.
@@ -68,14 +81,12 @@ class PooledTextConditioning(NamedTuple):
 
     def index(self, idx: torch.Tensor | slice) -> "PooledTextConditioning":
         """The rows ``idx`` of every field."""
-        return PooledTextConditioning(*(None if x is None else x[idx] for x in self))
+        return rows_of_fields(self, idx)
 
     @classmethod
     def concat(cls, items: Sequence["PooledTextConditioning"]) -> "PooledTextConditioning":
         """Stack batches along the batch axis; negatives are kept only when every item has them."""
-        if not items:
-            raise ValueError("PooledTextConditioning.concat needs at least one item.")
-        return cls(*(None if any(v is None for v in values) else torch.cat(list(values)) for values in zip(*items)))
+        return concat_fields(cls, items)
 
     def without_guidance(self) -> "PooledTextConditioning":
         """The same prompts with the negative states dropped: the policy then predicts without guidance."""
