@@ -325,3 +325,32 @@ def test_ddpo_is_with_the_kl_trust_region(tiny_ddpm_path, tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match="trust_region='kl_penalty': bounds importance-weighted updates, which "
                                           "ddpo_sf does not make"):
         _config(tmp_path, algorithm="ddpo_sf", trust_region="kl_penalty", train_clip_range=1e-4).validate()
+
+
+def test_ddpo_is_with_ratio_norm(tiny_ddpm_path, tmp_path, monkeypatch):
+    """ratio_norm=true on DDPO-IS (fused timesteps, no reweighting): the normalised ratio is exactly 1 at the first
+    update and the rows carry no weight; later passes see the KL to the recorded means grow."""
+    from diffrl.recipes import ddpo as ddpo_recipe
+
+    seen = []
+    real = ddpo_recipe.ratio_norm_loss
+
+    def recording(log_prob, old, adv, kl_old, std, clip_range, weight=None):
+        loss, st = real(log_prob, old, adv, kl_old, std, clip_range, weight)
+        if log_prob.requires_grad:
+            seen.append((st.ratio, kl_old.detach().clone(), weight))
+        return loss, st
+
+    monkeypatch.setattr(ddpo_recipe, "ratio_norm_loss", recording)
+    cfg = _config(tmp_path, ratio_norm=True, ratio_norm_reweight=False, train_num_inner_epochs=2,
+                  train_timestep_chunk=2)
+    trainer = DDPOTrainer(cfg, brightness, lambda: ("", {}), DefaultDDPODDPMPipeline(tiny_ddpm_path))
+    trainer.train()
+    ratio, kl_old, weight = seen[0]
+    assert float(ratio) == 1.0 and torch.equal(kl_old, torch.zeros_like(kl_old)) and weight is None
+    assert any(bool((k > 0).any()) for _, k, _ in seen[1:])
+    row = logged_metrics(tmp_path)[-1]
+    assert row["stats/kl_old"] > 0 and "stats/raw_ratio" in row and "stats/clipfrac" in row
+    with pytest.raises(ConfigError, match="ratio_norm=True: normalises the importance ratio, which ddpo_sf does "
+                                          "not use"):
+        _config(tmp_path, algorithm="ddpo_sf", ratio_norm=True).validate()

@@ -80,15 +80,16 @@ def test_alignprop_with_gradient_checkpointing_raises_the_reward(tiny_sd3_path, 
     assert after > before + 0.008, (before, after)
 
 
-@pytest.mark.parametrize("trainer", ["ddpo", "awm"])
+@pytest.mark.parametrize("trainer", ["ddpo", "ddpo_guard", "awm"])
 def test_ddpo_and_awm_train_on_the_flow_model(tiny_sd3_path, tmp_path, trainer):
-    """DDPO-IS on the SDE chain (CPS, whose last step is deterministic: log-probability 0, ratio 1) and AWM's
-    flow-matching loss (target ``v = eps - x0``) run and change the weights."""
+    """DDPO-IS on the SDE chain (CPS, whose last step is deterministic: log-probability 0, ratio 1), with
+    GRPO-Guard's RatioNorm and 1 / dt reweighting (the deterministic step: KL 0, ratio 1), and AWM's flow-matching
+    loss (target ``v = eps - x0``) run and change the weights."""
     policy = StableDiffusion3Policy.from_pretrained(tiny_sd3_path, use_lora=True, sde_type="cps")
     before = {n: p.detach().clone() for n, p in policy.trainable_module.named_parameters() if p.requires_grad}
-    if trainer == "ddpo":
+    if trainer.startswith("ddpo"):
         config = DDPOConfig(**_common(tmp_path, num_epochs=2), sample_batch_size=4, sample_num_batches_per_epoch=1,
-                            train_batch_size=4, sample_eta=0.7)
+                            train_batch_size=4, sample_eta=0.7, ratio_norm=trainer == "ddpo_guard")
         DDPOTrainer(config, brightness, lambda: ("a cat", {}), policy).train()
     else:
         config = AWMConfig(**_common(tmp_path, num_epochs=2), group_size=4, sample_batch_size=8,

@@ -256,6 +256,37 @@ def test_kl_mask_runs_and_logs_the_masked_fraction(tiny_ddpm_path, tmp_path):
     assert rows[0]["stats/masked"] >= 0 and rows[-1]["stats/masked"] > 0  # a tiny bound: later steps hit it
 
 
+def test_ratio_norm_is_one_on_policy_and_weights_each_step_by_its_inverse_gain(tiny_ddpm_path, tmp_path, monkeypatch):
+    """ratio_norm=true (GRPO-Guard): the sampling means are recorded; at the first update the normalised ratio is
+    exactly 1 and the step KL 0; each row's weight is 1 / the DDIM step's gain at its timestep; later passes see the
+    KL grow; the clip fraction and the raw ratio are logged."""
+    seen = []
+    real = grpo_module.ratio_norm_loss
+
+    def recording(log_prob, old, adv, kl_old, std, clip_range, weight=None):
+        loss, st = real(log_prob, old, adv, kl_old, std, clip_range, weight)
+        if log_prob.requires_grad:
+            seen.append((st.ratio, kl_old.detach().clone(), weight.clone(), std.clone()))
+        return loss, st
+
+    monkeypatch.setattr(grpo_module, "ratio_norm_loss", recording)
+    cfg = _config(tmp_path, ratio_norm=True, sde_window_size=2, sde_window_start=1, train_num_inner_epochs=2,
+                  train_timestep_chunk=2)
+    trainer = GRPOTrainer(cfg, brightness, lambda: ("", {}), DefaultDDPODDPMPipeline(tiny_ddpm_path))
+    trainer.train()
+    ratio, kl_old, weight, std = seen[0]
+    assert float(ratio) == 1.0 and torch.equal(kl_old, torch.zeros(8)) and bool((std > 0).all())
+    schedule = trainer.policy.schedule
+    t = schedule.timesteps(4)
+    gains = schedule.output_gain(t, schedule.prev_timesteps(t, 4))[1:3]  # the window: steps 1 and 2, 4 rows each
+    # the rows' timesteps are shuffled per sample (as DDPO's); each row carries its own step's weight
+    torch.testing.assert_close(weight.sort().values, (1 / gains).repeat_interleave(4).sort().values)
+    assert not torch.allclose(gains[0], gains[1])
+    assert any(bool((k > 0).any()) for _, k, _, _ in seen[1:])
+    row = logged_metrics(tmp_path)[-1]
+    assert row["stats/kl_old"] > 0 and "stats/clipfrac" in row and row["stats/raw_ratio"] > 0
+
+
 def test_fused_window_steps_train_as_one_call_per_step(tiny_ddpm_path, tmp_path, monkeypatch):
     """train_timestep_chunk=2 runs two window steps in one model call of 2B rows; the loss is the mean of the
     step-by-step losses, so the gradient of the first optimizer step equals the one-call-per-step run's."""
@@ -294,6 +325,9 @@ def test_fused_window_steps_train_as_one_call_per_step(tiny_ddpm_path, tmp_path,
     ({"trust_region_coef": 5.0}, "trust_region_coef=5.0: has no effect with trust_region='clip'"),
     ({"trust_region": "kl_mask", "trust_region_max_kl": 0.0}, "trust_region_max_kl=0.0"),
     ({"train_timestep_chunk": 0}, "train_timestep_chunk=0"),
+    ({"ratio_norm": True, "trust_region": "kl_mask", "train_clip_range": 1e-4},
+     "ratio_norm=True: normalises the ratio that PPO clips; trust_region='kl_mask' does not clip it"),
+    ({"ratio_norm_reweight": False}, "ratio_norm_reweight=False: has no effect without ratio_norm"),
 ])
 def test_bad_trust_region_settings_are_named(tmp_path, override, needle):
     base = dict(mixed_precision="no", prompts_per_epoch=1, group_size=4, sample_batch_size=4, train_batch_size=4)

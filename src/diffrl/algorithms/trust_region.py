@@ -19,10 +19,20 @@ from typing import Literal, NamedTuple
 
 import torch
 
-__all__ = ["TRUST_REGIONS", "TrustRegion", "TrustRegionStats", "trust_region_loss"]
+from diffrl.algorithms.grpo import gaussian_mean_kl
+
+__all__ = ["TRUST_REGIONS", "TrustRegion", "TrustRegionStats", "kl_to_sampling", "trust_region_loss"]
 
 TrustRegion = Literal["clip", "kl_penalty", "kl_mask"]
 TRUST_REGIONS: tuple[str, ...] = ("clip", "kl_penalty", "kl_mask")
+
+
+def kl_to_sampling(mean: torch.Tensor, sampling_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``[B]`` exact KL of each trained step to the recorded sampling step (:func:`gaussian_mean_kl`, with gradients
+    through ``mean``); 0 on deterministic rows (std 0: CPS's last step, whose log-probability is 0 by convention)."""
+    stochastic = std > 0
+    kl = gaussian_mean_kl(mean, sampling_mean, torch.where(stochastic, std, torch.ones_like(std)))
+    return torch.where(stochastic.reshape(std.shape[0], -1)[:, 0], kl, torch.zeros_like(kl))
 
 
 class TrustRegionStats(NamedTuple):

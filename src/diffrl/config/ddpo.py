@@ -85,6 +85,9 @@ class DDPOConfig(PPOSection, TimestepEpochSection, SharedConfig):
         if c.ok("algorithm", "trust_region") and self.trust_region != "clip" and self.algorithm != "ddpo_is":
             c.add("trust_region", f"bounds importance-weighted updates, which {self.algorithm} does not make",
                   "use algorithm=ddpo_is, or remove trust_region")
+        if c.ok("algorithm", "ratio_norm") and self.ratio_norm and self.algorithm != "ddpo_is":
+            c.add("ratio_norm", f"normalises the importance ratio, which {self.algorithm} does not use",
+                  "use algorithm=ddpo_is, or remove ratio_norm")
         if c.ok("algorithm", "train_num_inner_epochs") and self.algorithm == "ddpo_sf" \
                 and self.train_num_inner_epochs > 1:
             c.add("train_num_inner_epochs", "ddpo_sf is on-policy REINFORCE (one update per batch); reusing samples "

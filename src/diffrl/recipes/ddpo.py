@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from diffrl.algorithms import (PerPromptStatTracker, batch_advantages, denoising_loss, ppo_clip_loss,
                                reinforce_loss, rwr_sparse_weights, rwr_weights)
-from diffrl.algorithms.grpo import gaussian_mean_kl
-from diffrl.algorithms.trust_region import trust_region_loss
+from diffrl.algorithms.ratio_norm import ratio_norm_loss, step_std
+from diffrl.algorithms.trust_region import kl_to_sampling, trust_region_loss
 from diffrl.recipes.epoch import EpochResult, Timer, Timings
 from diffrl.recipes.memory import probe_for
 from diffrl.recipes.recipe import RecipeBase
@@ -127,7 +127,7 @@ class DDPORecipe(RecipeBase):
                                           eta=c.sample_eta, generator=generators, height=c.sample_height,
                                           width=c.sample_width,
                                           negative_prompts=cycled_negatives(c.negative_prompt_list, size, len(group)),
-                                          record_means=c.trust_region != "clip").trajectory
+                                          record_means=c.records_means()).trajectory
             self.run.check_samples({"images": traj.images, "latents": traj.latents,
                                     "log-probabilities": traj.log_probs}, epoch, global_step)
             sampling_s += timer.lap()
@@ -246,7 +246,7 @@ class DDPORecipe(RecipeBase):
                                          eta=c.sample_eta, guidance_scale=guidance)
         old = rows(s.log_probs)
         if c.trust_region != "clip":  # the exact KL to the sampling policy's recorded means bounds the update
-            kl_old = gaussian_mean_kl(step.mean, rows(s.means), step.std)
+            kl_old = kl_to_sampling(step.mean, rows(s.means), step.std)
             region = dict(coef=c.trust_region_coef, max_kl=c.trust_region_max_kl)
             loss, _ = trust_region_loss(step.log_prob, old, w, kl_old, c.trust_region, **region)
             infos = []
@@ -255,6 +255,23 @@ class DDPORecipe(RecipeBase):
                     part, st = trust_region_loss(lp, o, wb, ko, c.trust_region, **region)
                     infos.append({"loss/policy": st.policy_loss, "loss/total": part, "stats/approx_kl": st.approx_kl,
                                   "stats/ratio": st.ratio, "stats/kl_old": st.kl_old, "stats/masked": st.masked})
+            return loss, infos
+        if c.ratio_norm:  # GRPO-Guard's normalised ratio, each timestep's loss weighted by 1 / its gain
+            kl_old = kl_to_sampling(step.mean, rows(s.means), step.std)
+            std = step_std(step.std, k * batch)
+            gain = self.policy.schedule.output_gain(t, rows(s.prev_timesteps)).to(std.device) \
+                if c.ratio_norm_reweight else None
+            scale = None if gain is None else 1.0 / gain
+            loss, _ = ratio_norm_loss(step.log_prob, old, w, kl_old, std, c.train_clip_range, scale)
+            infos = []
+            with torch.no_grad():
+                parts = [x.chunk(k) if x is not None else [None] * k
+                         for x in (step.log_prob.detach(), old, w, kl_old, std, scale)]
+                for lp, o, wb, ko, sd, sc in zip(*parts):
+                    _, st = ratio_norm_loss(lp, o, wb, ko, sd, c.train_clip_range, sc)
+                    infos.append({"loss/policy": st.policy_loss, "stats/approx_kl": st.approx_kl,
+                                  "stats/clipfrac": st.clipfrac, "stats/ratio": st.ratio,
+                                  "stats/raw_ratio": st.raw_ratio, "stats/kl_old": st.kl_old})
             return loss, infos
         loss_fn = ppo_clip_loss if c.algorithm == "ddpo_is" else reinforce_loss
         loss, _ = loss_fn(step.log_prob, old, w, c.train_clip_range)

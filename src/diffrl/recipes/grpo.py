@@ -16,7 +16,9 @@ apply it to diffusion sampling, here for epsilon/v-prediction UNets and pixel DD
 
 The run around the epoch (accelerator, resume, evaluation, checkpoints, metrics) is the
 :class:`~diffrl.recipes.trainer.Trainer`'s. The image hook gets DDPO's ``[[images, prompts, prompt_metadata,
-rewards, reward_metadata], ...]`` per batch. Metrics besides DDPO's: ``stats/kl_ref`` (with ``kl_coef > 0``),
+rewards, reward_metadata], ...]`` per batch. The updates stay near the sampling policy by PPO's clip, on the raw
+ratio or on GRPO-Guard's normalised one (``ratio_norm``, :mod:`diffrl.algorithms.ratio_norm`), or by the exact KL trust
+region (``trust_region``). Metrics besides DDPO's: ``stats/kl_ref`` (with ``kl_coef > 0``),
 ``stats/window_start``, ``stats/zero_std_groups`` (fraction of groups whose rewards were all equal: no gradient from
 them).
 """
@@ -31,7 +33,8 @@ from tqdm.auto import tqdm
 
 from diffrl.algorithms import gathered_group_advantages, gaussian_mean_kl, grpo_loss, sde_window
 from diffrl.algorithms.grpo import add_kl_term
-from diffrl.algorithms.trust_region import trust_region_loss
+from diffrl.algorithms.ratio_norm import ratio_norm_loss, step_std
+from diffrl.algorithms.trust_region import kl_to_sampling, trust_region_loss
 from diffrl.config import GRPOConfig
 from diffrl.recipes.epoch import EpochResult, Timer, Timings
 from diffrl.recipes.recipe import RecipeBase
@@ -175,7 +178,7 @@ class GRPORecipe(RecipeBase):
                     height=c.sample_height, width=c.sample_width,
                     guidance_scale=c.sample_guidance_scale, eta=c.sample_eta, generator=steps, latents=x_T,
                     negative_prompts=cycled_negatives(c.negative_prompt_list, len(ids)),
-                    sde_steps=window, record_means=c.trust_region != "clip").trajectory
+                    sde_steps=window, record_means=c.records_means()).trajectory
             self.run.check_samples({"images": traj.images, "latents": traj.latents,
                                     "log-probabilities": traj.log_probs}, epoch, global_step)
             # Keep only the window: its K + 1 latents, K timesteps and log-probabilities (the deterministic
@@ -249,13 +252,20 @@ class GRPORecipe(RecipeBase):
                                            params=policy.reference_params())
             kl = gaussian_mean_kl(step.mean, ref.mean, step.std)
         adv, old = advantages[idx].repeat(k), rows(s.log_probs)
-        kl_old = None if c.trust_region == "clip" else gaussian_mean_kl(step.mean, rows(s.means), step.std)
-        loss, whole = self.policy_loss(step.log_prob, old, adv, kl, kl_old)
+        kl_old = kl_to_sampling(step.mean, rows(s.means), step.std) if c.records_means() else None
+        guard = None
+        if c.ratio_norm:  # each row's step std, and GRPO-Guard's 1 / gain (or 1) as its weight
+            gain = policy.schedule.output_gain(rows(s.timesteps), rows(s.prev_timesteps)) if c.ratio_norm_reweight \
+                else None
+            guard = (step_std(step.std, k * batch), None if gain is None else 1.0 / gain.to(step.log_prob.device))
+        loss, whole = self.policy_loss(step.log_prob, old, adv, kl, kl_old, guard)
         infos = []
         with torch.no_grad():
             parts = [x.chunk(k) if x is not None else [None] * k for x in (step.log_prob.detach(), old, adv, kl, kl_old)]
-            for lp, o, a, kr, ko in zip(*parts):
-                st = whole if k == 1 else self.policy_loss(lp, o, a, kr, ko)[1]
+            guards = [None] * k if guard is None else list(zip(*[x.chunk(k) if x is not None else [None] * k
+                                                               for x in guard]))
+            for lp, o, a, kr, ko, gd in zip(*parts, guards):
+                st = whole if k == 1 else self.policy_loss(lp, o, a, kr, ko, gd)[1]
                 info = {"loss/policy": st.policy_loss, "stats/approx_kl": st.approx_kl, "stats/ratio": st.ratio,
                         "stats/adv_abs_mean": a.abs().mean()}
                 info["loss/total"] = st.policy_loss + (c.kl_coef * st.kl_ref if kr is not None else 0.0) + \
@@ -264,15 +274,24 @@ class GRPORecipe(RecipeBase):
                     info["stats/clipfrac"] = st.clipfrac
                 else:
                     info.update({"stats/kl_old": st.kl_old, "stats/masked": st.masked})
+                if c.ratio_norm:
+                    info.update({"stats/kl_old": st.kl_old, "stats/raw_ratio": st.raw_ratio})
                 if kr is not None:
                     info["stats/kl_ref"] = st.kl_ref
                 infos.append(info)
         return loss, infos
 
     def policy_loss(self, log_prob: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, kl: torch.Tensor | None,
-                    kl_old: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
-        """PPO's clipped loss (:func:`grpo_loss`) or the KL trust region's, plus the reference KL."""
+                    kl_old: torch.Tensor | None,
+                    guard: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> tuple[torch.Tensor, Any]:
+        """PPO's clipped loss (:func:`grpo_loss`; on GRPO-Guard's normalised ratio with ``guard``, the rows' step
+        stds and weights) or the KL trust region's, plus the reference KL."""
         c = self.config
+        if c.trust_region == "clip" and guard is not None:
+            assert kl_old is not None
+            policy, st = ratio_norm_loss(log_prob, old, adv, kl_old, guard[0], c.train_clip_range, guard[1])
+            loss, kl_mean = add_kl_term(policy, kl, c.kl_coef)
+            return loss, GuardStats(*st, kl_mean.detach())
         if c.trust_region == "clip":
             return grpo_loss(log_prob, old, adv, c.train_clip_range, kl, c.kl_coef)
         policy, st = trust_region_loss(log_prob, old, adv, kl_old, c.trust_region, coef=c.trust_region_coef,
@@ -289,4 +308,16 @@ class RegionStats(NamedTuple):
     policy_loss: torch.Tensor
     kl_old: torch.Tensor
     masked: torch.Tensor
+    kl_ref: torch.Tensor
+
+
+class GuardStats(NamedTuple):
+    """A RatioNorm step's stats (:class:`~diffrl.algorithms.ratio_norm.RatioNormStats`) with the reference KL."""
+
+    approx_kl: torch.Tensor
+    clipfrac: torch.Tensor
+    ratio: torch.Tensor
+    raw_ratio: torch.Tensor
+    policy_loss: torch.Tensor
+    kl_old: torch.Tensor
     kl_ref: torch.Tensor

@@ -119,6 +119,18 @@ class DenoisingSchedule:
         a_t, a_prev = alphas_at(self.scheduler.alphas_cumprod, timesteps, prev_timesteps, sample.ndim)
         return ddim_step(model_output, sample, a_t, a_prev, eta=0.0, config=self.prediction, compute_log_prob=False)
 
+    def output_gain(self, timesteps: torch.Tensor, prev_timesteps: torch.Tensor) -> torch.Tensor:
+        """``[B]`` how far the deterministic DDIM step's mean moves per unit of model output, ``|d mean / d out|``
+        (the step is affine in the output: e.g. ``sqrt(1 - abar_t') - sqrt(abar_t' (1 - abar_t) / abar_t)`` for
+        noise prediction), without clipping or thresholding. GRPO-Guard's step reweighting divides by it."""
+        a_t, a_prev = alphas_at(self.scheduler.alphas_cumprod, timesteps, prev_timesteps, 1)
+        raw = PredictionConfig(prediction_type=self.prediction.prediction_type)
+        zero = torch.zeros_like(a_t, dtype=torch.float64)
+        a_t, a_prev = a_t.double(), a_prev.double()
+        moved = ddim_step(torch.ones_like(zero), zero, a_t, a_prev, eta=0.0, config=raw, compute_log_prob=False).mean
+        still = ddim_step(zero, zero, a_t, a_prev, eta=0.0, config=raw, compute_log_prob=False).mean
+        return (moved - still).abs().float()
+
     def x0_from_output(self, model_output: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The model's estimate of ``x_0`` at ``x_t`` for its prediction type (noise, velocity or sample), without
         the sampler's clipping or thresholding, so it stays differentiable everywhere."""

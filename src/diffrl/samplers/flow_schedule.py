@@ -134,6 +134,10 @@ class FlowMatchSchedule:
                           compute_log_prob=False).prev_sample
         return x
 
+    def output_gain(self, timesteps: torch.Tensor, prev_timesteps: torch.Tensor) -> torch.Tensor:
+        """``[B]`` how far the Euler step's mean moves per unit of velocity: ``|t - t'|`` (GRPO-Guard's ``dt``)."""
+        return (self._t(timesteps) - self._t(prev_timesteps)).abs().float()
+
     # ----------------------------------------------------------------- the forward process
     def x0_from_output(self, model_output: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """``x0 = x_t - t v``."""

@@ -77,6 +77,20 @@ class PPOSection(ConfigBase):
                                       help="Weight of the KL to the sampling policy with trust_region=kl_penalty.")
     trust_region_max_kl: float = option(1e-3, trl=False, resume=OBJECTIVE,
                                         help="KL bound per step (mean over pixels) with trust_region=kl_mask.")
+    ratio_norm: bool = option(
+        False, trl=False, resume=OBJECTIVE,
+        help="GRPO-Guard's RatioNorm (arXiv 2510.22319): PPO's clip acts on the log-ratio re-centred by the exact "
+             "step KL to the sampling policy and scaled by the step's std (zero-mean, the same spread at every "
+             "step). With trust_region=clip; stores each step's sampling mean (memory: the latents again).")
+    ratio_norm_reweight: bool = option(
+        True, trl=False, resume=OBJECTIVE,
+        help="With ratio_norm: divide each step's loss by how far the step moves per unit of model output "
+             "(GRPO-Guard's 1/dt on flow models; the DDIM step's gain on UNets), so every noise level pulls alike.")
+
+    def records_means(self) -> bool:
+        """Whether sampling records each step's mean (the KL trust regions and RatioNorm measure the trained step
+        against it)."""
+        return self.trust_region != "clip" or self.ratio_norm
 
     def _check(self, c: Checks, num_processes: int, check_environment: bool) -> None:
         super()._check(c, num_processes, check_environment)
@@ -88,6 +102,10 @@ class PPOSection(ConfigBase):
         c.unchanged_unless(region == "clip", "train_clip_range", f"with trust_region={region!r} (no ratio clipping)")
         c.unchanged_unless(region == "kl_penalty", "trust_region_coef", f"with trust_region={region!r}")
         c.unchanged_unless(region == "kl_mask", "trust_region_max_kl", f"with trust_region={region!r}")
+        if c.ok("ratio_norm", "trust_region") and self.ratio_norm and region != "clip":
+            c.add("ratio_norm", f"normalises the ratio that PPO clips; trust_region={region!r} does not clip it",
+                  "use trust_region=clip with ratio_norm, or remove ratio_norm")
+        c.unchanged_unless(self.ratio_norm, "ratio_norm_reweight", "without ratio_norm")
 
 
 @dataclasses.dataclass
