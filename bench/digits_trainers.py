@@ -55,6 +55,10 @@ METHODS: dict[str, Method] = {
     "dgpo": Method("DGPO (DDIM, on-policy)", "quickstart_dgpo"),
     "grpo_kl": Method("GRPO, KL trust region (mask 1e-3)", "quickstart_grpo",
                       ("trust_region=kl_mask", "trust_region_max_kl=1e-3")),
+    "grpo_guard": Method("GRPO-Guard (RatioNorm + 1/gain)", "quickstart_grpo", ("ratio_norm=true",)),
+    "ddpo_is_kl": Method("DDPO-IS, KL trust region (mask 1e-3)", "quickstart",
+                         ("trust_region=kl_mask", "trust_region_max_kl=1e-3")),
+    "ddpo_is_guard": Method("DDPO-IS + GRPO-Guard (RatioNorm + 1/gain)", "quickstart", ("ratio_norm=true",)),
 }
 KEYS = ("epoch", "perf/reward_queries", "perf/wall_s", "eval/target_share", "eval/diversity", "eval/reward_mean")
 
