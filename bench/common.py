@@ -87,7 +87,8 @@ def command_line(argv: list[str] | None = None) -> str:
 
 def result_path(benchmark: str) -> Path:
     """``bench/results/<benchmark>/<date>-<commit>.json``: today's date and the checkout's short commit (with
-    ``-dirty`` when the tree has uncommitted changes), so every record names the code it measured."""
+    ``-dirty`` when the tree has uncommitted changes), so every record names the code it measured; ``-2``, ``-3``,
+    ... after it when that record already exists (never overwritten)."""
     root = RESULTS.parent.parent
 
     def git(*words: str) -> str:
@@ -99,7 +100,11 @@ def result_path(benchmark: str) -> Path:
     commit = git("rev-parse", "--short", "HEAD") or "nogit"
     if git("status", "--porcelain", "--untracked-files=no"):
         commit += "-dirty"
-    return RESULTS / benchmark / f"{datetime.date.today().isoformat()}-{commit}.json"
+    stem = RESULTS / benchmark / f"{datetime.date.today().isoformat()}-{commit}"
+    path, n = stem.with_suffix(".json"), 2
+    while path.exists():  # a second run at the same commit and date keeps the first one's record
+        path, n = stem.parent / f"{stem.name}-{n}.json", n + 1
+    return path
 
 
 def save_record(record: dict, out: str | os.PathLike) -> Path:

@@ -55,6 +55,33 @@ def interpolate(points, share: float) -> float | None:
     return None
 
 
+def method_curves(record: dict) -> list[tuple[str, list[float], list[float]]]:
+    """Each method's evaluations as ``(label, shares, diversities)``: per epoch, the mean over its seeds (the epochs
+    every seed ran)."""
+    curves = []
+    for method in record["settings"]["methods"]:
+        runs = [r["rows"] for r in record["runs"] if r["method"] == method and "rows" in r]
+        if not runs:
+            continue
+        epochs = min(len(rows) for rows in runs)
+        share = [sum(rows[e]["eval/target_share"] for rows in runs) / len(runs) for e in range(epochs)]
+        diversity = [sum(rows[e]["eval/diversity"] for rows in runs) / len(runs) for e in range(epochs)]
+        curves.append((method, share, diversity))
+    return curves
+
+
+def frontier_plot(frontier, record: dict, path: Path) -> Path:
+    """The optimum's share-diversity frontier (black) and every method's evaluations, epoch by epoch (seed mean)."""
+    from diffrl.evaluate.plots import curves_plot
+
+    ordered = sorted(frontier, key=lambda p: p.share)
+    series = [("KL optimum (beta sweep)", [p.share for p in ordered], [p.diversity for p in ordered])]
+    series += method_curves(record)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return curves_plot(series, path, title="digit-3 share vs diversity: the KL optimum and each method (seed mean)",
+                       xlabel="digit-3 share", ylabel="diversity")
+
+
 def path_kl(run: Path, samples: int, batch: int, beta: float) -> dict:
     """The run's ``final/`` policy against the base model: its reward and path KL on its own trajectories."""
     import torch
@@ -96,6 +123,8 @@ def main() -> None:
     parser.add_argument("--runs", nargs="*", default=[], help="run folders with final/ for the path-KL bound")
     parser.add_argument("--beta", type=float, default=4.0, help="beta of the objective bound for --runs")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--plot", default=None, help="where the share-diversity PNG goes (default beside the "
+                                                     "records, named after the trainers record)")
     args = parser.parse_args()
 
     import torch
@@ -141,6 +170,11 @@ def main() -> None:
                     shares = ", ".join(f"{p['share']:.2f}" for p in rows)
                     print(f"  {method:<10} {label:<7} kept {mean:.2f} of the optimum's diversity ({kept}; shares "
                           f"{shares})")
+    plot = None
+    if chosen is not None:
+        plot = frontier_plot(frontier, record, Path(args.plot) if args.plot else common.RESULTS / "digits_optimum" /
+                             f"{chosen.stem}-frontier.png")
+        print(f"plot: {plot}")
     bounds = [path_kl(Path(run), min(args.samples, 1024), args.batch, args.beta) for run in args.runs]
     for b in bounds:
         print(f"  {b['run']}: E[r] {b['reward']:.3f}, path KL {b['path_kl']:.2f} nats, "
@@ -148,7 +182,7 @@ def main() -> None:
     record = {"benchmark": "digits_optimum", "command": common.command_line(), "machine": start_machine,
               "samples": args.samples, "base_share": float(threes.float().mean()),
               "frontier": [p._asdict() for p in frontier], "trainers_record": chosen.name if chosen else None,
-              "placed": placed, "path_kl": bounds}
+              "placed": placed, "path_kl": bounds, "plot": str(plot) if plot else None}
     path = common.save_record(record, args.out or common.result_path("digits_optimum"))
     print(f"record: {path}")
 

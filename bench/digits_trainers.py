@@ -1,6 +1,6 @@
 """Which trainer reaches 80% digit-3 share first on the digits task, and how much diversity does it keep there?
 
-    python bench/digits_trainers.py --jobs 2                   # 7 trainers x 3 seeds, 1,920 reward queries each
+    python bench/digits_trainers.py --jobs 2                   # every method x 3 seeds, 1,920 reward queries each
     python bench/digits_trainers.py --methods ddpo_is grpo --seeds 0 --queries 512    # a quicker look
     python bench/digits_trainers.py --summarize bench/results/digits_trainers/<file>.json   # reprint a table
 
@@ -49,16 +49,16 @@ METHODS: dict[str, Method] = {
     "rwr": Method("RWR", "quickstart", ("algorithm=rwr",)),
     "rwr_sparse": Method("RWR-sparse", "quickstart", ("algorithm=rwr_sparse",)),
     "alignprop": Method("AlignProp (DRaFT-2)", "quickstart_alignprop"),
-    "grpo": Method("GRPO (window 4, sliding)", "quickstart_grpo"),
+    "grpo": Method("GRPO-Guard (window 4, sliding)", "quickstart_grpo"),
+    "grpo_clip": Method("GRPO, plain PPO clip (window 4, sliding)", "quickstart_grpo", ("ratio_norm=false",)),
     "nft": Method("DiffusionNFT (DDIM)", "quickstart_nft"),
     "awm": Method("AWM (DDIM, on-policy)", "quickstart_awm"),
     "dgpo": Method("DGPO (DDIM, on-policy)", "quickstart_dgpo"),
     "grpo_kl": Method("GRPO, KL trust region (mask 1e-3)", "quickstart_grpo",
-                      ("trust_region=kl_mask", "trust_region_max_kl=1e-3")),
-    "grpo_guard": Method("GRPO-Guard (RatioNorm + 1/gain)", "quickstart_grpo", ("ratio_norm=true",)),
+                      ("ratio_norm=false", "trust_region=kl_mask", "trust_region_max_kl=1e-3")),
     "ddpo_is_kl": Method("DDPO-IS, KL trust region (mask 1e-3)", "quickstart",
                          ("trust_region=kl_mask", "trust_region_max_kl=1e-3")),
-    "ddpo_is_guard": Method("DDPO-IS + GRPO-Guard (RatioNorm + 1/gain)", "quickstart", ("ratio_norm=true",)),
+    "ddpo_is_guard": Method("DDPO-IS + GRPO-Guard's ratio (ratio_norm=true)", "quickstart", ("ratio_norm=true",)),
 }
 KEYS = ("epoch", "perf/reward_queries", "perf/wall_s", "eval/target_share", "eval/diversity", "eval/reward_mean")
 

@@ -42,13 +42,19 @@ def test_alignprop_memory_bench_compares_checkpointing(tmp_path):
 
 
 def test_digits_optimum_bench_draws_the_frontier_and_places_the_trainers(tmp_path):
-    record = _run("digits_optimum.py", "--samples", "64", "--batch", "64", out=tmp_path / "optimum.json")
+    record = _run("digits_optimum.py", "--samples", "64", "--batch", "64", "--plot", str(tmp_path / "frontier.png"),
+                  out=tmp_path / "optimum.json")
     frontier = record["frontier"]
     assert [p["beta"] for p in frontier] == sorted((p["beta"] for p in frontier), reverse=True)
     rewards = [p["reward"] for p in frontier]
     assert rewards == sorted(rewards)  # a smaller beta (less KL weight) never lowers the optimum's reward
     assert all(p["kl"] >= -1e-9 and 1 <= p["ess"] <= 64 for p in frontier)
     assert record["placed"] and all(0 <= p["share"] <= 1 for p in record["placed"])
+    from PIL import Image
+
+    with Image.open(tmp_path / "frontier.png") as plot:  # the frontier (black) and one coloured curve per method
+        colours = {c for _, c in plot.getcolors(maxcolors=1 << 16)}
+    assert record["plot"] == str(tmp_path / "frontier.png") and (0, 0, 0) in colours and (20, 60, 200) in colours
 
 
 def test_flow_gpu_bench_runs_its_cpu_setting(tmp_path):

@@ -86,3 +86,51 @@ def reward_curve(metrics_file: Path, path: Path) -> Path:
     rows = [m for m in read_metrics(metrics_file) if "reward/mean" in m]
     return line_plot([m["epoch"] for m in rows], [m["reward/mean"] for m in rows], path,
                      title="reward/mean per epoch (band: +-std)", bands=[m.get("reward/std", 0.0) for m in rows])
+
+
+PALETTE = ((20, 60, 200), (200, 40, 40), (30, 150, 60), (230, 130, 0), (130, 50, 170), (0, 150, 160),
+           (120, 120, 120), (180, 150, 0))
+
+
+def curves_plot(series: Sequence[tuple[str, Sequence[float], Sequence[float]]], path: Path, *, title: str,
+                xlabel: str, ylabel: str, size: tuple[int, int] = (640, 420)) -> Path:
+    """Several labelled curves ``(label, xs, ys)`` on shared axes, with a legend, saved as PNG. The first curve is
+    drawn black and thick (a reference, e.g. an optimum frontier); the others in :data:`PALETTE` colours, points
+    marked, in the order given."""
+    w, h = size
+    left, right, top, bottom = 60, 170, 28, 40
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.text((left, 8), title, fill="black")
+    xs_all = [x for _, xs, _ in series for x in xs]
+    ys_all = [y for _, _, ys in series for y in ys]
+    if not xs_all:
+        img.save(path)
+        return path
+    x0, x1 = min(xs_all), max(xs_all)
+    x1 = x1 if x1 > x0 else x0 + 1
+    lo, hi = value_range(min(ys_all), max(ys_all))
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0) * (w - left - right), top + (hi - y) / (hi - lo) * (h - top - bottom))
+
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    for frac in (0.0, 0.5, 1.0):
+        y = lo + frac * (hi - lo)
+        d.text((4, px(x0, y)[1] - 5), f"{y:.3g}", fill="black")
+        x = x0 + frac * (x1 - x0)
+        d.text((px(x, lo)[0] - 8, h - bottom + 5), f"{x:.3g}", fill="black")
+    d.text(((w - right + left) // 2 - 20, h - 15), xlabel, fill="black")
+    d.text((4, 14), ylabel, fill="black")
+    for i, (label, xs, ys) in enumerate(series):
+        colour = (0, 0, 0) if i == 0 else PALETTE[(i - 1) % len(PALETTE)]
+        points = [px(x, y) for x, y in zip(xs, ys)]
+        if len(points) > 1:
+            d.line(points, fill=colour, width=3 if i == 0 else 1)
+        for p in points:
+            d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=colour)
+        ly = top + 14 * i
+        d.line([(w - right + 8, ly + 6), (w - right + 24, ly + 6)], fill=colour, width=3)
+        d.text((w - right + 28, ly), label[:24], fill="black")
+    img.save(path)
+    return path
