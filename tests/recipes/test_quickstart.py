@@ -37,6 +37,15 @@ def test_quickstart_ddpo_leaves_its_artefacts(tmp_path, capsys):
     assert json.loads(lines[0])["epoch"] == 0
 
 
+def test_a_quickstart_stopped_early_says_so_and_counts_the_epochs_it_ran(tmp_path, capsys):
+    assert run_quickstart(["num_epochs=3", "sample_num_steps=4", "eval_num_samples=16", "sample_batch_size=8",
+                           "sample_num_batches_per_epoch=1", "train_batch_size=8", "eval_every=1",
+                           "stop_below={eval/diversity: 10.0}", f"logdir={tmp_path}", "run_name=s"]) == 0
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["epochs"] == 1 and "fell below 10 (stop_below)" in summary["stopped"]
+    assert "for 1 epochs (stopped early: eval/diversity=" in capsys.readouterr().out
+
+
 def test_quickstart_switches_to_alignprop_with_one_option(tmp_path, capsys):
     assert run_quickstart(["trainer=alignprop", *REDUCED, "train_batch_size=4", "train_gradient_accumulation_steps=1",
                            f"logdir={tmp_path}", "run_name=a"]) == 0

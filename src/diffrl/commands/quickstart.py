@@ -27,6 +27,7 @@ from diffrl.pipelines.sharded import is_fully_sharded
 from diffrl.evaluate.report import write_report
 from diffrl.evaluate.runs import compare_run
 from diffrl.presets import quickstart_preset
+from diffrl.run_folder import read_metrics
 from diffrl.recipes.evaluation import EvalResult, evaluate
 
 
@@ -77,8 +78,9 @@ def run_quickstart(overrides: Sequence[str] = ()) -> int:
         "reward_before": before.reward_mean, "reward_after": after.reward_mean,
         "target_share_before": _target_share(before.images, target) if target is not None else None,
         "target_share_after": _target_share(after.images, target) if target is not None else None,
-        "epochs": config.num_epochs, "seconds": round(time.perf_counter() - start, 1), "run_dir": str(run_dir),
+        "epochs": _epochs_run(run_dir), "seconds": round(time.perf_counter() - start, 1), "run_dir": str(run_dir),
         "model": str(run_dir / "final"), "report": str(report), "resumed": resumed,
+        "stopped": trainer.stop_reason or None,
     }
     write_text_atomically(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     _print_summary(summary)
@@ -87,13 +89,21 @@ def run_quickstart(overrides: Sequence[str] = ()) -> int:
     return 0
 
 
+def _epochs_run(run_dir: Path) -> int:
+    """Epochs the run has trained (resumed ones included): fewer than ``num_epochs`` when ``stop_below`` /
+    ``stop_above`` ended it."""
+    epochs = [m["epoch"] for m in read_metrics(run_dir / "metrics.jsonl") if "epoch" in m]
+    return int(max(epochs)) + 1 if epochs else 0
+
+
 def _print_summary(s: dict) -> None:
     lines = ["", "=" * 64, f"diffrl quickstart: {s['trainer']} on the 8x8 digits DDPM", f"reward: {s['reward']}"]
     if s["target_digit"] is not None:
         lines.append(f"share of samples classified as digit {s['target_digit']} ({s['eval_samples']} fixed seeds): "
                      f"{100 * s['target_share_before']:.1f}% -> {100 * s['target_share_after']:.1f}%")
     lines += [f"mean eval reward: {s['reward_before']:.4g} -> {s['reward_after']:.4g}",
-              f"time: {s['seconds']:.0f} s for {s['epochs']} epochs",
+              f"time: {s['seconds']:.0f} s for {s['epochs']} epochs"
+              + (f" (stopped early: {s['stopped']})" if s.get("stopped") else ""),
               "before/after grid: grid_before_after.png   reward curve: reward_curve.png",
               "report (open in a browser): report.html",
               f"fine-tuned model (DDPMPipeline.from_pretrained): {s['model']}",
