@@ -59,6 +59,8 @@ METHODS: dict[str, Method] = {
     "ddpo_is_kl": Method("DDPO-IS, KL trust region (mask 1e-3)", "quickstart",
                          ("trust_region=kl_mask", "trust_region_max_kl=1e-3")),
     "ddpo_is_guard": Method("DDPO-IS + GRPO-Guard's ratio (ratio_norm=true)", "quickstart", ("ratio_norm=true",)),
+    "ddpo_is_ratio_only": Method("DDPO-IS + RatioNorm, no 1/gain weights", "quickstart",
+                                 ("ratio_norm=true", "ratio_norm_reweight=false")),
 }
 KEYS = ("epoch", "perf/reward_queries", "perf/wall_s", "eval/target_share", "eval/diversity", "eval/reward_mean")
 
