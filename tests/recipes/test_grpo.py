@@ -132,13 +132,15 @@ def test_cfg_free_text_training_and_the_reference_is_the_base_model(tiny_sd_path
     assert "eval/reward_mean" in logged_metrics(tmp_path)[-1]
 
 
-def test_resume_matches_an_uninterrupted_run(tiny_ddpm_path, tmp_path):
+@pytest.mark.parametrize("ratio_norm", [False, True])
+def test_resume_matches_an_uninterrupted_run(tiny_ddpm_path, tmp_path, ratio_norm):
+    """Also with GRPO-Guard's ratio, whose recorded sampling means live within an epoch (never checkpointed)."""
     def make(run_name, **kw):
         random.seed(0)
         torch.manual_seed(0)  # LoRA's random init happens when the pipeline is built
         cfg = _config(tmp_path, num_epochs=3, run_name=run_name, prompts_per_epoch=2, group_size=2,
                       sample_batch_size=2, train_batch_size=2, kl_coef=0.1, sde_window_size=2, group_shared_noise=True,
-                      sde_window_schedule="random", train_num_inner_epochs=2, **kw)
+                      sde_window_schedule="random", train_num_inner_epochs=2, ratio_norm=ratio_norm, **kw)
         return GRPOTrainer(cfg, brightness, random_prompt, DefaultDDPODDPMPipeline(tiny_ddpm_path))
 
     straight = make("straight")
