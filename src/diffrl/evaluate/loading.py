@@ -17,7 +17,7 @@ from diffrl.evaluate.inputs import EvaluationError
 from diffrl.pipelines import LoraSettings
 from diffrl.pipelines.auto import load_policy
 from diffrl.pipelines.saved import read_model_info
-from diffrl.run_folder import RESULT_FOLDERS, TRAINABLE_FILE
+from diffrl.run_folder import TRAINABLE_FILE
 
 
 class LoadedModel(NamedTuple):
