@@ -16,8 +16,6 @@ from diffrl.config import ConfigError
 from diffrl.recipes.guard import DivergenceError
 from diffrl.recipes.records import MetricsLogger
 
-from .helpers import trainable_weights
-
 
 def noise_reward(images, prompts, metadata):
     """Ignores the pixels: rewards that differ, so advantages are not zero."""

@@ -11,7 +11,6 @@ the flow families (SD3, FLUX.1).
 
 from __future__ import annotations
 
-
 from diffrl.samplers.ddim import ddim_step, ddim_variance
 from diffrl.samplers.ddpm import ddpm_step
 from diffrl.samplers.denoising import DenoisingSchedule, Predict, SamplerName
