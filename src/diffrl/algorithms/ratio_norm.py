@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["RatioNormStats", "normalised_log_ratio", "ratio_norm_loss", "step_std"]
+__all__ = ["RatioNormStats", "normalised_log_ratio", "ratio_norm_loss", "row_inputs", "step_std"]
 
 
 class RatioNormStats(NamedTuple):
@@ -50,6 +50,14 @@ class RatioNormStats(NamedTuple):
 def step_std(std: torch.Tensor, batch: int) -> torch.Tensor:
     """``[B]`` per-sample standard deviation from a step's ``[B, 1, ..., 1]`` (or broadcastable) ``std``."""
     return std.reshape(std.shape[0], -1)[:, 0].expand(batch) if std.ndim else std.expand(batch)
+
+
+def row_inputs(std: torch.Tensor, gain: torch.Tensor | None,
+               batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``([B] step stds, [B] weights 1 / gain or None)`` for :func:`ratio_norm_loss` from a step's ``[B, 1, ...]``
+    (or broadcastable) std and the schedule's ``output_gain`` of the ``B`` rows (``None``: no reweighting)."""
+    rows = step_std(std, batch)
+    return rows, None if gain is None else 1.0 / gain.to(rows.device)
 
 
 def normalised_log_ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor, kl_old: torch.Tensor,

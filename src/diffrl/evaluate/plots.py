@@ -42,21 +42,16 @@ def value_range(lo: float, hi: float) -> tuple[float, float]:
     return lo, hi
 
 
-def line_plot(xs: Sequence[float], ys: Sequence[float], path: Path, *, title: str, xlabel: str = "epoch",
-              bands: Sequence[float] | None = None, size: tuple[int, int] = (480, 300)) -> Path:
-    """A minimal line chart (with an optional +-band, e.g. the reward std) saved as PNG."""
+def _axes(size: tuple[int, int], margins: tuple[int, int, int, int], title: str, x_range: tuple[float, float],
+          y_range: tuple[float, float]):
+    """A white canvas with the title, the plot frame and three y-axis labels: ``(image, draw, px)`` where
+    ``px(x, y)`` maps data to pixels."""
     w, h = size
-    left, right, top, bottom = 60, 15, 28, 35
+    left, right, top, bottom = margins
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     d.text((left, 8), title, fill="black")
-    if len(xs) == 0:
-        img.save(path)
-        return path
-    lo = min(y - (bands[i] if bands else 0) for i, y in enumerate(ys))
-    hi = max(y + (bands[i] if bands else 0) for i, y in enumerate(ys))
-    lo, hi = value_range(lo, hi)
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    (x0, x1), (lo, hi) = x_range, y_range
 
     def px(x: float, y: float) -> tuple[float, float]:
         return (left + (x - x0) / (x1 - x0) * (w - left - right), top + (hi - y) / (hi - lo) * (h - top - bottom))
@@ -65,6 +60,33 @@ def line_plot(xs: Sequence[float], ys: Sequence[float], path: Path, *, title: st
     for frac in (0.0, 0.5, 1.0):
         y = lo + frac * (hi - lo)
         d.text((4, px(x0, y)[1] - 5), f"{y:.3g}", fill="black")
+    return img, d, px
+
+
+def _blank(size: tuple[int, int], left: int, title: str, path: Path) -> Path:
+    """A chart with no points: the title on a white canvas."""
+    img = Image.new("RGB", size, "white")
+    ImageDraw.Draw(img).text((left, 8), title, fill="black")
+    img.save(path)
+    return path
+
+
+def _x_range(xs: Sequence[float]) -> tuple[float, float]:
+    x0, x1 = min(xs), max(xs)
+    return x0, (x1 if x1 > x0 else x0 + 1)
+
+
+def line_plot(xs: Sequence[float], ys: Sequence[float], path: Path, *, title: str, xlabel: str = "epoch",
+              bands: Sequence[float] | None = None, size: tuple[int, int] = (480, 300)) -> Path:
+    """A minimal line chart (with an optional +-band, e.g. the reward std) saved as PNG."""
+    w, h = size
+    left, right, top, bottom = margins = 60, 15, 28, 35
+    if len(xs) == 0:
+        return _blank(size, left, title, path)
+    lo = min(y - (bands[i] if bands else 0) for i, y in enumerate(ys))
+    hi = max(y + (bands[i] if bands else 0) for i, y in enumerate(ys))
+    x0, x1 = _x_range(xs)
+    img, d, px = _axes(size, margins, title, (x0, x1), value_range(lo, hi))
     d.text((left, h - bottom + 5), f"{x0:g}", fill="black")
     d.text((w - right - 30, h - bottom + 5), f"{x1:g}", fill="black")
     d.text(((w - left) // 2, h - 15), xlabel, fill="black")
@@ -98,26 +120,15 @@ def curves_plot(series: Sequence[tuple[str, Sequence[float], Sequence[float]]], 
     drawn black and thick (a reference, e.g. an optimum frontier); the others in :data:`PALETTE` colours, points
     marked, in the order given."""
     w, h = size
-    left, right, top, bottom = 60, 170, 28, 40
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    d.text((left, 8), title, fill="black")
+    left, right, top, bottom = margins = 60, 170, 28, 40
     xs_all = [x for _, xs, _ in series for x in xs]
     ys_all = [y for _, _, ys in series for y in ys]
     if not xs_all:
-        img.save(path)
-        return path
-    x0, x1 = min(xs_all), max(xs_all)
-    x1 = x1 if x1 > x0 else x0 + 1
+        return _blank(size, left, title, path)
+    x0, x1 = _x_range(xs_all)
     lo, hi = value_range(min(ys_all), max(ys_all))
-
-    def px(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x0) / (x1 - x0) * (w - left - right), top + (hi - y) / (hi - lo) * (h - top - bottom))
-
-    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    img, d, px = _axes(size, margins, title, (x0, x1), (lo, hi))
     for frac in (0.0, 0.5, 1.0):
-        y = lo + frac * (hi - lo)
-        d.text((4, px(x0, y)[1] - 5), f"{y:.3g}", fill="black")
         x = x0 + frac * (x1 - x0)
         d.text((px(x, lo)[0] - 8, h - bottom + 5), f"{x:.3g}", fill="black")
     d.text(((w - right + left) // 2 - 20, h - 15), xlabel, fill="black")

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from diffrl.algorithms import (PerPromptStatTracker, batch_advantages, denoising_loss, ppo_clip_loss,
                                reinforce_loss, rwr_sparse_weights, rwr_weights)
-from diffrl.algorithms.ratio_norm import ratio_norm_loss, step_std
+from diffrl.algorithms.ratio_norm import ratio_norm_loss, row_inputs
 from diffrl.algorithms.trust_region import kl_to_sampling, trust_region_loss
 from diffrl.recipes.epoch import EpochResult, Timer, Timings
 from diffrl.recipes.memory import probe_for
@@ -258,10 +258,8 @@ class DDPORecipe(RecipeBase):
             return loss, infos
         if c.ratio_norm:  # GRPO-Guard's normalised ratio, each timestep's loss weighted by 1 / its gain
             kl_old = kl_to_sampling(step.mean, rows(s.means), step.std)
-            std = step_std(step.std, k * batch)
-            gain = self.policy.schedule.output_gain(t, rows(s.prev_timesteps)).to(std.device) \
-                if c.ratio_norm_reweight else None
-            scale = None if gain is None else 1.0 / gain
+            gain = self.policy.schedule.output_gain(t, rows(s.prev_timesteps)) if c.ratio_norm_reweight else None
+            std, scale = row_inputs(step.std, gain, k * batch)
             loss, _ = ratio_norm_loss(step.log_prob, old, w, kl_old, std, c.train_clip_range, scale)
             infos = []
             with torch.no_grad():

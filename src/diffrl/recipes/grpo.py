@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from diffrl.algorithms import gathered_group_advantages, gaussian_mean_kl, grpo_loss, sde_window
 from diffrl.algorithms.grpo import add_kl_term
-from diffrl.algorithms.ratio_norm import ratio_norm_loss, step_std
+from diffrl.algorithms.ratio_norm import ratio_norm_loss, row_inputs
 from diffrl.algorithms.trust_region import kl_to_sampling, trust_region_loss
 from diffrl.config import GRPOConfig
 from diffrl.recipes.epoch import EpochResult, Timer, Timings
@@ -257,7 +257,7 @@ class GRPORecipe(RecipeBase):
         if c.ratio_norm:  # each row's step std, and GRPO-Guard's 1 / gain (or 1) as its weight
             gain = policy.schedule.output_gain(rows(s.timesteps), rows(s.prev_timesteps)) if c.ratio_norm_reweight \
                 else None
-            guard = (step_std(step.std, k * batch), None if gain is None else 1.0 / gain.to(step.log_prob.device))
+            guard = row_inputs(step.std, gain, k * batch)
         loss, whole = self.policy_loss(step.log_prob, old, adv, kl, kl_old, guard)
         infos = []
         with torch.no_grad():
